@@ -1,0 +1,1 @@
+"""Offline tools: tokenizer and checkpoint conversion, TensorRT(-LLM) engine builds, the tiny checkpoint."""

@@ -1,0 +1,1 @@
+"""vlq annotate command (not yet written)."""

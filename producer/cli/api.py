@@ -1,0 +1,1 @@
+"""vlq api command (not yet written)."""

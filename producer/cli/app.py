@@ -1,0 +1,54 @@
+"""The ``vlq`` command: one Typer app; each command only translates flags into SDK calls.
+
+Known errors print one line with what to do next and exit 1; set ``VLQ_DEBUG=1`` for the
+traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+
+from producer.errors import VlqError
+
+app = typer.Typer(
+    name="vlq",
+    help="Queue-driven batch processing with Qwen-VL-Chat: submit, poll, annotate, serve.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+# error code -> what the user should do next (one line)
+NEXT_STEP: dict[str, str] = {
+    "broker_unavailable": "start Redis (redis-server) or point VLQ_BROKER_URL at a running one",
+    "config_error": "fix the setting in conf/*.yaml or the VLQ_* variable it names",
+    "checkpoint_error": "check the model folder (make one with: python -m engine_build.tiny_model --out DIR)",
+    "not_found": "check the job id (vlq status ID), or the result may have expired",
+    "store_unavailable": "check the result store (Redis, or the S3 endpoint and credentials)",
+    "engine_unavailable": "install the backend's extra or switch engine.backend back to torch",
+}
+
+
+def fail(error: VlqError) -> None:
+    """Print a VlqError as one line plus its next step, and exit 1."""
+    hint = NEXT_STEP.get(error.code)
+    typer.secho(f"error [{error.code}]: {error.message}", fg=typer.colors.RED, err=True)
+    if hint:
+        typer.echo(f"  next: {hint}", err=True)
+    raise typer.Exit(1)
+
+
+def main() -> None:
+    """Console entry point."""
+    try:
+        app()
+    except VlqError as e:
+        if os.environ.get("VLQ_DEBUG"):
+            raise
+        try:
+            fail(e)
+        except typer.Exit as exit_:
+            sys.exit(exit_.exit_code)

@@ -1,0 +1,1 @@
+"""vlq generate command (not yet written)."""

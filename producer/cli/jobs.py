@@ -1,0 +1,1 @@
+"""vlq jobs command (not yet written)."""

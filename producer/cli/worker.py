@@ -1,0 +1,1 @@
+"""vlq worker command (not yet written)."""

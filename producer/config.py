@@ -1,0 +1,215 @@
+"""Configuration: ``conf/*.yaml`` (one file per concern) + ``VLQ_*`` environment overrides.
+
+Each YAML file in the configuration folder fills the section named like the file
+(``conf/engine.yaml`` -> ``settings.engine``). Environment variables override files:
+``VLQ_BROKER_URL`` sets ``broker.url``, ``VLQ_ENGINE_MAX_BATCH_SIZE`` sets
+``engine.max_batch_size``; top-level fields are ``VLQ_KEY_PREFIX`` and so on. Lists and
+mappings are given as JSON (``VLQ_IMAGES_ALLOWED_ROOTS='["/data"]'``).
+
+The folder is ``$VLQ_CONF_DIR`` when set, else ``./conf`` when it exists; without either the
+defaults below apply. Settings are validated once at start-up and passed down explicitly.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    InitSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from producer.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class BrokerSettings(_Section):
+    """Redis: the Celery broker and the job state store."""
+
+    url: str = "redis://127.0.0.1:6379/0"
+    queue: str = "vlq"
+    # Redis redelivers an unacknowledged message after this many seconds; it must exceed the
+    # longest job plus its queue wait. Crashed workers are recovered sooner by leases.
+    visibility_timeout_s: int = Field(default=6 * 3600, ge=60)
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+
+
+class S3Settings(_Section):
+    bucket: str | None = None
+    prefix: str = "results/"
+    endpoint_url: str | None = None
+    region: str | None = None
+
+
+class StoreSettings(_Section):
+    """Where results go unless a job names its own destination."""
+
+    kind: Literal["redis", "s3"] = "redis"
+    ttl_s: int = Field(default=7 * 24 * 3600, ge=1)
+    s3: S3Settings = S3Settings()
+
+    @model_validator(mode="after")
+    def _bucket_for_s3(self) -> StoreSettings:
+        if self.kind == "s3" and not self.s3.bucket:
+            raise ValueError("store.kind is s3 but store.s3.bucket is not set")
+        return self
+
+
+class ImageSettings(_Section):
+    """Image intake limits."""
+
+    max_bytes: int = Field(default=20 * 1024 * 1024, ge=1)
+    max_pixels: int = Field(default=8192 * 8192, ge=1)
+    fetch_timeout_s: float = Field(default=10.0, gt=0)
+    # file:// URLs are served only from under these folders; none means file:// is refused.
+    allowed_roots: list[Path] = Field(default_factory=list)
+    allow_http: bool = True
+    allow_s3: bool = True
+
+
+class EngineSettings(_Section):
+    """The engine pair a worker holds. Defaults follow the seed's TensorRT-LLM build."""
+
+    model_dir: Path | None = None
+    backend: Literal["torch", "trtllm"] = "torch"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    quantization: Literal["none", "int8"] = "none"
+    max_batch_size: int = Field(default=2, ge=1)
+    max_images: int = Field(default=26, ge=1)
+    max_input_len: int = Field(default=30720, ge=1)
+    max_seq_len: int = Field(default=32768, ge=2)
+    default_max_tokens: int = Field(default=2048, ge=1)
+    cuda_graphs: bool = True
+    feature_cache_images: int = Field(default=64, ge=0)
+    engine_dir: Path | None = None  # TensorRT engines (backend trtllm)
+
+    @model_validator(mode="after")
+    def _lengths(self) -> EngineSettings:
+        if self.max_input_len >= self.max_seq_len:
+            raise ValueError("engine.max_input_len must be below engine.max_seq_len")
+        return self
+
+
+class WorkerSettings(_Section):
+    """Worker process behaviour."""
+
+    # Celery threads; None means max_batch_size + 2 so the next jobs' images load while the
+    # engine's slots are busy.
+    concurrency: int | None = Field(default=None, ge=1)
+    heartbeat_s: float = Field(default=2.0, gt=0)
+    lease_timeout_s: float = Field(default=30.0, gt=0)
+    job_timeout_s: float = Field(default=1800.0, gt=0)
+    max_retries: int = Field(default=3, ge=0)
+    retry_backoff_s: float = Field(default=2.0, ge=0)
+    retry_backoff_max_s: float = Field(default=120.0, ge=0)
+
+
+class ApiSettings(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    auth_tokens: list[str] = Field(default_factory=list)
+    max_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1)
+    served_model: str = "Qwen-VL-Chat"
+    wait_timeout_s: float = Field(default=600.0, gt=0)
+
+
+class Settings(BaseSettings):
+    """All of vlq's settings. Build with :meth:`load`; pass the object down explicitly."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="VLQ_",
+        env_nested_delimiter="_",
+        env_nested_max_split=1,
+        extra="forbid",
+    )
+
+    key_prefix: str = Field(default="vlq", pattern=r"^[\w.:-]+$")
+    broker: BrokerSettings = BrokerSettings()
+    store: StoreSettings = StoreSettings()
+    images: ImageSettings = ImageSettings()
+    engine: EngineSettings = EngineSettings()
+    worker: WorkerSettings = WorkerSettings()
+    api: ApiSettings = ApiSettings()
+
+    # Set by load(): the YAML folder read, if any. Not a setting of its own.
+    _conf_dir: Path | None = None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # init (explicit overrides) > environment > YAML files > defaults
+        yaml_values = _read_conf_dir(_CONF_DIR_FOR_LOAD.get("dir"))
+        return (init_settings, env_settings, InitSettingsSource(settings_cls, yaml_values))
+
+    @classmethod
+    def load(cls, conf_dir: str | Path | None = None, **overrides: Any) -> Settings:
+        """Read the YAML folder and the environment, apply ``overrides``, validate.
+
+        Raises :class:`producer.errors.ConfigError` naming the bad setting.
+        """
+        folder = _resolve_conf_dir(conf_dir)
+        _CONF_DIR_FOR_LOAD["dir"] = folder
+        try:
+            settings = cls(**overrides)
+        except ValidationError as e:
+            first = e.errors(include_url=False)[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise ConfigError(
+                f"bad setting {where}: {first['msg']} (check conf/*.yaml and VLQ_* variables)"
+            ) from None
+        finally:
+            _CONF_DIR_FOR_LOAD.pop("dir", None)
+        settings._conf_dir = folder
+        return settings
+
+
+_CONF_DIR_FOR_LOAD: dict[str, Path | None] = {}
+
+
+def _resolve_conf_dir(conf_dir: str | Path | None) -> Path | None:
+    if conf_dir is not None:
+        path = Path(conf_dir)
+        if not path.is_dir():
+            raise ConfigError(f"configuration folder {path} does not exist")
+        return path
+    env = os.environ.get("VLQ_CONF_DIR")
+    if env:
+        return _resolve_conf_dir(env)
+    local = Path("conf")
+    return local if local.is_dir() else None
+
+
+def _read_conf_dir(folder: Path | None) -> dict[str, Any]:
+    if folder is None:
+        return {}
+    sections = set(Settings.model_fields)
+    values: dict[str, Any] = {}
+    for path in sorted(folder.glob("*.yaml")):
+        name = path.stem
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {e}") from None
+        if name == "vlq":  # top-level fields (key_prefix, ...)
+            values.update(data)
+        elif name in sections:
+            values[name] = data
+        else:
+            raise ConfigError(f"{path}: unknown section {name!r}; expected one of {sorted(sections)}")
+    return values

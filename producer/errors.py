@@ -1,0 +1,180 @@
+"""The error tree shared by producers and workers.
+
+Every error carries a stable machine-readable ``code`` (what lands in a failed job's record and in
+the API's error body), a human ``message`` that says what to do next, and optional context. Bad
+input is permanent (the job fails at once); transient errors are retried with backoff.
+
+    VlqError
+    ├── BadInput                     permanent, the user's to fix (HTTP 400)
+    │   ├── InvalidRequest           invalid_request
+    │   ├── UnsupportedContent       unsupported_content
+    │   ├── TooManyImages            too_many_images
+    │   ├── PromptTooLong            prompt_too_long
+    │   ├── MalformedJob             malformed_job
+    │   └── ImageError               image_* (decode, size, forbidden URL, fetch 4xx)
+    ├── TransientError               retried with backoff, then failed with its code
+    │   ├── ImageFetchTimeout        image_fetch_timeout
+    │   ├── StoreUnavailable         store_unavailable
+    │   └── BrokerUnavailable        broker_unavailable
+    ├── EngineError                  engine_error, deadline_exceeded, engine_unavailable
+    ├── CheckpointError              checkpoint_error
+    ├── ConfigError                  config_error
+    ├── JobNotFound                  not_found (HTTP 404)
+    └── JobCancelled                 cancelled
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class VlqError(Exception):
+    """Base of every vlq error: a stable ``code``, a human ``message`` and optional context."""
+
+    code: ClassVar[str] = "internal_error"
+    retryable: ClassVar[bool] = False
+    http_status: ClassVar[int] = 500
+
+    def __init__(self, message: str, *, code: str | None = None, **context: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code  # type: ignore[misc]  # an instance may refine its class's code
+        self.context = context
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form stored in a failed job's record: ``{"code", "message", ...context}``."""
+        return {"code": self.code, "message": self.message, **self.context}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(code={self.code!r}, message={self.message!r})"
+
+
+# -- bad input: permanent, the user's to fix ----------------------------------------------------
+
+
+class BadInput(VlqError):
+    code = "invalid_request"
+    http_status = 400
+
+
+class InvalidRequest(BadInput):
+    code = "invalid_request"
+
+
+class UnsupportedContent(BadInput):
+    code = "unsupported_content"
+
+
+class TooManyImages(BadInput):
+    code = "too_many_images"
+
+
+class PromptTooLong(BadInput):
+    code = "prompt_too_long"
+
+
+class MalformedJob(BadInput):
+    code = "malformed_job"
+
+
+class ImageError(BadInput):
+    """An image that cannot be used. Codes: image_decode_failed, image_too_large,
+    image_url_forbidden, image_fetch_failed."""
+
+    code = "image_fetch_failed"
+
+
+class ImageDecodeError(ImageError):
+    code = "image_decode_failed"
+
+
+class ImageTooLarge(ImageError):
+    code = "image_too_large"
+
+
+class ImageURLForbidden(ImageError):
+    code = "image_url_forbidden"
+
+
+class ImageFetchError(ImageError):
+    code = "image_fetch_failed"
+
+
+# -- transient: retried with backoff ------------------------------------------------------------
+
+
+class TransientError(VlqError):
+    code = "transient_error"
+    retryable = True
+    http_status = 503
+
+
+class ImageFetchTimeout(TransientError):
+    code = "image_fetch_timeout"
+
+
+class StoreUnavailable(TransientError):
+    code = "store_unavailable"
+
+
+class BrokerUnavailable(TransientError):
+    code = "broker_unavailable"
+
+
+# -- engine, checkpoints, configuration ---------------------------------------------------------
+
+
+class EngineError(VlqError):
+    """The engine could not produce an answer. Codes: engine_error, deadline_exceeded,
+    engine_unavailable."""
+
+    code = "engine_error"
+
+
+class DeadlineExceeded(EngineError):
+    code = "deadline_exceeded"
+
+
+class EngineUnavailable(EngineError):
+    code = "engine_unavailable"
+
+
+class CheckpointError(VlqError):
+    """A model folder that cannot be loaded: a missing, unexpected or wrongly shaped tensor."""
+
+    code = "checkpoint_error"
+
+
+class ConfigError(VlqError):
+    code = "config_error"
+
+
+class JobNotFound(VlqError):
+    code = "not_found"
+    http_status = 404
+
+
+class JobCancelled(VlqError):
+    code = "cancelled"
+    http_status = 409
+
+
+def error_from_dict(data: dict[str, Any]) -> VlqError:
+    """Rebuild an error from its stored ``to_dict()`` form (the class is the closest by code)."""
+    data = dict(data)
+    code = str(data.pop("code", VlqError.code))
+    message = str(data.pop("message", ""))
+    cls = _BY_CODE.get(code, VlqError)
+    return cls(message, code=code, **data)
+
+
+def _all_subclasses(cls: type[VlqError]) -> list[type[VlqError]]:
+    out = []
+    for sub in cls.__subclasses__():
+        out.append(sub)
+        out.extend(_all_subclasses(sub))
+    return out
+
+
+_BY_CODE: dict[str, type[VlqError]] = {c.code: c for c in _all_subclasses(VlqError)}

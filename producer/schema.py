@@ -1,0 +1,270 @@
+"""The wire contract between producers and workers.
+
+A :class:`Job` is a frozen, versioned message: an id, the OpenAI chat.completions request body
+verbatim, where its result goes, an optional batch id and free metadata. It carries image
+*references* (http(s), file://, data:, s3:// URLs), never pixels. Both sides import this module;
+it needs no torch.
+
+The request body travels as a plain JSON object so that a job whose body is wrong still reaches
+a worker and ends ``failed`` with a precise code; :func:`parse_chat_request` is the one place that
+turns a body into a typed :class:`ChatRequest` or raises the :mod:`producer.errors` error for it.
+Producers call it before enqueueing (fail fast), workers call it again (trust nothing).
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+import uuid
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from producer.errors import InvalidRequest, MalformedJob, UnsupportedContent
+
+SCHEMA_VERSION = 1
+
+
+def new_job_id() -> str:
+    """A fresh job id: ``job-`` and 24 hex digits (sortable by nothing; unique by uuid4)."""
+    return "job-" + uuid.uuid4().hex[:24]
+
+
+class JobStatus(str, enum.Enum):
+    """A job's lifecycle. Status moves only forward: see :meth:`can_move_to`."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
+
+    def can_move_to(self, new: JobStatus) -> bool:
+        """True when ``self -> new`` is a forward move (running -> running is a new attempt)."""
+        if self.is_terminal:
+            return False
+        if self is JobStatus.RUNNING:
+            return new is not JobStatus.QUEUED
+        return True
+
+
+# -- the OpenAI chat.completions request ---------------------------------------------------------
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    type: Literal["text"] = "text"
+    text: str
+
+
+class ImageURL(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    url: str = Field(min_length=1)
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class ImagePart(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    type: Literal["image_url"] = "image_url"
+    image_url: ImageURL
+
+    @field_validator("image_url", mode="before")
+    @classmethod
+    def _url_string_allowed(cls, v: Any) -> Any:
+        # Some clients send {"image_url": "https://..."}; accept it as the url.
+        return {"url": v} if isinstance(v, str) else v
+
+
+ContentPart = Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]
+_PART_TYPES = {"text": TextPart, "image_url": ImagePart}
+
+
+class Message(BaseModel):
+    """One chat message. ``content`` is a string or a list of text / image_url parts."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    role: Literal["system", "user", "assistant"]
+    content: str | list[ContentPart]
+    name: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _known_part_types(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            for i, part in enumerate(v):
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind not in _PART_TYPES:
+                    raise PydanticCustomError(
+                        "unsupported_content",
+                        "content part {index} has type {kind!r}; vlq accepts 'text' and 'image_url'",
+                        {"index": i, "kind": kind},
+                    )
+        return v
+
+    @property
+    def parts(self) -> list[TextPart | ImagePart]:
+        """The content as a list of parts (a plain string is one text part)."""
+        if isinstance(self.content, str):
+            return [TextPart(text=self.content)]
+        return list(self.content)
+
+    @property
+    def image_urls(self) -> list[str]:
+        return [p.image_url.url for p in self.parts if isinstance(p, ImagePart)]
+
+
+class ChatRequest(BaseModel):
+    """The subset of OpenAI's chat.completions body that vlq serves.
+
+    Unknown top-level fields are ignored, as OpenAI-compatible servers do; unsupported features
+    that would change the answer (tools, n > 1) are refused.
+    """
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    model: str = ""
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, le=1.0)
+    top_k: int | None = Field(default=None, ge=0)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    repetition_penalty: float | None = Field(default=None, gt=0.0)
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    n: int = 1
+    tools: list[Any] | None = None
+    user: str | None = None
+
+    @model_validator(mode="after")
+    def _supported(self) -> ChatRequest:
+        if self.n != 1:
+            raise ValueError("n must be 1: vlq returns one choice per request")
+        if self.tools:
+            raise ValueError("tools (function calling) are not supported by Qwen-VL-Chat")
+        for i, msg in enumerate(self.messages):
+            if msg.role == "system" and (i != 0 or not isinstance(msg.content, str)):
+                raise ValueError("a system message must come first and its content be a string")
+        if self.messages[-1].role != "user":
+            raise ValueError("the last message must come from the user")
+        return self
+
+    @property
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    @property
+    def image_urls(self) -> list[str]:
+        """Every image URL of the conversation, in order (picture 1, 2, ...)."""
+        return [url for m in self.messages for url in m.image_urls]
+
+    @property
+    def effective_max_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+def parse_chat_request(body: Any) -> ChatRequest:
+    """Validate an OpenAI chat.completions body, raising a coded :class:`producer.errors.BadInput`.
+
+    An unknown content-part type raises :class:`UnsupportedContent`; anything else wrong raises
+    :class:`InvalidRequest` whose message names the offending field.
+    """
+    if not isinstance(body, dict):
+        raise InvalidRequest(f"the request body must be a JSON object, not {type(body).__name__}")
+    try:
+        return ChatRequest.model_validate(body)
+    except ValidationError as e:
+        errors = e.errors(include_url=False)
+        for err in errors:
+            if err["type"] == "unsupported_content":
+                raise UnsupportedContent(err["msg"], param=_loc(err["loc"])) from None
+        first = errors[0]
+        raise InvalidRequest(
+            f"invalid request: {_loc(first['loc'])}: {first['msg']}", param=_loc(first["loc"])
+        ) from None
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("str", "list[tagged-union[TextPart,ImagePart]]", "function-after[_supported(), ChatRequest]"):
+            continue
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "body"
+
+
+# -- the job message ------------------------------------------------------------------------------
+
+
+class Destination(BaseModel):
+    """Where a job's result is written: the worker's Redis (with TTL) or an S3 bucket/prefix."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    kind: Literal["redis", "s3"] = "redis"
+    bucket: str | None = None
+    prefix: str = ""
+
+    @model_validator(mode="after")
+    def _bucket_for_s3(self) -> Destination:
+        if self.kind == "s3" and not self.bucket:
+            raise ValueError("an s3 destination needs a bucket")
+        return self
+
+
+class Job(BaseModel):
+    """One unit of work: a chat request, where its result goes, and bookkeeping.
+
+    Frozen and versioned: a worker refuses a ``schema_version`` it does not know with
+    ``malformed_job`` rather than guessing.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    id: str = Field(default_factory=new_job_id, min_length=1, max_length=200, pattern=r"^[\w.:-]+$")
+    created_at: float = Field(default_factory=time.time)
+    request: dict[str, Any]
+    destination: Destination = Destination()
+    batch_id: str | None = Field(default=None, max_length=200, pattern=r"^[\w.:-]+$")
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+    def chat_request(self) -> ChatRequest:
+        """The typed request (raises a coded BadInput when the body is wrong)."""
+        return parse_chat_request(self.request)
+
+    def to_json(self) -> str:
+        return self.model_dump_json()
+
+    @classmethod
+    def from_wire(cls, data: Any) -> Job:
+        """Decode a job from its JSON string or dict, raising :class:`MalformedJob` if it is not one."""
+        try:
+            if isinstance(data, (str, bytes)):
+                return cls.model_validate_json(data)
+            return cls.model_validate(data)
+        except ValidationError as e:
+            first = e.errors(include_url=False)[0]
+            raise MalformedJob(
+                f"not a vlq job (schema_version {SCHEMA_VERSION}): {_loc(first['loc'])}: {first['msg']}"
+            ) from None
