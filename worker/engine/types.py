@@ -37,6 +37,9 @@ class SamplingParams:
     top_k: int = 0  # 0 = no top-k filter
     seed: int | None = None
     repetition_penalty: float = 1.0
+    # OpenAI's penalties on the answer's own tokens: logit -= presence * (count > 0) + frequency * count.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     # Forced decoding length for benchmarks: ignore stop tokens until max_tokens.
