@@ -11,6 +11,7 @@ input is permanent (the job fails at once); transient errors are retried with ba
     │   ├── TooManyImages            too_many_images
     │   ├── PromptTooLong            prompt_too_long
     │   ├── MalformedJob             malformed_job
+    │   ├── DuplicateJob             duplicate_job
     │   └── ImageError               image_* (decode, size, forbidden URL, fetch 4xx)
     ├── TransientError               retried with backoff, then failed with its code
     │   ├── ImageFetchTimeout        image_fetch_timeout
@@ -19,7 +20,9 @@ input is permanent (the job fails at once); transient errors are retried with ba
     ├── EngineError                  engine_error, deadline_exceeded, engine_unavailable
     ├── CheckpointError              checkpoint_error
     ├── ConfigError                  config_error
+    ├── StoreRejected                store_rejected (the result store refused a write: 4xx)
     ├── JobNotFound                  not_found (HTTP 404)
+    ├── JobNotFinished               not_finished (HTTP 409: no result yet)
     └── JobCancelled                 cancelled
 """
 
@@ -76,6 +79,11 @@ class PromptTooLong(BadInput):
 
 class MalformedJob(BadInput):
     code = "malformed_job"
+
+
+class DuplicateJob(BadInput):
+    code = "duplicate_job"
+    http_status = 409
 
 
 class ImageError(BadInput):
@@ -150,9 +158,22 @@ class ConfigError(VlqError):
     code = "config_error"
 
 
+class StoreRejected(VlqError):
+    """The result store refused a write for good (no such bucket, access denied)."""
+
+    code = "store_rejected"
+
+
 class JobNotFound(VlqError):
     code = "not_found"
     http_status = 404
+
+
+class JobNotFinished(VlqError):
+    """The job has no result yet (still queued or running, or the wait timed out)."""
+
+    code = "not_finished"
+    http_status = 409
 
 
 class JobCancelled(VlqError):
