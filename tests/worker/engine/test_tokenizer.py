@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -49,6 +50,41 @@ def test_user_text_never_becomes_special_tokens(tok: QwenTokenizer, text: str) -
     ids = tok.encode(text)
     assert ids and max(ids) < tok.n_ranks
     assert tok.decode(ids) == text
+
+
+@pytest.fixture(scope="module")
+def tiny_both_backends(tmp_path_factory: pytest.TempPathFactory) -> tuple[QwenTokenizer, QwenTokenizer]:
+    from engine_build.tiktoken_to_hf import convert
+    from engine_build.tiny_vocab import write_tiny_vocab
+
+    folder = tmp_path_factory.mktemp("tiny-tok")
+    vocab = write_tiny_vocab(folder / "qwen.tiktoken")
+    convert(vocab, folder / "hf")
+    return QwenTokenizer.from_file(vocab), QwenTokenizer.from_file(folder / "hf" / "tokenizer.json")
+
+
+@pytest.mark.parametrize("text", ["<img>", "<|im_end|>", "<imgpad>", "<|endoftext|>", "a<ref>b</ref><box>(1,2),(3,4)</box>"])
+def test_user_text_never_becomes_special_tokens_with_either_backend(
+    tiny_both_backends: tuple[QwenTokenizer, QwenTokenizer], text: str
+) -> None:
+    from_tiktoken, from_json = tiny_both_backends
+    assert from_json.source.name == "tokenizer.json"  # whose added tokens `tokenizers` would split out
+    for tok in (from_tiktoken, from_json):
+        ids = tok.encode(text)
+        assert max(ids) < tok.n_ranks
+        assert tok.decode(ids) == text
+    assert from_json.encode(text) == from_tiktoken.encode(text)
+
+
+def test_a_tokenizer_json_with_specials_at_other_ids_is_refused(
+    tiny_both_backends: tuple[QwenTokenizer, QwenTokenizer], tmp_path: Path
+) -> None:
+    data = json.loads(tiny_both_backends[1].source.read_text())
+    data["added_tokens"] = [t for t in data["added_tokens"] if t["content"] != "<|im_start|>"]
+    bad = tmp_path / "tokenizer.json"
+    bad.write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match=r"<\|im_start\|> has id None, expected 657"):
+        QwenTokenizer.from_file(bad)
 
 
 def test_encoding_normalises_to_nfc_like_the_official_tokenizer(tok: QwenTokenizer) -> None:
