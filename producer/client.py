@@ -1,0 +1,468 @@
+"""The producer SDK: submit jobs, follow them, read their results.
+
+    from producer.client import Client
+
+    client = Client.from_settings()
+    handle = client.submit({"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "https://example.com/cat.jpg"}},
+        {"type": "text", "text": "What is in the picture?"}]}]})
+    print(handle.result(timeout=60)["choices"][0]["message"]["content"])
+
+Everything here reads and writes the job records in Redis (:mod:`producer.state`); jobs reach
+workers as Celery messages sent by task name (:mod:`producer.broker`). Waiting polls the records,
+never Celery's ``AsyncResult`` (which leaks in long-lived producers, celery#3813). No torch here.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from producer.broker import producer_app, send_job
+from producer.config import Settings
+from producer.errors import (
+    BrokerUnavailable,
+    ConfigError,
+    DuplicateJob,
+    JobCancelled,
+    JobNotFinished,
+    JobNotFound,
+    StoreUnavailable,
+    TooManyImages,
+    VlqError,
+    error_from_dict,
+)
+from producer.keys import Keys
+from producer.schema import ChatRequest, Destination, Job, JobStatus, parse_chat_request
+from producer.state import BatchCounts, JobRecord, JobStore, redis_errors
+
+_POLL_MIN_S = 0.01
+_POLL_MAX_S = 0.25
+
+
+def new_batch_id() -> str:
+    return "batch-" + uuid.uuid4().hex[:24]
+
+
+def default_destination(settings: Settings) -> Destination:
+    """Where results go when a job does not say: ``store.kind`` with its S3 bucket and prefix."""
+    if settings.store.kind == "s3":
+        return Destination(kind="s3", bucket=settings.store.s3.bucket, prefix=settings.store.s3.prefix)
+    return Destination()
+
+
+@dataclass(frozen=True)
+class StreamEvent:
+    """One item of :meth:`Client.stream`: a piece of answer text, or the final ``done`` event
+    carrying ``finish_reason`` and ``usage``."""
+
+    type: str  # "delta" | "done"
+    text: str = ""
+    finish_reason: str | None = None
+    usage: dict[str, Any] | None = None
+    result: dict[str, Any] | None = field(default=None, repr=False)
+
+
+class Client:
+    """Submit jobs and follow them. Thread-safe; build once and share.
+
+    ``settings`` are the validated :class:`producer.config.Settings` (Redis URL, queue, key prefix,
+    default result store).
+    """
+
+    def __init__(self, settings: Settings, *, store: JobStore | None = None) -> None:
+        self.settings = settings
+        self.keys = Keys(settings.key_prefix)
+        self.store = store or JobStore.from_settings(settings)
+        self.queue = settings.broker.queue
+        self._celery = None
+        self._s3 = None
+
+    @classmethod
+    def from_settings(cls, conf_dir: str | None = None, **overrides: Any) -> Client:
+        """A client for ``Settings.load(conf_dir, **overrides)`` (conf/*.yaml + VLQ_* variables)."""
+        return cls(Settings.load(conf_dir, **overrides))
+
+    def close(self) -> None:
+        self.store.close()
+        if self._celery is not None:
+            self._celery.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def celery(self):
+        if self._celery is None:
+            self._celery = producer_app(self.settings)
+        return self._celery
+
+    # -- submitting -----------------------------------------------------------------------------
+
+    def make_job(
+        self,
+        request_or_job: dict[str, Any] | ChatRequest | Job,
+        *,
+        destination: Destination | dict[str, Any] | None = None,
+        batch_id: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        job_id: str | None = None,
+        validate: bool = True,
+    ) -> Job:
+        """Build (and by default validate) the job :meth:`submit` would send."""
+        if isinstance(destination, dict):
+            destination = Destination.model_validate(destination)
+        if isinstance(request_or_job, Job):
+            update: dict[str, Any] = {}
+            if destination is not None:
+                update["destination"] = destination
+            if batch_id is not None:
+                update["batch_id"] = batch_id
+            if metadata:
+                update["metadata"] = {**request_or_job.metadata, **metadata}
+            if job_id is not None:
+                update["id"] = job_id
+            job = Job.model_validate({**request_or_job.model_dump(), **update})
+        else:
+            body = (
+                request_or_job.model_dump(exclude_none=True)
+                if isinstance(request_or_job, ChatRequest)
+                else request_or_job
+            )
+            fields: dict[str, Any] = {
+                "request": body,
+                "destination": destination or default_destination(self.settings),
+                "batch_id": batch_id,
+                "metadata": metadata or {},
+            }
+            if job_id is not None:
+                fields["id"] = job_id
+            job = Job(**fields)
+        if validate:
+            self.preflight(job)
+        return job
+
+    def preflight(self, job: Job) -> ChatRequest:
+        """Check a job before it costs GPU time: the request body, and the image count against
+        ``engine.max_images``. (The prompt length needs the tokenizer: the worker checks it.)"""
+        request = parse_chat_request(job.request)
+        limit = self.settings.engine.max_images
+        if len(request.image_urls) > limit:
+            raise TooManyImages(
+                f"the request has {len(request.image_urls)} images; a worker accepts at most {limit}"
+                " (engine.max_images): split it into several requests"
+            )
+        return request
+
+    def submit(
+        self,
+        request_or_job: dict[str, Any] | ChatRequest | Job,
+        *,
+        destination: Destination | dict[str, Any] | None = None,
+        batch_id: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        job_id: str | None = None,
+        validate: bool = True,
+    ) -> JobHandle:
+        """Record one job as ``queued`` and send it to the workers' queue.
+
+        ``request_or_job`` is an OpenAI chat.completions body (dict or :class:`ChatRequest`) or a
+        ready :class:`Job` (``destination``, ``batch_id``, ``metadata`` then override its own).
+        Without ``destination`` the result goes where ``store.kind`` says. ``validate=False``
+        skips the producer-side checks (the worker checks everything again).
+
+        Raises the coded :class:`BadInput` for an invalid request, :class:`DuplicateJob` for an
+        id in use, :class:`BrokerUnavailable` when Redis cannot be reached.
+        """
+        job = self.make_job(
+            request_or_job,
+            destination=destination,
+            batch_id=batch_id,
+            metadata=metadata,
+            job_id=job_id,
+            validate=validate,
+        )
+        self.store.create(job)
+        try:
+            send_job(self.celery, job, self.queue)
+        except BrokerUnavailable:
+            self._forget(job.id)
+            raise
+        return JobHandle(self, job.id, job.batch_id)
+
+    def submit_many(
+        self,
+        items: Iterable[dict[str, Any] | ChatRequest | Job],
+        *,
+        batch_id: str | None = None,
+        destination: Destination | dict[str, Any] | None = None,
+        metadata: dict[str, Any] | None = None,
+        validate: bool = True,
+    ) -> list[JobHandle]:
+        """Submit many jobs as one batch (a fresh batch id unless given): all are validated
+        first, so one bad item submits nothing; then recorded and sent in few round trips.
+        Follow progress with :meth:`batch`."""
+        batch_id = batch_id or new_batch_id()
+        jobs = [
+            self.make_job(
+                item, destination=destination, batch_id=batch_id, metadata=metadata, validate=validate
+            )
+            for item in items
+        ]
+        self.submit_jobs(jobs)
+        return [JobHandle(self, job.id, job.batch_id) for job in jobs]
+
+    def submit_jobs(self, jobs: Sequence[Job]) -> None:
+        """Record and send ready jobs (no validation). Raises :class:`DuplicateJob` before
+        sending anything when an id is in use."""
+        if not jobs:
+            return
+        created = self.store.create_many(jobs)
+        dup = [j.id for j, ok in zip(jobs, created) if not ok]
+        if dup:
+            for job, ok in zip(jobs, created):
+                if ok:
+                    self._forget(job.id)
+            raise DuplicateJob(f"job ids already in use: {', '.join(dup[:5])}", param="id")
+        sent = 0
+        try:
+            with self.celery.producer_or_acquire() as producer:
+                for job in jobs:
+                    send_job(self.celery, job, self.queue, producer=producer)
+                    sent += 1
+        except BrokerUnavailable:
+            for job in jobs[sent:]:
+                self._forget(job.id)
+            raise
+        except Exception as e:  # kombu raises connection errors of several kinds here
+            for job in jobs[sent:]:
+                self._forget(job.id)
+            raise BrokerUnavailable(f"cannot send jobs to the broker: {e}") from e
+
+    def _forget(self, job_id: str) -> None:
+        try:
+            self.store.discard(job_id)
+        except VlqError:
+            pass
+
+    # -- following ------------------------------------------------------------------------------
+
+    def status(self, job_id: str) -> JobRecord:
+        """The job's record (status, timestamps, attempts, error). Raises :class:`JobNotFound`."""
+        record = self.store.get(job_id)
+        if record is None:
+            raise JobNotFound(f"no job {job_id!r} (never submitted, or its record expired)")
+        return record
+
+    def wait(self, job_id: str, timeout: float | None = None) -> JobRecord:
+        """Poll until the job is terminal; returns its record. Raises :class:`JobNotFinished`
+        after ``timeout`` seconds (None: no limit)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = _POLL_MIN_S
+        while True:
+            record = self.status(job_id)
+            if record.is_terminal:
+                return record
+            if deadline is not None and time.monotonic() >= deadline:
+                raise JobNotFinished(
+                    f"job {job_id} is still {record.status.value} after {timeout:g}s;"
+                    f" wait longer or check the workers (vlq status {job_id})"
+                )
+            sleep = delay if deadline is None else min(delay, max(0.0, deadline - time.monotonic()))
+            time.sleep(sleep)
+            delay = min(delay * 1.5, _POLL_MAX_S)
+
+    def as_completed(
+        self, job_ids: Sequence[str], timeout: float | None = None
+    ) -> Iterator[JobRecord]:
+        """Yield records of ``job_ids`` as each becomes terminal (polls all in one round trip).
+        Raises :class:`JobNotFinished` after ``timeout`` for the ones left."""
+        pending = list(dict.fromkeys(job_ids))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = _POLL_MIN_S
+        while pending:
+            statuses = self.store.statuses(pending)
+            done = [j for j, s in zip(pending, statuses) if s is None or s.is_terminal]
+            if done:
+                for record, job_id in zip(self.store.get_many(done), done):
+                    if record is None:
+                        raise JobNotFound(f"no job {job_id!r} (its record expired)")
+                    yield record
+                finished = set(done)
+                pending = [j for j in pending if j not in finished]
+                delay = _POLL_MIN_S
+                continue
+            if deadline is not None and time.monotonic() >= deadline:
+                raise JobNotFinished(f"{len(pending)} jobs still unfinished after {timeout:g}s")
+            time.sleep(delay)
+            delay = min(delay * 1.5, _POLL_MAX_S)
+
+    def result(self, job_id: str, timeout: float | None = 0) -> dict[str, Any]:
+        """The job's result document (OpenAI ``chat.completion`` + ``boxes`` + ``vlq``).
+
+        Waits up to ``timeout`` seconds (0: do not wait; None: no limit). A failed job raises its
+        own coded error, a cancelled one :class:`JobCancelled`, an unfinished one
+        :class:`JobNotFinished`.
+        """
+        record = self.status(job_id) if timeout == 0 else self.wait(job_id, timeout)
+        return self.result_of(record)
+
+    def result_of(self, record: JobRecord) -> dict[str, Any]:
+        """The result for a record already read (see :meth:`result`)."""
+        if record.status is JobStatus.SUCCEEDED:
+            return self._read_result(record)
+        if record.status is JobStatus.FAILED:
+            raise error_from_dict(record.error or {"code": "internal_error", "message": "failed"})
+        if record.status is JobStatus.CANCELLED:
+            raise JobCancelled(f"job {record.id} was cancelled")
+        raise JobNotFinished(
+            f"job {record.id} is {record.status.value}; wait for it (vlq result {record.id} --wait)"
+        )
+
+    def _read_result(self, record: JobRecord) -> dict[str, Any]:
+        location = record.result_location or ""
+        if location.startswith("s3://"):
+            bucket, _, key = location[len("s3://"):].partition("/")
+            return json.loads(self._s3_get(bucket, key))
+        key = location[len("redis:"):] if location.startswith("redis:") else self.keys.result(record.id)
+        with redis_errors(self.store.url):
+            raw = self.store.redis.get(key)
+        if raw is None:
+            raise JobNotFound(f"the result of job {record.id} has expired (store.ttl_s)")
+        return json.loads(raw)
+
+    def _s3_get(self, bucket: str, key: str) -> bytes:
+        try:
+            from botocore.exceptions import BotoCoreError, ClientError
+        except ImportError:  # pragma: no cover - depends on the install
+            raise ConfigError("reading S3 results needs boto3: pip install 'vlq[s3]'") from None
+        try:
+            return self._s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
+        except ClientError as e:
+            code = e.response.get("Error", {}).get("Code", "")
+            if code in ("NoSuchKey", "404"):
+                raise JobNotFound(f"no result object s3://{bucket}/{key}") from None
+            raise StoreUnavailable(f"cannot read s3://{bucket}/{key}: {e}") from e
+        except BotoCoreError as e:
+            raise StoreUnavailable(f"cannot read s3://{bucket}/{key}: {e}") from e
+
+    def _s3_client(self):
+        if self._s3 is None:
+            import boto3
+
+            s3 = self.settings.store.s3
+            self._s3 = boto3.client("s3", endpoint_url=s3.endpoint_url, region_name=s3.region)
+        return self._s3
+
+    def cancel(self, job_id: str) -> str:
+        """Cancel a job. A queued job becomes ``cancelled`` at once and is never run; a running
+        one is aborted by its worker (returns ``'cancelling'``; wait for ``cancelled``). A
+        finished job keeps its status, which is returned."""
+        outcome = self.store.cancel(job_id)
+        if outcome == "missing":
+            raise JobNotFound(f"no job {job_id!r} (never submitted, or its record expired)")
+        return outcome
+
+    def batch(self, batch_id: str) -> BatchCounts:
+        """A batch's counts: total, queued, running, succeeded, failed, cancelled."""
+        counts = self.store.batch(batch_id)
+        if counts.total == 0:
+            raise JobNotFound(f"no batch {batch_id!r} (never submitted, or it expired)")
+        return counts
+
+    def batch_jobs(self, batch_id: str) -> list[str]:
+        """The ids of a batch's jobs in submission order."""
+        return self.store.batch_job_ids(batch_id)
+
+    def stream(self, job_id: str, timeout: float | None = None) -> Iterator[StreamEvent]:
+        """Yield the answer's text as the worker produces it, then one ``done`` event.
+
+        Token-level deltas exist for jobs whose request says ``"stream": true``; for other jobs
+        the whole answer arrives as one delta when the job finishes. If a job is restarted on
+        another worker, text already yielded is not repeated. A failed job raises its error, a
+        cancelled one :class:`JobCancelled`; :class:`JobNotFinished` after ``timeout``.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        emitted = 0  # characters of the answer yielded so far
+        last = "0"
+        while True:
+            block = 500
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise JobNotFinished(f"job {job_id} did not finish within {timeout:g}s")
+                block = max(1, min(block, int(left * 1000)))
+            events = self.store.read_events(job_id, last, block_ms=block)
+            if not events:
+                record = self.status(job_id)
+                if not record.is_terminal:
+                    continue
+                # Every event is written before the record turns terminal: read what is left.
+                events = self.store.read_events(job_id, last)
+                if not events:
+                    yield from self._stream_from_result(record, emitted)
+                    return
+            for event_id, event in events:
+                last = event_id
+                if event.get("type") == "delta":
+                    text, offset = event.get("text", ""), int(event.get("offset", 0))
+                    new = text[max(0, emitted - offset):] if offset + len(text) > emitted else ""
+                    if new:
+                        emitted += len(new)
+                        yield StreamEvent("delta", text=new)
+                elif event.get("type") == "done":
+                    yield StreamEvent(
+                        "done", finish_reason=event.get("finish_reason"), usage=event.get("usage")
+                    )
+                    return
+
+    def _stream_from_result(self, record: JobRecord, emitted: int) -> Iterator[StreamEvent]:
+        result = self.result_of(record)
+        choice = (result.get("choices") or [{}])[0]
+        content = (choice.get("message") or {}).get("content") or ""
+        if len(content) > emitted:
+            yield StreamEvent("delta", text=content[emitted:])
+        yield StreamEvent(
+            "done",
+            finish_reason=choice.get("finish_reason"),
+            usage=result.get("usage"),
+            result=result,
+        )
+
+
+class JobHandle:
+    """A submitted job: ``status()``, ``wait()``, ``result(timeout)``, ``cancel()``, ``stream()``."""
+
+    def __init__(self, client: Client, job_id: str, batch_id: str | None = None) -> None:
+        self.client = client
+        self.id = job_id
+        self.batch_id = batch_id
+
+    def __repr__(self) -> str:
+        return f"JobHandle({self.id!r})"
+
+    def status(self) -> JobStatus:
+        return self.client.status(self.id).status
+
+    def record(self) -> JobRecord:
+        return self.client.status(self.id)
+
+    def wait(self, timeout: float | None = None) -> JobRecord:
+        return self.client.wait(self.id, timeout)
+
+    def result(self, timeout: float | None = None) -> dict[str, Any]:
+        """Wait up to ``timeout`` seconds (None: no limit) and return the result document."""
+        return self.client.result(self.id, timeout)
+
+    def cancel(self) -> str:
+        return self.client.cancel(self.id)
+
+    def stream(self, timeout: float | None = None) -> Iterator[StreamEvent]:
+        return self.client.stream(self.id, timeout)
