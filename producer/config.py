@@ -41,6 +41,8 @@ class BrokerSettings(_Section):
     # longest job plus its queue wait. Crashed workers are recovered sooner by leases.
     visibility_timeout_s: int = Field(default=6 * 3600, ge=60)
     connect_timeout_s: float = Field(default=5.0, gt=0)
+    # A starting worker waits this long (logging each attempt) for Redis before giving up.
+    startup_wait_s: float = Field(default=60.0, ge=0)
 
 
 class S3Settings(_Section):
