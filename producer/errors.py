@@ -15,6 +15,7 @@ input is permanent (the job fails at once); transient errors are retried with ba
     │   └── ImageError               image_* (decode, size, forbidden URL, fetch 4xx)
     ├── TransientError               retried with backoff, then failed with its code
     │   ├── ImageFetchTimeout        image_fetch_timeout
+    │   ├── ImageFetchUnavailable    image_fetch_unavailable (5xx, 429, refused, cut off)
     │   ├── StoreUnavailable         store_unavailable
     │   └── BrokerUnavailable        broker_unavailable
     ├── EngineError                  engine_error, deadline_exceeded, engine_unavailable
@@ -120,6 +121,12 @@ class TransientError(VlqError):
 
 class ImageFetchTimeout(TransientError):
     code = "image_fetch_timeout"
+
+
+class ImageFetchUnavailable(TransientError):
+    """The image's server is down or overloaded (5xx, 429, connection refused or cut off)."""
+
+    code = "image_fetch_unavailable"
 
 
 class StoreUnavailable(TransientError):
