@@ -1,0 +1,407 @@
+"""ImageLoader against real servers: a loopback HTTP server, moto's S3, real files and data: URIs."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import os
+import struct
+import threading
+import time
+import zlib
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+from PIL import Image
+
+from producer.config import ImageSettings, S3Settings
+from producer.errors import (
+    ImageDecodeError,
+    ImageFetchError,
+    ImageFetchTimeout,
+    ImageFetchUnavailable,
+    ImageTooLarge,
+    ImageURLForbidden,
+)
+from tests.conftest import free_port
+from worker.images import ImageLoader, LoadedImage, decode_image
+
+MAX_BYTES = 200_000
+TIMEOUT_S = 0.5
+
+
+def _png(size: tuple[int, int] = (64, 48), color: tuple[int, ...] = (200, 30, 40, 128), mode: str = "RGBA") -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, size, color).save(buf, "PNG")
+    return buf.getvalue()
+
+
+PNG = _png()
+
+
+def _bomb_png(width: int = 40_000, height: int = 40_000) -> bytes:
+    """A real PNG header declaring 1.6 billion pixels, with a token pixel stream."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b"")
+
+
+class _Handler(BaseHTTPRequestHandler):
+    release: threading.Event
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def _send(self, status: int, body: bytes = b"", **headers: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Length", headers.pop("length", str(len(body))))
+        for k, v in headers.items():
+            self.send_header(k.replace("_", "-"), v)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:  # noqa: N802
+        path, query = urlsplit(self.path).path, parse_qs(urlsplit(self.path).query)
+        try:
+            if path == "/img.png":
+                self._send(200, PNG, Content_Type="image/png")
+            elif path == "/slow.png":
+                time.sleep(float(query["delay"][0]))
+                shade = int(query["shade"][0])
+                self._send(200, _png(color=(shade, shade, shade), mode="RGB"))
+            elif path in ("/404", "/403", "/500", "/503", "/429"):
+                self._send(int(path[1:]), b"nope")
+            elif path == "/redirect":
+                self._send(302, b"", Location="/img.png")
+            elif path == "/corrupt":
+                self._send(200, b"this is not an image\n" * 20, Content_Type="image/jpeg")
+            elif path == "/stall-headers":
+                self.release.wait(10)
+            elif path == "/stall-body":
+                self._send(200, b"", length="1000")
+                self.wfile.flush()
+                self.release.wait(10)
+            elif path == "/drip":
+                self._send(200, b"", length="1000")
+                for _ in range(1000):
+                    self.wfile.write(b"x")
+                    self.wfile.flush()
+                    if self.release.wait(0.1):
+                        break
+            elif path == "/huge-declared":
+                self._send(200, b"", length=str(MAX_BYTES * 10))
+                self.release.wait(2)
+            elif path == "/huge-undeclared":
+                self.send_response(200)
+                self.end_headers()  # no Content-Length: the body runs until the connection closes
+                for _ in range(100):
+                    self.wfile.write(b"\0" * 16384)
+                self.close_connection = True
+            elif path == "/truncated":
+                self._send(200, PNG[:50], length=str(len(PNG)))
+                self.close_connection = True
+            else:
+                self._send(404)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+
+@pytest.fixture(scope="module")
+def http_server():
+    release = threading.Event()
+    handler = type("Handler", (_Handler,), {"release": release})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    release.set()
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    folder = tmp_path / "root"
+    folder.mkdir()
+    return folder
+
+
+@pytest.fixture
+def loader(root: Path):
+    settings = ImageSettings(max_bytes=MAX_BYTES, fetch_timeout_s=TIMEOUT_S, allowed_roots=[root])
+    with ImageLoader(settings) as image_loader:
+        yield image_loader
+
+
+# -- http(s) ----------------------------------------------------------------------------------------
+
+
+def test_an_http_image_is_decoded_to_rgb_with_its_sha256(loader: ImageLoader, http_server: str) -> None:
+    img = loader.load(f"{http_server}/img.png")
+    assert isinstance(img, LoadedImage)
+    assert (img.width, img.height) == (64, 48) and img.image.mode == "RGB"
+    assert img.image.getpixel((0, 0)) == (200, 30, 40)  # alpha dropped, as convert("RGB") does
+    assert img.sha256 == hashlib.sha256(PNG).hexdigest()
+    assert img.url == f"{http_server}/img.png"
+
+
+def test_redirects_are_followed(loader: ImageLoader, http_server: str) -> None:
+    assert loader.load(f"{http_server}/redirect").size == (64, 48)
+
+
+@pytest.mark.parametrize("status", [404, 403])
+def test_a_4xx_answer_is_a_permanent_fetch_error(loader: ImageLoader, http_server: str, status: int) -> None:
+    with pytest.raises(ImageFetchError) as err:
+        loader.load(f"{http_server}/{status}")
+    assert err.value.code == "image_fetch_failed" and not err.value.retryable
+    assert str(status) in err.value.message
+
+
+@pytest.mark.parametrize("status", [500, 503, 429])
+def test_a_5xx_or_429_answer_is_transient(loader: ImageLoader, http_server: str, status: int) -> None:
+    with pytest.raises(ImageFetchUnavailable) as err:
+        loader.load(f"{http_server}/{status}")
+    assert err.value.code == "image_fetch_unavailable" and err.value.retryable
+
+
+def test_a_refused_connection_is_transient(loader: ImageLoader) -> None:
+    with pytest.raises(ImageFetchUnavailable, match="retried"):
+        loader.load(f"http://127.0.0.1:{free_port()}/img.png")
+
+
+@pytest.mark.parametrize("path", ["/stall-headers", "/stall-body", "/drip"])
+def test_a_stalled_server_times_out_quickly(loader: ImageLoader, http_server: str, path: str) -> None:
+    start = time.monotonic()
+    with pytest.raises(ImageFetchTimeout) as err:
+        loader.load(http_server + path)
+    assert time.monotonic() - start < 3 * TIMEOUT_S + 1.0
+    assert err.value.code == "image_fetch_timeout" and err.value.retryable
+
+
+def test_a_body_cut_off_mid_transfer_is_transient(loader: ImageLoader, http_server: str) -> None:
+    with pytest.raises(ImageFetchUnavailable):
+        loader.load(f"{http_server}/truncated")
+
+
+@pytest.mark.parametrize("path", ["/huge-declared", "/huge-undeclared"])
+def test_a_body_over_max_bytes_is_refused_while_reading(loader: ImageLoader, http_server: str, path: str) -> None:
+    with pytest.raises(ImageTooLarge, match=str(MAX_BYTES)) as err:
+        loader.load(http_server + path)
+    assert err.value.code == "image_too_large"
+
+
+def test_bytes_that_are_no_image_are_a_decode_error(loader: ImageLoader, http_server: str) -> None:
+    with pytest.raises(ImageDecodeError) as err:
+        loader.load(f"{http_server}/corrupt")
+    assert err.value.code == "image_decode_failed"
+
+
+def test_http_can_be_disabled(root: Path, http_server: str) -> None:
+    with ImageLoader(ImageSettings(allow_http=False)) as loader:
+        with pytest.raises(ImageURLForbidden, match="disabled"):
+            loader.load(f"{http_server}/img.png")
+
+
+def test_load_all_fetches_concurrently_and_keeps_order(loader: ImageLoader, http_server: str) -> None:
+    urls = [f"{http_server}/slow.png?delay={d}&shade={s}" for d, s in [(0.8, 10), (0.0, 20), (0.4, 30)]]
+    start = time.monotonic()
+    images = loader.load_all(urls)
+    assert time.monotonic() - start < 1.1  # not 1.2 s of sequential waits
+    assert [im.image.getpixel((0, 0))[0] for im in images] == [10, 20, 30]
+    assert [im.url for im in images] == urls
+
+
+def test_load_all_names_the_failing_picture(loader: ImageLoader, http_server: str) -> None:
+    with pytest.raises(ImageFetchError) as err:
+        loader.load_all([f"{http_server}/img.png", f"{http_server}/404"])
+    assert err.value.to_dict()["picture"] == 2
+
+
+def test_a_real_photo_decodes_at_its_size(loader: ImageLoader, sample_images: Path, root: Path) -> None:
+    (root / "demo.jpeg").write_bytes((sample_images / "demo.jpeg").read_bytes())
+    with ImageLoader(ImageSettings(allowed_roots=[root])) as big:
+        img = big.load(f"file://{root}/demo.jpeg")
+    with Image.open(sample_images / "demo.jpeg") as ref:
+        assert img.size == ref.size
+        assert img.image.tobytes() == ref.convert("RGB").tobytes()
+
+
+# -- file:// ----------------------------------------------------------------------------------------
+
+
+def test_a_file_under_an_allowed_root_loads(loader: ImageLoader, root: Path) -> None:
+    (root / "sub").mkdir()
+    (root / "sub" / "a b.png").write_bytes(PNG)
+    assert loader.load(f"file://{root}/sub/a%20b.png").size == (64, 48)
+    assert loader.load(f"file://{root}/sub/a b.png").size == (64, 48)
+
+
+def test_a_relative_file_url_resolves_against_the_cwd(loader: ImageLoader, root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (root / "data").mkdir()
+    (root / "data" / "image1.png").write_bytes(PNG)
+    monkeypatch.chdir(root)
+    assert loader.load("file://./data/image1.png").size == (64, 48)
+    monkeypatch.chdir(root.parent)
+    with pytest.raises(ImageURLForbidden):
+        loader.load("file://./data/image1.png")  # now outside the root
+
+
+def test_a_file_outside_the_roots_is_forbidden(loader: ImageLoader, root: Path) -> None:
+    outside = root.parent / "secret.png"
+    outside.write_bytes(PNG)
+    for url in (f"file://{outside}", f"file://{root}/../secret.png", "file:///etc/passwd"):
+        with pytest.raises(ImageURLForbidden, match="outside") as err:
+            loader.load(url)
+        assert err.value.code == "image_url_forbidden"
+
+
+def test_a_symlink_leading_out_of_the_roots_is_forbidden(loader: ImageLoader, root: Path) -> None:
+    outside = root.parent / "secret.png"
+    outside.write_bytes(PNG)
+    os.symlink(outside, root / "link.png")
+    with pytest.raises(ImageURLForbidden):
+        loader.load(f"file://{root}/link.png")
+
+
+def test_file_urls_are_refused_without_roots(tmp_path: Path) -> None:
+    (tmp_path / "a.png").write_bytes(PNG)
+    with ImageLoader(ImageSettings()) as loader:
+        with pytest.raises(ImageURLForbidden, match="allowed_roots"):
+            loader.load(f"file://{tmp_path}/a.png")
+
+
+def test_a_missing_file_is_a_fetch_error(loader: ImageLoader, root: Path) -> None:
+    with pytest.raises(ImageFetchError, match="not found"):
+        loader.load(f"file://{root}/missing.png")
+
+
+def test_a_corrupt_or_truncated_file_is_a_decode_error(loader: ImageLoader, root: Path) -> None:
+    buf = io.BytesIO()
+    Image.effect_noise((256, 256), 64).convert("RGB").save(buf, "JPEG", quality=95)
+    (root / "truncated.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    (root / "garbage.jpg").write_bytes(os.urandom(5000))
+    for name in ("truncated.jpg", "garbage.jpg"):
+        with pytest.raises(ImageDecodeError):
+            loader.load(f"file://{root}/{name}")
+
+
+def test_a_file_over_max_bytes_is_too_large(loader: ImageLoader, root: Path) -> None:
+    (root / "big.bin").write_bytes(b"\0" * (MAX_BYTES + 1))
+    with pytest.raises(ImageTooLarge):
+        loader.load(f"file://{root}/big.bin")
+
+
+# -- pixels, decoding -------------------------------------------------------------------------------
+
+
+def test_a_decompression_bomb_is_refused_from_its_header(loader: ImageLoader) -> None:
+    bomb = _bomb_png()
+    assert len(bomb) < 200
+    with pytest.raises(ImageTooLarge, match="pixels"):
+        loader.load("data:image/png;base64," + base64.b64encode(bomb).decode())
+
+
+def test_more_pixels_than_max_pixels_is_too_large(root: Path) -> None:
+    with ImageLoader(ImageSettings(max_pixels=64 * 47)) as loader:
+        with pytest.raises(ImageTooLarge, match="64x48 = 3072 pixels"):
+            loader.load("data:image/png;base64," + base64.b64encode(PNG).decode())
+
+
+def test_exif_orientation_is_not_applied_like_the_reference_model() -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    buf = io.BytesIO()
+    Image.new("RGB", (80, 20), (1, 2, 3)).save(buf, "JPEG", exif=exif)
+    assert decode_image(buf.getvalue()).size == (80, 20)
+
+
+def test_palette_and_grayscale_images_become_rgb() -> None:
+    for mode, color in (("P", 3), ("L", 77), ("1", 1)):
+        assert decode_image(_png(color=color, mode=mode)).image.mode == "RGB"
+
+
+# -- data: ------------------------------------------------------------------------------------------
+
+
+def test_a_data_uri_loads(loader: ImageLoader) -> None:
+    uri = "data:image/png;base64," + base64.b64encode(PNG).decode()
+    img = loader.load(uri)
+    assert img.size == (64, 48) and img.sha256 == hashlib.sha256(PNG).hexdigest()
+
+
+@pytest.mark.parametrize(
+    "uri",
+    ["data:image/png;base64,@@not base64@@", "data:image/png,rawbytes", "data:text/plain;base64,aGVsbG8="],
+)
+def test_a_bad_data_uri_is_a_decode_error(loader: ImageLoader, uri: str) -> None:
+    with pytest.raises(ImageDecodeError):
+        loader.load(uri)
+
+
+def test_a_data_uri_over_max_bytes_is_too_large(loader: ImageLoader) -> None:
+    with pytest.raises(ImageTooLarge):
+        loader.load("data:image/png;base64," + base64.b64encode(b"\0" * (MAX_BYTES + 10)).decode())
+
+
+@pytest.mark.parametrize("url", ["ftp://example.com/a.png", "gopher://x", "/etc/passwd", "javascript:alert(1)"])
+def test_other_schemes_are_forbidden(loader: ImageLoader, url: str) -> None:
+    with pytest.raises(ImageURLForbidden, match="unsupported image URL"):
+        loader.load(url)
+
+
+# -- s3:// ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def s3_bucket(s3_server: str) -> str:
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1",
+                      aws_access_key_id="testing", aws_secret_access_key="testing")
+    s3.create_bucket(Bucket="images")
+    s3.put_object(Bucket="images", Key="cats/a.png", Body=PNG)
+    s3.put_object(Bucket="images", Key="big.bin", Body=b"\0" * (MAX_BYTES + 1))
+    return "images"
+
+
+@pytest.fixture
+def s3_loader(s3_server: str, s3_bucket: str):
+    settings = ImageSettings(max_bytes=MAX_BYTES, fetch_timeout_s=5)
+    with ImageLoader(settings, S3Settings(endpoint_url=s3_server, region="us-east-1")) as loader:
+        yield loader
+
+
+def test_an_s3_object_loads(s3_loader: ImageLoader) -> None:
+    img = s3_loader.load("s3://images/cats/a.png")
+    assert img.size == (64, 48) and img.sha256 == hashlib.sha256(PNG).hexdigest()
+
+
+@pytest.mark.parametrize("url", ["s3://images/cats/missing.png", "s3://no-such-bucket/a.png"])
+def test_a_missing_s3_object_is_a_fetch_error(s3_loader: ImageLoader, url: str) -> None:
+    with pytest.raises(ImageFetchError, match="s3 refused"):
+        s3_loader.load(url)
+
+
+def test_an_s3_object_over_max_bytes_is_too_large(s3_loader: ImageLoader) -> None:
+    with pytest.raises(ImageTooLarge):
+        s3_loader.load("s3://images/big.bin")
+
+
+def test_an_unreachable_s3_endpoint_is_transient() -> None:
+    settings = S3Settings(endpoint_url=f"http://127.0.0.1:{free_port()}", region="us-east-1")
+    with ImageLoader(ImageSettings(fetch_timeout_s=1), settings) as loader:
+        with pytest.raises(ImageFetchUnavailable):
+            loader.load("s3://images/cats/a.png")
+
+
+def test_s3_can_be_disabled() -> None:
+    with ImageLoader(ImageSettings(allow_s3=False)) as loader:
+        with pytest.raises(ImageURLForbidden, match="disabled"):
+            loader.load("s3://images/cats/a.png")

@@ -1,0 +1,354 @@
+"""Image intake: a job's image URLs to decoded, validated RGB images.
+
+Accepted URLs:
+
+- ``http://`` / ``https://`` (``images.allow_http``): fetched with httpx, redirects followed.
+  ``fetch_timeout_s`` bounds the connection and every read; the whole transfer is also bounded
+  by ``3 x fetch_timeout_s``, so a server that stalls or drips bytes cannot hold a worker.
+  The body is streamed and refused as soon as it passes ``max_bytes``.
+- ``file://`` only under ``images.allowed_roots`` (symlinks and ``..`` resolved before the
+  check). ``file:///abs/path`` is absolute; ``file://./x.jpg`` and ``file://x.jpg`` are relative
+  to the current directory and checked against the roots all the same.
+- ``data:image/...;base64,...``.
+- ``s3://bucket/key`` (``images.allow_s3``) through boto3 with the store's endpoint and region.
+
+Decoding follows the official Qwen-VL code: ``PIL.Image.open`` and ``convert("RGB")``, first
+frame of an animation, alpha dropped, and *no* EXIF rotation (the reference model sees the
+stored pixel grid, so vlq does too). Images above ``max_pixels`` are refused from their header,
+before any pixel is decoded.
+
+Errors (all coded, from :mod:`producer.errors`): a 4xx answer or missing file/object is
+:class:`ImageFetchError`; timeouts and stalls :class:`ImageFetchTimeout`; 5xx, 429, refused or
+cut-off connections :class:`ImageFetchUnavailable` (both transient: the job is retried);
+:class:`ImageTooLarge` for bytes or pixels; :class:`ImageDecodeError` for anything PIL cannot
+read; :class:`ImageURLForbidden` for a scheme or path that is not allowed. This module imports
+no torch.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import io
+import os
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import httpx
+from PIL import Image, UnidentifiedImageError
+
+from producer.config import ImageSettings, S3Settings
+from producer.errors import (
+    ConfigError,
+    ImageDecodeError,
+    ImageFetchError,
+    ImageFetchTimeout,
+    ImageFetchUnavailable,
+    ImageTooLarge,
+    ImageURLForbidden,
+    VlqError,
+)
+
+# Formats PIL may parse: the common photo formats, nothing exotic from untrusted bytes
+# (camera MPO files open as JPEG where Pillow has no MPO entry of its own).
+Image.init()
+IMAGE_FORMATS = tuple(f for f in ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF") if f in Image.OPEN)
+_TOTAL_TIMEOUT_FACTOR = 3
+_MAX_PARALLEL_FETCHES = 8
+
+
+@dataclass(frozen=True)
+class LoadedImage:
+    """A decoded image: RGB ``image`` of ``width`` x ``height``, the sha256 of its source bytes."""
+
+    image: Image.Image
+    width: int
+    height: int
+    sha256: str
+    url: str
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.width, self.height
+
+
+class ImageLoader:
+    """Fetches and decodes images by URL within the limits of :class:`ImageSettings`.
+
+    Thread-safe; holds one HTTP connection pool (and one S3 client once needed). Close it with
+    :meth:`close` or use it as a context manager.
+    """
+
+    def __init__(self, settings: ImageSettings, s3: S3Settings | None = None) -> None:
+        self.settings = settings
+        self._s3_settings = s3 or S3Settings()
+        self._roots = [Path(r).expanduser().resolve() for r in settings.allowed_roots]
+        timeout = httpx.Timeout(settings.fetch_timeout_s)
+        self._http = httpx.Client(
+            timeout=timeout,
+            follow_redirects=True,
+            max_redirects=5,
+            headers={"User-Agent": "vlq-image-intake/1"},
+        )
+        self._s3_client: Any = None
+
+    def __enter__(self) -> ImageLoader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    # -- public API -----------------------------------------------------------------------------
+
+    def load(self, url: str) -> LoadedImage:
+        """Fetch and decode one image; raises a coded :mod:`producer.errors` error."""
+        data = self.fetch_bytes(url)
+        return decode_image(data, url=url, max_pixels=self.settings.max_pixels)
+
+    def load_all(self, urls: list[str]) -> list[LoadedImage]:
+        """Load ``urls`` concurrently, results in the same order.
+
+        The first failure in URL order is raised, its context naming the ``picture`` (1-based).
+        """
+        if not urls:
+            return []
+        with ThreadPoolExecutor(max_workers=min(_MAX_PARALLEL_FETCHES, len(urls))) as pool:
+            futures = [pool.submit(self.load, url) for url in urls]
+            out = []
+            for picture, future in enumerate(futures, 1):
+                try:
+                    out.append(future.result())
+                except VlqError as e:
+                    for rest in futures:
+                        rest.cancel()
+                    e.context.setdefault("picture", picture)
+                    raise
+            return out
+
+    def fetch_bytes(self, url: str) -> bytes:
+        """The raw bytes behind ``url`` (at most ``max_bytes``)."""
+        scheme = url.split(":", 1)[0].lower() if ":" in url else ""
+        if scheme in ("http", "https"):
+            if not self.settings.allow_http:
+                raise ImageURLForbidden(f"http(s) image URLs are disabled on this worker: {_short(url)}", url=_short(url))
+            return self._fetch_http(url)
+        if scheme == "file":
+            return self._read_file(url)
+        if scheme == "data":
+            return self._decode_data_uri(url)
+        if scheme == "s3":
+            if not self.settings.allow_s3:
+                raise ImageURLForbidden(f"s3 image URLs are disabled on this worker: {_short(url)}", url=_short(url))
+            return self._fetch_s3(url)
+        raise ImageURLForbidden(
+            f"unsupported image URL {_short(url)!r}: use http(s)://, file://, data:image/...;base64, or s3://",
+            url=_short(url),
+        )
+
+    # -- http(s) ---------------------------------------------------------------------------------
+
+    def _fetch_http(self, url: str) -> bytes:
+        limit = self.settings.max_bytes
+        timeout = self.settings.fetch_timeout_s
+        deadline = time.monotonic() + _TOTAL_TIMEOUT_FACTOR * timeout
+        try:
+            with self._http.stream("GET", url) as response:
+                _check_http_status(response, url)
+                length = response.headers.get("content-length")
+                if length and length.isdigit() and int(length) > limit:
+                    raise _too_many_bytes(url, limit, int(length))
+                body = bytearray()
+                for chunk in response.iter_bytes():  # as the bytes arrive, so the deadline is checked
+                    body += chunk
+                    if len(body) > limit:
+                        raise _too_many_bytes(url, limit)
+                    if time.monotonic() > deadline:
+                        raise _timed_out(url, f"the transfer took over {_TOTAL_TIMEOUT_FACTOR * timeout:g}s")
+                return bytes(body)
+        except httpx.TimeoutException as e:
+            raise _timed_out(url, f"no answer within {timeout:g}s ({type(e).__name__})") from e
+        except httpx.InvalidURL as e:
+            raise ImageURLForbidden(f"invalid image URL {_short(url)!r}: {e}", url=_short(url)) from e
+        except httpx.TooManyRedirects as e:
+            raise ImageFetchError(f"too many redirects fetching {_short(url)}", url=_short(url)) from e
+        except httpx.TransportError as e:  # refused, reset, DNS, cut off mid-body
+            raise ImageFetchUnavailable(
+                f"could not fetch {_short(url)}: {type(e).__name__}: {e}; the job will be retried",
+                url=_short(url),
+            ) from e
+
+    # -- file:// ---------------------------------------------------------------------------------
+
+    def _read_file(self, url: str) -> bytes:
+        if not self._roots:
+            raise ImageURLForbidden(
+                "file:// image URLs are not allowed on this worker: list the folders that may be "
+                "read in images.allowed_roots (VLQ_IMAGES_ALLOWED_ROOTS)",
+                url=_short(url),
+            )
+        path = file_url_path(url)
+        resolved = path.resolve()
+        if not any(resolved.is_relative_to(root) for root in self._roots):
+            raise ImageURLForbidden(
+                f"{path} is outside the folders images may be read from "
+                f"({', '.join(map(str, self._roots))})",
+                url=_short(url),
+            )
+        try:
+            size = resolved.stat().st_size
+            if not resolved.is_file():
+                raise ImageFetchError(f"{path} is not a file", url=_short(url))
+            if size > self.settings.max_bytes:
+                raise _too_many_bytes(url, self.settings.max_bytes, size)
+            with resolved.open("rb") as f:
+                data = f.read(self.settings.max_bytes + 1)
+        except FileNotFoundError as e:
+            raise ImageFetchError(f"image file {path} not found", url=_short(url)) from e
+        except OSError as e:
+            raise ImageFetchError(f"cannot read image file {path}: {e.strerror or e}", url=_short(url)) from e
+        if len(data) > self.settings.max_bytes:
+            raise _too_many_bytes(url, self.settings.max_bytes)
+        return data
+
+    # -- data: -----------------------------------------------------------------------------------
+
+    def _decode_data_uri(self, url: str) -> bytes:
+        header, sep, payload = url[5:].partition(",")
+        params = [p.strip().lower() for p in header.split(";")]
+        if not sep or "base64" not in params[1:]:
+            raise ImageDecodeError("a data: image URL must be data:image/<type>;base64,<data>", url=_short(url))
+        if params[0] and not params[0].startswith("image/"):
+            raise ImageDecodeError(f"the data: URL holds {params[0]}, not an image", url=_short(url))
+        payload = re.sub(r"\s+", "", unquote(payload) if "%" in payload else payload)
+        limit = self.settings.max_bytes
+        if len(payload) * 3 // 4 > limit + 2:
+            raise _too_many_bytes(url, limit, len(payload) * 3 // 4)
+        try:
+            data = base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError) as e:
+            raise ImageDecodeError(f"the data: URL is not valid base64: {e}", url=_short(url)) from e
+        if len(data) > limit:
+            raise _too_many_bytes(url, limit, len(data))
+        return data
+
+    # -- s3:// -----------------------------------------------------------------------------------
+
+    def _s3(self) -> Any:
+        if self._s3_client is None:
+            try:
+                import boto3
+                from botocore.config import Config
+            except ImportError as e:
+                raise ConfigError("s3:// image URLs need boto3: pip install 'vlq[s3]'") from e
+            t = self.settings.fetch_timeout_s
+            self._s3_client = boto3.client(
+                "s3",
+                endpoint_url=self._s3_settings.endpoint_url,
+                region_name=self._s3_settings.region,
+                config=Config(connect_timeout=t, read_timeout=t, retries={"max_attempts": 2}),
+            )
+        return self._s3_client
+
+    def _fetch_s3(self, url: str) -> bytes:
+        from botocore.exceptions import BotoCoreError, ClientError, ConnectTimeoutError, ReadTimeoutError
+
+        parts = urlsplit(url)
+        bucket, key = parts.netloc, unquote(parts.path.lstrip("/"))
+        if not bucket or not key:
+            raise ImageURLForbidden(f"an s3 image URL is s3://bucket/key, not {_short(url)!r}", url=_short(url))
+        limit = self.settings.max_bytes
+        try:
+            obj = self._s3().get_object(Bucket=bucket, Key=key)
+            if obj.get("ContentLength", 0) > limit:
+                obj["Body"].close()
+                raise _too_many_bytes(url, limit, obj["ContentLength"])
+            data = obj["Body"].read(limit + 1)
+            obj["Body"].close()
+        except ClientError as e:
+            err = e.response.get("Error", {})
+            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+            message = f"s3 refused {url}: {err.get('Code', status)} {err.get('Message', '')}".strip()
+            if status >= 500 or status == 429 or err.get("Code") in ("SlowDown", "ServiceUnavailable"):
+                raise ImageFetchUnavailable(message + "; the job will be retried", url=url) from e
+            raise ImageFetchError(message, url=url) from e
+        except (ConnectTimeoutError, ReadTimeoutError) as e:
+            raise _timed_out(url, str(e)) from e
+        except BotoCoreError as e:  # endpoint unreachable, connection closed
+            raise ImageFetchUnavailable(f"could not fetch {url}: {e}; the job will be retried", url=url) from e
+        if len(data) > limit:
+            raise _too_many_bytes(url, limit)
+        return data
+
+
+def file_url_path(url: str) -> Path:
+    """The path of a ``file://`` URL (percent-decoded; relative forms against the cwd, unresolved)."""
+    rest = url[len("file://"):] if url.lower().startswith("file://") else url[len("file:"):]
+    if rest.lower().startswith("localhost/"):
+        rest = rest[len("localhost"):]
+    path = Path(unquote(rest))
+    return path if path.is_absolute() else Path(os.getcwd()) / path
+
+
+def decode_image(data: bytes, *, url: str = "", max_pixels: int = ImageSettings().max_pixels) -> LoadedImage:
+    """Decode image bytes like the official code (PIL, RGB, no EXIF rotation), within ``max_pixels``."""
+    try:
+        image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+        width, height = image.size
+        if width * height > max_pixels:
+            raise ImageTooLarge(
+                f"the image at {_short(url)} is {width}x{height} = {width * height} pixels; "
+                f"at most {max_pixels} are accepted: send a smaller image",
+                url=_short(url), pixels=width * height, max_pixels=max_pixels,
+            )
+        image.load()
+        rgb = image.convert("RGB")
+    except Image.DecompressionBombError as e:
+        raise ImageTooLarge(f"the image at {_short(url)} is too many pixels to decode: {e}", url=_short(url)) from e
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
+        raise ImageDecodeError(
+            f"the data at {_short(url)} is not a readable image ({IMAGE_FORMATS}): {e}", url=_short(url)
+        ) from e
+    return LoadedImage(rgb, width, height, hashlib.sha256(data).hexdigest(), url)
+
+
+def _check_http_status(response: httpx.Response, url: str) -> None:
+    status = response.status_code
+    if status < 400:
+        return
+    where = _short(url)
+    if status == 408:
+        raise _timed_out(url, "the server answered 408 Request Timeout")
+    if status == 429 or status >= 500:
+        raise ImageFetchUnavailable(
+            f"the image server answered {status} for {where}; the job will be retried", url=where, status=status
+        )
+    raise ImageFetchError(
+        f"the image server answered {status} for {where}: check the URL and its access rights",
+        url=where, status=status,
+    )
+
+
+def _too_many_bytes(url: str, limit: int, size: int | None = None) -> ImageTooLarge:
+    got = f"{size} bytes" if size is not None else f"over {limit} bytes"
+    return ImageTooLarge(
+        f"the image at {_short(url)} is {got}; at most {limit} are accepted (images.max_bytes)",
+        url=_short(url), max_bytes=limit,
+    )
+
+
+def _timed_out(url: str, why: str) -> ImageFetchTimeout:
+    return ImageFetchTimeout(f"fetching {_short(url)} timed out: {why}; the job will be retried", url=_short(url))
+
+
+def _short(url: str, limit: int = 200) -> str:
+    """A URL for messages: data: URIs and long URLs are cut."""
+    return url if len(url) <= limit else url[: limit - 3] + "..."
