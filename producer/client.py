@@ -189,7 +189,7 @@ class Client:
             job_id=job_id,
             validate=validate,
         )
-        self.store.create(job)
+        self.store.create(job, self.queue)
         try:
             send_job(self.celery, job, self.queue)
         except BrokerUnavailable:
@@ -224,7 +224,7 @@ class Client:
         sending anything when an id is in use."""
         if not jobs:
             return
-        created = self.store.create_many(jobs)
+        created = self.store.create_many(jobs, self.queue)
         dup = [j.id for j, ok in zip(jobs, created) if not ok]
         if dup:
             for job, ok in zip(jobs, created):

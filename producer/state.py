@@ -55,10 +55,10 @@ local function move(bkey, from, to, ttl)
   redis.call('HINCRBY', bkey, to, 1)
   redis.call('EXPIRE', bkey, ttl)
 end
-local function create(jkey, bkey, bjobs, id, job, created, dest, batch, status, ttl, t)
+local function create(jkey, bkey, bjobs, id, job, created, dest, batch, queue, status, ttl, t)
   redis.call('HSET', jkey, 'id', id, 'status', status, 'job', job, 'created_at', created,
              'queued_at', t, 'updated_at', t, 'attempts', 0, 'destination', dest,
-             'batch_id', batch, 'holder', '', 'worker', '')
+             'batch_id', batch, 'queue', queue, 'holder', '', 'worker', '')
   if bkey ~= '' then
     redis.call('HINCRBY', bkey, 'total', 1)
     redis.call('RPUSH', bjobs, id)
@@ -68,23 +68,23 @@ local function create(jkey, bkey, bjobs, id, job, created, dest, batch, status, 
 end
 """
 
-# KEYS: job, batch, batch_jobs   ARGV: id, job, created_at, destination, batch_id, ttl
+# KEYS: job, batch, batch_jobs   ARGV: id, job, created_at, destination, batch_id, queue, ttl
 _CREATE = _PRELUDE + """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-create(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], 'queued',
-       ARGV[6], now())
+create(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], 'queued',
+       ARGV[7], now())
 return 1
 """
 
 # KEYS: job, leases, batch, batch_jobs
-# ARGV: id, token, worker, lease_timeout, ttl, job, created_at, destination, batch_id
+# ARGV: id, token, worker, lease_timeout, ttl, job, created_at, destination, batch_id, queue
 # -> {outcome, attempts, holder}; outcome 'running' means this run holds the job now.
 _START = _PRELUDE + """
 local t = now()
 local st = redis.call('HGET', KEYS[1], 'status')
 if not st then
-  create(KEYS[1], KEYS[3], KEYS[4], ARGV[1], ARGV[6], ARGV[7], ARGV[8], ARGV[9], 'queued',
-         ARGV[5], t)
+  create(KEYS[1], KEYS[3], KEYS[4], ARGV[1], ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10],
+         'queued', ARGV[5], t)
   st = 'queued'
 end
 local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')
@@ -144,15 +144,15 @@ return 1
 """
 
 # KEYS: job, leases, batch, batch_jobs
-# ARGV: id, status, error, location, ttl, job, created_at, destination, batch_id
+# ARGV: id, status, error, location, ttl, job, created_at, destination, batch_id, queue
 # -> {final status, 1 if this call made it terminal}
 _FINISH = _PRELUDE + """
 local t = now()
 local st = redis.call('HGET', KEYS[1], 'status')
 if st and is_terminal(st) then return {st, 0} end
 if not st then
-  create(KEYS[1], KEYS[3], KEYS[4], ARGV[1], ARGV[6], ARGV[7], ARGV[8], ARGV[9], 'queued',
-         ARGV[5], t)
+  create(KEYS[1], KEYS[3], KEYS[4], ARGV[1], ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10],
+         'queued', ARGV[5], t)
   st = 'queued'
 end
 redis.call('HSET', KEYS[1], 'status', ARGV[2], 'finished_at', t, 'updated_at', t, 'holder', '')
@@ -182,7 +182,7 @@ return 'cancelling'
 """
 
 # KEYS: job, leases, batch   ARGV: id, lease_timeout, ttl
-# -> {'fresh'} | {'gone'} | {'cancelled'} | {'requeue', job}
+# -> {'fresh'} | {'gone'} | {'cancelled'} | {'requeue', job, queue}
 _RECLAIM = _PRELUDE + """
 local score = redis.call('ZSCORE', KEYS[2], ARGV[1])
 local t = now()
@@ -199,7 +199,7 @@ if redis.call('HGET', KEYS[1], 'cancel_requested') == '1' then
 end
 redis.call('HSET', KEYS[1], 'holder', '', 'updated_at', t)
 redis.call('HINCRBY', KEYS[1], 'reclaims', 1)
-return {'requeue', redis.call('HGET', KEYS[1], 'job')}
+return {'requeue', redis.call('HGET', KEYS[1], 'job'), redis.call('HGET', KEYS[1], 'queue') or ''}
 """
 
 
@@ -226,6 +226,7 @@ class JobRecord(BaseModel):
     error: dict[str, Any] | None = None
     last_error: dict[str, Any] | None = None
     batch_id: str | None = None
+    queue: str | None = None
     destination: Destination = Destination()
     result_location: str | None = None
     cancel_requested: bool = False
@@ -271,6 +272,7 @@ class JobRecord(BaseModel):
             error=obj("error"),
             last_error=obj("last_error"),
             batch_id=h.get("batch_id") or None,
+            queue=h.get("queue") or None,
             destination=Destination.model_validate(obj("destination") or {}),
             result_location=h.get("result") or None,
             cancel_requested=h.get("cancel_requested") == "1",
@@ -400,34 +402,35 @@ class JobStore:
             return "", ""
         return self.keys.batch(batch_id), self.keys.batch_jobs(batch_id)
 
-    def _job_args(self, job: Job) -> list[Any]:
+    def _job_args(self, job: Job, queue: str) -> list[Any]:
         return [
             job.to_json(),
             repr(job.created_at),
             job.destination.model_dump_json(),
             job.batch_id or "",
+            queue,
         ]
 
     # -- producer side ---------------------------------------------------------------------------
 
-    def create(self, job: Job) -> None:
-        """Record ``job`` as queued (and count it in its batch). Raises :class:`DuplicateJob`."""
-        if not self.create_many([job])[0]:
+    def create(self, job: Job, queue: str = "") -> None:
+        """Record ``job`` as queued for ``queue`` (and count it in its batch). Raises
+        :class:`DuplicateJob`."""
+        if not self.create_many([job], queue)[0]:
             raise DuplicateJob(
                 f"a job with id {job.id!r} already exists; submit without an id to get a fresh one",
                 param="id",
             )
 
-    def create_many(self, jobs: Sequence[Job]) -> list[bool]:
+    def create_many(self, jobs: Sequence[Job], queue: str = "") -> list[bool]:
         """Record many jobs in one round trip; ``False`` where the id already existed."""
         with redis_errors(self.url):
             pipe = self.redis.pipeline(transaction=False)
             for job in jobs:
                 bkey, bjobs = self._batch_keys(job.batch_id)
-                args = self._job_args(job)
                 self._create(
                     keys=[self.keys.job(job.id), bkey, bjobs],
-                    args=[job.id, args[0], args[1], args[2], args[3], self.ttl_s],
+                    args=[job.id, *self._job_args(job, queue), self.ttl_s],
                     client=pipe,
                 )
             return [bool(x) for x in pipe.execute()]
@@ -491,7 +494,9 @@ class JobStore:
 
     # -- worker side -----------------------------------------------------------------------------
 
-    def start(self, job: Job, *, token: str, worker: str, lease_timeout_s: float) -> StartOutcome:
+    def start(
+        self, job: Job, *, token: str, worker: str, lease_timeout_s: float, queue: str = ""
+    ) -> StartOutcome:
         """Try to take ``job`` for a run identified by ``token``.
 
         Starts it (status running, a new attempt, a fresh lease) unless it is terminal or held by
@@ -501,7 +506,8 @@ class JobStore:
         with redis_errors(self.url):
             status, attempts, holder = self._start(
                 keys=[self.keys.job(job.id), self.keys.leases, bkey, bjobs],
-                args=[job.id, token, worker, lease_timeout_s, self.ttl_s, *self._job_args(job)],
+                args=[job.id, token, worker, lease_timeout_s, self.ttl_s,
+                      *self._job_args(job, queue)],
             )
         return StartOutcome(status=status, attempt=int(attempts), holder=holder or "")
 
@@ -550,7 +556,7 @@ class JobStore:
                     json.dumps(err, default=str) if err else "",
                     result_location or "",
                     self.ttl_s,
-                    *self._job_args(job),
+                    *self._job_args(job, ""),
                 ],
             )
         return JobStatus(final), bool(changed)
@@ -562,7 +568,7 @@ class JobStore:
             self._finish(
                 keys=[self.keys.job(job_id), self.keys.leases, "", ""],
                 args=[job_id, JobStatus.FAILED.value, json.dumps(error.to_dict(), default=str),
-                      "", self.ttl_s, stub, repr(time.time()), "{}", ""],
+                      "", self.ttl_s, stub, repr(time.time()), "{}", "", ""],
             )
 
     def stale_leases(self, lease_timeout_s: float, limit: int = 100) -> list[str]:
@@ -572,9 +578,10 @@ class JobStore:
             cutoff = sec + usec / 1e6 - lease_timeout_s
             return self.redis.zrangebyscore(self.keys.leases, "-inf", f"({cutoff}", 0, limit)
 
-    def reclaim(self, job_id: str, lease_timeout_s: float) -> Job | None:
-        """Release a stale lease. Returns the job to re-enqueue, or None (lease fresh again, job
-        finished, or cancelled because a cancel was pending)."""
+    def reclaim(self, job_id: str, lease_timeout_s: float) -> tuple[Job, str] | None:
+        """Release a stale lease. Returns the job to re-enqueue and the queue it came from (''
+        when unknown), or None (lease fresh again, job finished, or cancelled because a cancel
+        was pending)."""
         with redis_errors(self.url):
             batch_id = self.redis.hget(self.keys.job(job_id), "batch_id")
             bkey, _ = self._batch_keys(batch_id)
@@ -584,7 +591,7 @@ class JobStore:
             )
         if out[0] != "requeue":
             return None
-        return Job.from_wire(out[1])
+        return Job.from_wire(out[1]), out[2]
 
     def cancel_requested(self, job_id: str) -> bool:
         with redis_errors(self.url):

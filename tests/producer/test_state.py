@@ -121,12 +121,12 @@ def test_cancelling_a_running_job_flags_it_for_its_worker(store: JobStore) -> No
 def test_reclaim_requeues_only_running_jobs_whose_lease_went_stale(store: JobStore) -> None:
     stale, fresh = job(), job()
     for j in (stale, fresh):
-        store.create(j)
+        store.create(j, queue="gpu-a")
     store.start(stale, token="a", worker="dead", lease_timeout_s=0.05)
     time.sleep(0.1)
     store.start(fresh, token="b", worker="live", lease_timeout_s=0.05)
     assert store.stale_leases(0.05) == [stale.id]
-    assert store.reclaim(stale.id, 0.05) == stale
+    assert store.reclaim(stale.id, 0.05) == (stale, "gpu-a")  # back to the queue it came from
     assert store.reclaim(stale.id, 0.05) is None  # the lease is released: reclaimed only once
     assert store.reclaim(fresh.id, 0.05) is None
     rec = store.get(stale.id)
@@ -140,7 +140,7 @@ def test_a_slow_worker_takes_its_reclaimed_lease_back(store: JobStore) -> None:
     store.create(j)
     store.start(j, token="a", worker="slow", lease_timeout_s=0.05)
     time.sleep(0.1)
-    assert store.reclaim(j.id, 0.05) == j
+    assert store.reclaim(j.id, 0.05) == (j, "")
     assert store.heartbeat([(j.id, "a")]) == [Heartbeat.HELD]
     assert store.start(j, token="b", worker="other", lease_timeout_s=30).status == "busy"
 

@@ -1,0 +1,288 @@
+"""The job task's logic against a private Redis, with a scripted engine and image loader.
+
+The real engine and image loader run in tests/integration (a real worker process); here the
+engine is a stand-in whose behaviour each test scripts, so every branch of the task is reached.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from concurrent.futures import Future
+
+import pytest
+
+from producer.config import Settings
+from producer.errors import (
+    ImageDecodeError,
+    ImageFetchTimeout,
+    JobCancelled,
+    TooManyImages,
+)
+from producer.keys import Keys
+from producer.schema import Job, JobStatus
+from producer.state import JobStore
+from worker.leases import LeaseKeeper
+from worker.stores import ResultStores
+from worker.tasks import JobRunner, register
+
+IMG = "data:image/png;base64,AAAA"
+
+
+def request(text: str = "what is this?", images: int = 1, **kw) -> dict:
+    parts = [{"type": "image_url", "image_url": {"url": IMG}} for _ in range(images)]
+    return {"messages": [{"role": "user", "content": [*parts, {"type": "text", "text": text}]}], **kw}
+
+
+class ScriptedEngine:
+    """Answers "echo: <text>" at once, or waits for ``release``/``abort`` when ``hold`` is set."""
+
+    def __init__(self) -> None:
+        self.hold = False
+        self.fail: Exception | None = None
+        self.submitted: list[dict] = []
+        self.pending: dict[str, Future] = {}
+
+    def validate(self, request) -> None:
+        if len(request.image_urls) > 2:
+            raise TooManyImages("at most 2 images")
+
+    def submit(self, request, images, *, request_id, deadline=None, on_delta=None):
+        self.submitted.append({"id": request_id, "images": images, "deadline": deadline})
+        fut: Future = Future()
+        if self.fail is not None:
+            fut.set_exception(self.fail)
+            return fut
+        text = "echo: " + request.messages[-1].parts[-1].text
+        if on_delta:
+            for i in range(0, len(text), 4):
+                on_delta(text[i:i + 4])
+        doc = {"id": "chatcmpl-" + request_id, "object": "chat.completion",
+               "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                            "finish_reason": "stop"}],
+               "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}, "boxes": []}
+        if self.hold:
+            self.pending[request_id] = fut
+            fut.doc = doc  # type: ignore[attr-defined]
+        else:
+            fut.set_result(doc)
+        return fut
+
+    def release(self, request_id: str) -> None:
+        fut = self.pending.pop(request_id)
+        fut.set_result(fut.doc)  # type: ignore[attr-defined]
+
+    def abort(self, request_id: str) -> None:
+        fut = self.pending.pop(request_id, None)
+        if fut is not None:
+            fut.set_exception(JobCancelled(f"{request_id} aborted"))
+
+
+class ScriptedImages:
+    def __init__(self) -> None:
+        self.error: Exception | None = None
+
+    def load_all(self, urls):
+        if self.error is not None:
+            raise self.error
+        return [f"image:{i}" for i, _ in enumerate(urls)]
+
+
+@pytest.fixture
+def env(redis_server: str, key_prefix: str):
+    settings = Settings.load(
+        key_prefix=key_prefix,
+        broker={"url": redis_server, "queue": key_prefix},  # a queue of its own, too
+        worker={"max_retries": 2, "retry_backoff_s": 1.0, "heartbeat_s": 0.05, "lease_timeout_s": 5,
+                "job_timeout_s": 30},
+    )
+    store = JobStore.from_settings(settings)
+    engine, images = ScriptedEngine(), ScriptedImages()
+    leases = LeaseKeeper(store, worker_name="w-test", heartbeat_s=0.05, lease_timeout_s=5,
+                         requeue=lambda job, q: None)
+    runner = JobRunner(settings, store=store, engine=engine, images=images,
+                       results=ResultStores.from_settings(settings, store.redis), leases=leases,
+                       worker_name="w-test", queue_name="vlq")
+    yield runner, store, engine, images
+    leases.stop()
+    runner.close()
+    store.close()
+
+
+def queued(store: JobStore, body: dict | None = None, **kw) -> Job:
+    job = Job(request=body or request(), **kw)
+    store.create(job)
+    return job
+
+
+def test_a_job_runs_to_a_result_keyed_by_its_id(env) -> None:
+    runner, store, engine, _ = env
+    job = queued(store, metadata={"path": "a.jpg"})
+    assert runner.run(job.to_json()).status == "succeeded"
+    rec = store.get(job.id)
+    assert rec.status is JobStatus.SUCCEEDED and rec.attempts == 1 and rec.worker == "w-test"
+    assert rec.result_location == f"redis:{store.keys.result(job.id)}"
+    doc = json.loads(store.redis.get(store.keys.result(job.id)))
+    assert doc["choices"][0]["message"]["content"] == "echo: what is this?"
+    assert doc["vlq"]["job_id"] == job.id and doc["vlq"]["attempt"] == 1
+    assert doc["vlq"]["metadata"] == {"path": "a.jpg"}
+    assert set(doc["vlq"]["timings_ms"]) >= {"queue", "images", "engine"}
+    assert engine.submitted[0]["images"] == ["image:0"]
+
+
+def test_the_engine_gets_the_jobs_wall_clock_deadline(env) -> None:
+    runner, store, engine, _ = env
+    before = time.monotonic()
+    runner.run(queued(store).to_json())
+    assert before + 29 < engine.submitted[0]["deadline"] <= time.monotonic() + 30
+
+
+def test_a_redelivered_message_for_a_finished_job_is_skipped(env) -> None:
+    runner, store, engine, _ = env
+    job = queued(store)
+    runner.run(job.to_json())
+    assert runner.run(job.to_json()).status == "skipped:succeeded"
+    assert len(engine.submitted) == 1 and store.get(job.id).attempts == 1
+
+
+def test_a_bad_request_fails_with_its_code_and_leaves_no_result(env) -> None:
+    runner, store, engine, _ = env
+    body = {"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]}
+    job = queued(store, body)
+    assert runner.run(job.to_json()).status == "failed"
+    assert store.get(job.id).error["code"] == "unsupported_content"
+    assert store.redis.get(store.keys.result(job.id)) is None and engine.submitted == []
+
+
+def test_the_engines_own_checks_fail_the_job_with_their_code(env) -> None:
+    runner, store, _, _ = env
+    job = queued(store, request(images=3))
+    runner.run(job.to_json())
+    assert store.get(job.id).error["code"] == "too_many_images"
+
+
+def test_a_bad_image_fails_the_job_at_once(env) -> None:
+    runner, store, _, images = env
+    images.error = ImageDecodeError("image 1 is not a picture")
+    job = queued(store)
+    assert runner.run(job.to_json()).retry_in is None
+    assert store.get(job.id).error == {"code": "image_decode_failed", "message": "image 1 is not a picture"}
+
+
+def test_a_transient_error_is_retried_with_backoff_then_fails_with_its_code(env) -> None:
+    runner, store, _, images = env
+    images.error = ImageFetchTimeout("the image server did not answer in 10s")
+    job = queued(store)
+    first = runner.run(job.to_json(), retries=0)
+    second = runner.run(job.to_json(), retries=1)
+    assert (first.status, first.retry_in, second.retry_in) == ("retry", 1.0, 2.0)
+    rec = store.get(job.id)
+    assert rec.status is JobStatus.RUNNING and rec.retries == 2
+    assert rec.last_error["code"] == "image_fetch_timeout"
+    last = runner.run(job.to_json(), retries=2)
+    assert last.status == "failed" and last.retry_in is None
+    assert store.get(job.id).error["code"] == "image_fetch_timeout"
+
+
+def test_a_malformed_message_is_dead_lettered_and_failed_when_its_id_reads(env) -> None:
+    runner, store, _, _ = env
+    raw = json.dumps({"id": "job-broken", "request": "not an object"})
+    assert runner.run(raw).status == "malformed"
+    assert store.get("job-broken").error["code"] == "malformed_job"
+    assert runner.run("{definitely not json").status == "malformed"
+    assert runner.run(None).status == "malformed"
+    dead = store.dead_letters()
+    assert len(dead) == 3 and dead[-1]["reason"]["code"] == "malformed_job"
+
+
+def test_a_job_cancelled_before_it_runs_is_never_run(env) -> None:
+    runner, store, engine, _ = env
+    job = queued(store)
+    store.cancel(job.id)
+    assert runner.run(job.to_json()).status == "skipped:cancelled"
+    assert engine.submitted == []
+
+
+def test_cancelling_a_running_job_aborts_it_in_the_engine(env) -> None:
+    runner, store, engine, _ = env
+    runner.leases.start()
+    engine.hold = True
+    job = queued(store, batch_id="b-cancel")
+    out = {}
+    t = threading.Thread(target=lambda: out.update(o=runner.run(job.to_json())))
+    t.start()
+    while not engine.pending:
+        time.sleep(0.01)
+    assert store.cancel(job.id) == "cancelling"
+    t.join(5)
+    assert out["o"].status == "cancelled"
+    assert store.get(job.id).status is JobStatus.CANCELLED
+    assert store.batch("b-cancel").cancelled == 1
+
+
+def test_a_second_delivery_of_a_running_job_is_skipped(env) -> None:
+    runner, store, engine, _ = env
+    engine.hold = True
+    job = queued(store)
+    t = threading.Thread(target=runner.run, args=(job.to_json(),))
+    t.start()
+    while not engine.pending:
+        time.sleep(0.01)
+    assert runner.run(job.to_json()).status == "skipped:busy"
+    engine.release(job.id)
+    t.join(5)
+    assert store.get(job.id).status is JobStatus.SUCCEEDED and len(engine.submitted) == 1
+
+
+def test_an_engine_bug_fails_the_job_and_not_the_worker(env) -> None:
+    runner, store, engine, _ = env
+    engine.fail = RuntimeError("CUDA error: an illegal memory access")
+    job = queued(store)
+    assert runner.run(job.to_json()).status == "failed"
+    err = store.get(job.id).error
+    assert err["code"] == "engine_error" and "illegal memory access" in err["message"]
+
+
+def test_a_streaming_job_writes_deltas_then_done_before_it_finishes(env) -> None:
+    runner, store, _, _ = env
+    job = queued(store, request("hello there", stream=True))
+    runner.run(job.to_json())
+    events = [e for _, e in store.read_events(job.id)]
+    assert "".join(e["text"] for e in events if e["type"] == "delta") == "echo: hello there"
+    assert events[-1] == {"type": "done", "finish_reason": "stop", "attempt": 1,
+                          "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}}
+
+
+def test_a_job_without_a_record_still_runs(env) -> None:
+    runner, store, _, _ = env
+    job = Job(request=request())
+    assert runner.run(job.to_json()).status == "succeeded"
+
+
+def test_the_celery_task_retries_transient_errors_through_the_broker(env) -> None:
+    """Through a real Celery worker thread on the private Redis: a timeout, then success."""
+    from celery.contrib.testing.worker import start_worker
+
+    from producer.broker import send_job
+    from worker.celery_app import make_celery_app
+
+    runner, store, _, images = env
+    images.error = ImageFetchTimeout("slow server")
+    settings = runner.settings.model_copy(update={"worker": runner.settings.worker.model_copy(
+        update={"retry_backoff_s": 0.2})})
+    runner.settings = settings
+    app = make_celery_app(settings)
+    register(app, runner)
+    job = queued(store)
+    with start_worker(app, pool="threads", concurrency=2, perform_ping_check=False,
+                      loglevel="WARNING", shutdown_timeout=10):
+        send_job(app, job, settings.broker.queue)
+        deadline = time.monotonic() + 10
+        while store.get(job.id).retries < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        images.error = None
+        while not store.get(job.id).is_terminal and time.monotonic() < deadline:
+            time.sleep(0.02)
+    rec = store.get(job.id)
+    assert rec.status is JobStatus.SUCCEEDED and rec.attempts == 2 and rec.retries == 1

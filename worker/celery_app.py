@@ -1,0 +1,101 @@
+"""The worker's Celery app, built from :class:`producer.config.Settings`.
+
+Starts from the settings the producer uses (:func:`producer.broker.celery_config`: Redis broker,
+JSON only, no result backend, the queue, the visibility timeout) and adds what only a worker
+needs: late acknowledgement, re-queueing on worker loss, prefetch 1, no remote-control chatter.
+
+Why these: with ``task_acks_late`` a message is acknowledged after the task returns, so a worker
+that dies mid-job leaves it to be delivered again; ``task_reject_on_worker_lost`` keeps Celery
+from acknowledging it anyway when the pool loses a worker; ``worker_prefetch_multiplier=1``
+reserves only as many messages as there are threads. Redis redelivers an unacknowledged message
+only after ``visibility_timeout``, which must exceed the longest job (checked here); a killed
+worker's job is recovered far sooner through leases (:mod:`worker.leases`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import redis
+from celery import Celery
+
+from producer.broker import celery_config
+from producer.config import Settings
+from producer.errors import BrokerUnavailable, ConfigError
+from producer.state import _safe_url
+
+log = logging.getLogger(__name__)
+
+
+def check_timeouts(settings: Settings) -> None:
+    """Refuse settings where Redis would redeliver a job that is still running or waiting to retry."""
+    visibility = settings.broker.visibility_timeout_s
+    longest = settings.worker.job_timeout_s + settings.worker.retry_backoff_max_s
+    if visibility <= longest:
+        raise ConfigError(
+            f"broker.visibility_timeout_s ({visibility}) must exceed worker.job_timeout_s +"
+            f" worker.retry_backoff_max_s ({longest:g}); otherwise Redis delivers running jobs again"
+        )
+    if settings.worker.lease_timeout_s <= 2 * settings.worker.heartbeat_s:
+        raise ConfigError(
+            f"worker.lease_timeout_s ({settings.worker.lease_timeout_s:g}) must be more than twice"
+            f" worker.heartbeat_s ({settings.worker.heartbeat_s:g}), or live jobs look dead"
+        )
+
+
+def make_celery_app(settings: Settings) -> Celery:
+    """The worker's Celery app (tasks are registered by :func:`worker.tasks.register`)."""
+    check_timeouts(settings)
+    app = Celery("vlq-worker", set_as_current=True)
+    app.conf.update(celery_config(settings))
+    app.conf.update(
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        # A task that raised has been handled by us (coded failure); ack it.
+        task_acks_on_failure_or_timeout=True,
+        worker_prefetch_multiplier=1,
+        worker_send_task_events=False,
+        task_send_sent_event=False,
+        worker_enable_remote_control=False,
+        worker_hijack_root_logger=False,
+        worker_redirect_stdouts=False,
+        # Connection loss re-queues unacknowledged jobs; leases keep duplicates from running.
+        worker_cancel_long_running_tasks_on_connection_loss=False,
+        broker_connection_max_retries=None,
+    )
+    return app
+
+
+def wait_for_broker(settings: Settings, timeout_s: float | None = None) -> None:
+    """Wait (bounded, logged) until Redis answers PING; raise :class:`BrokerUnavailable` if not.
+
+    Run at worker start so that a worker started beside its Redis (compose, systemd) does not
+    die on the first refused connection, and one pointed at the wrong URL says so clearly.
+    """
+    timeout_s = settings.broker.startup_wait_s if timeout_s is None else timeout_s
+    url = settings.broker.url
+    client = redis.Redis.from_url(url, socket_connect_timeout=settings.broker.connect_timeout_s,
+                                  socket_timeout=settings.broker.connect_timeout_s)
+    deadline = time.monotonic() + timeout_s
+    delay = 0.2
+    attempt = 0
+    try:
+        while True:
+            attempt += 1
+            try:
+                client.ping()
+                if attempt > 1:
+                    log.info("broker %s is up after %d attempts", _safe_url(url), attempt)
+                return
+            except (redis.ConnectionError, redis.TimeoutError) as e:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise BrokerUnavailable(
+                        f"Redis at {_safe_url(url)} did not answer within {timeout_s:g}s: {e}"
+                    ) from e
+                log.warning("waiting for the broker %s (attempt %d): %s", _safe_url(url), attempt, e)
+                time.sleep(min(delay, left))
+                delay = min(delay * 2, 5.0)
+    finally:
+        client.close()

@@ -1,0 +1,168 @@
+"""Leases: how a worker proves its running jobs are alive, and recovers jobs of dead workers.
+
+One :class:`LeaseKeeper` thread per worker process, every ``worker.heartbeat_s``:
+
+1. renews the lease of each job this process runs (one round trip for all of them) and learns
+   from the answers whether a job was cancelled (abort it in the engine) or taken over by another
+   run (stop working on it);
+2. writes the worker's registry entry (``Keys.workers``: host, pid, gpu, model, running jobs);
+3. reclaims jobs whose lease went stale (older than ``worker.lease_timeout_s``, seconds) and
+   sends them to their queue again, so a ``kill -9``'d worker's job runs again within seconds
+   instead of after Redis's visibility timeout (hours). The stale run's message, when Redis
+   eventually redelivers it, finds the job finished (or freshly held) and is skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from producer.errors import VlqError
+from producer.schema import Job
+from producer.state import Heartbeat, JobStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Lease:
+    """One run's hold on a job, as this process sees it."""
+
+    job_id: str
+    token: str
+    on_abort: Callable[[], None] | None = None
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    lost: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def stopped(self) -> bool:
+        return self.cancelled.is_set() or self.lost.is_set()
+
+    def abort(self) -> None:
+        if self.on_abort is not None:
+            try:
+                self.on_abort()
+            except Exception:  # an abort that fails must not stop the keeper
+                log.exception("aborting job %s failed", self.job_id)
+
+
+class LeaseKeeper:
+    """Heartbeats for this worker's running jobs, its registry entry, and reclaiming stale jobs.
+
+    ``requeue(job, queue)`` sends a reclaimed job back to a queue ('' = the worker's own).
+    """
+
+    def __init__(
+        self,
+        store: JobStore,
+        *,
+        worker_name: str,
+        heartbeat_s: float,
+        lease_timeout_s: float,
+        requeue: Callable[[Job, str], None],
+        info: dict[str, Any] | None = None,
+    ) -> None:
+        self.store = store
+        self.worker_name = worker_name
+        self.heartbeat_s = heartbeat_s
+        self.lease_timeout_s = lease_timeout_s
+        self.requeue = requeue
+        self.info = {"host": socket.gethostname(), "pid": os.getpid(), "started_at": time.time(),
+                     **(info or {})}
+        self._leases: dict[tuple[str, str], Lease] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- runs register here ----------------------------------------------------------------------
+
+    def track(self, job_id: str, token: str, on_abort: Callable[[], None] | None = None) -> Lease:
+        lease = Lease(job_id, token, on_abort)
+        with self._lock:
+            self._leases[(job_id, token)] = lease
+        return lease
+
+    def untrack(self, lease: Lease) -> None:
+        with self._lock:
+            self._leases.pop((lease.job_id, lease.token), None)
+
+    def running(self) -> list[str]:
+        with self._lock:
+            return [job_id for job_id, _ in self._leases]
+
+    # -- one cycle -------------------------------------------------------------------------------
+
+    def beat(self) -> None:
+        """Renew every tracked lease, act on cancels and losses, refresh the registry entry."""
+        with self._lock:
+            leases = list(self._leases.values())
+        answers = self.store.heartbeat([(lease.job_id, lease.token) for lease in leases])
+        for lease, answer in zip(leases, answers):
+            if answer is Heartbeat.CANCEL and not lease.cancelled.is_set():
+                log.info("job %s: cancel requested, aborting", lease.job_id)
+                lease.cancelled.set()
+                lease.abort()
+            elif answer is Heartbeat.LOST and not lease.lost.is_set():
+                log.warning("job %s: lease lost (finished or taken over elsewhere), aborting", lease.job_id)
+                lease.lost.set()
+                lease.abort()
+        self.store.register_worker(self.worker_name, {**self.info, "running": len(leases)})
+
+    def reclaim(self) -> list[str]:
+        """Re-enqueue jobs whose lease is stale. Returns their ids."""
+        reclaimed = []
+        for job_id in self.store.stale_leases(self.lease_timeout_s):
+            try:
+                found = self.store.reclaim(job_id, self.lease_timeout_s)
+            except VlqError as e:  # e.g. a stored message that no longer decodes
+                log.error("cannot reclaim job %s: %s", job_id, e)
+                continue
+            if found is None:
+                continue
+            job, queue = found
+            try:
+                self.requeue(job, queue)
+            except VlqError as e:
+                log.error("reclaimed job %s but could not re-enqueue it: %s", job_id, e)
+                continue
+            log.warning("job %s: lease went stale, re-enqueued (queue %s)", job_id, queue or "default")
+            reclaimed.append(job_id)
+        return reclaimed
+
+    # -- the thread ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="vlq-leases", daemon=True)
+        self._thread.start()
+
+    def stop(self, unregister: bool = True) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self.heartbeat_s + 5)
+            self._thread = None
+        if unregister:
+            try:
+                self.store.unregister_worker(self.worker_name)
+            except VlqError:
+                pass
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            started = time.monotonic()
+            for step in (self.beat, self.reclaim):
+                try:
+                    step()
+                except VlqError as e:  # Redis away: keep trying, the leases will tell
+                    log.warning("lease keeper: %s", e)
+                except Exception:
+                    log.exception("lease keeper step failed")
+            self._stop.wait(max(0.0, self.heartbeat_s - (time.monotonic() - started)))

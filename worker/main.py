@@ -1,0 +1,158 @@
+"""``vlq worker``: one process per GPU, one engine pair, a Celery threads pool feeding it.
+
+The shape (see docs/queue.md):
+
+- ``CUDA_VISIBLE_DEVICES`` is set *before* torch is imported, so the process sees only its card;
+- one :class:`worker.engine.chat.ChatEngine` is built at start and shared by every thread; its
+  scheduler, not Celery, keeps at most ``engine.max_batch_size`` requests on the GPU;
+- Celery's threads pool runs ``max_batch_size + 2`` jobs at once by default, so while the engine
+  is full the next jobs' images are already being fetched and decoded (a prefork pool would build
+  one engine per child, or run one job at a time);
+- a lease keeper thread heartbeats running jobs and reclaims those of dead workers;
+- SIGTERM/SIGINT shut down warmly: no new jobs, running ones finish, then the engine closes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+import uuid
+from pathlib import Path
+
+from producer.broker import send_job
+from producer.config import Settings
+from producer.errors import ConfigError
+from producer.keys import Keys
+from producer.schema import Job
+from producer.state import JobStore
+
+log = logging.getLogger("vlq.worker")
+
+
+def node_name(gpu: int | None) -> str:
+    """A unique Celery node name: device, host, pid and a random tag (restarts never collide)."""
+    device = f"gpu{gpu}" if gpu is not None else "cpu"
+    return f"vlq-{device}-{os.getpid()}-{uuid.uuid4().hex[:6]}@{socket.gethostname()}"
+
+
+def pin_gpu(gpu: int | None) -> None:
+    """Make ``gpu`` the only card this process sees. Must run before torch is imported."""
+    if gpu is None:
+        return
+    if "torch" in sys.modules:
+        raise ConfigError("torch was imported before the GPU was pinned; start the worker through"
+                          " vlq worker --gpu N, or set CUDA_VISIBLE_DEVICES yourself")
+    os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
+
+
+def worker_settings(
+    settings: Settings,
+    model_dir: str | Path | None = None,
+    queue: str | None = None,
+    concurrency: int | None = None,
+) -> Settings:
+    """``settings`` with the command line's model folder, queue and concurrency applied."""
+    engine = settings.engine
+    if model_dir is not None:
+        engine = engine.model_copy(update={"model_dir": Path(model_dir)})
+    if engine.model_dir is None:
+        raise ConfigError("no model folder: pass --model DIR or set engine.model_dir")
+    if not Path(engine.model_dir).is_dir():
+        raise ConfigError(f"model folder {engine.model_dir} does not exist")
+    broker = settings.broker.model_copy(update={"queue": queue}) if queue else settings.broker
+    work = settings.worker
+    if concurrency is not None:
+        work = work.model_copy(update={"concurrency": concurrency})
+    return settings.model_copy(update={"engine": engine, "broker": broker, "worker": work})
+
+
+def run_worker(
+    settings: Settings,
+    model_dir: str | Path | None = None,
+    gpu: int | None = None,
+    queue: str | None = None,
+    concurrency: int | None = None,
+    *,
+    loglevel: str = "INFO",
+) -> int:
+    """Run a worker until it is told to stop; returns its exit code."""
+    pin_gpu(gpu)  # before anything below imports torch
+    settings = worker_settings(settings, model_dir, queue, concurrency)
+    logging.basicConfig(
+        level=loglevel, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    from worker.celery_app import check_timeouts, make_celery_app, wait_for_broker
+
+    check_timeouts(settings)
+    wait_for_broker(settings)
+
+    from worker.engine.chat import ChatEngine  # imports torch: after the GPU is pinned
+    from worker.images import ImageLoader
+    from worker.leases import LeaseKeeper
+    from worker.stores import ResultStores
+    from worker.tasks import EventWriter, JobRunner, register
+
+    queue_name = settings.broker.queue
+    threads = settings.worker.concurrency or settings.engine.max_batch_size + 2
+    name = node_name(gpu)
+    log.info("worker %s: loading %s (backend %s)", name, settings.engine.model_dir,
+             settings.engine.backend)
+    engine = ChatEngine.from_settings(settings.engine)
+    images = ImageLoader(settings.images, settings.store.s3)
+    store = JobStore.from_settings(settings)
+    app = make_celery_app(settings)
+
+    def requeue(job: Job, job_queue: str) -> None:
+        send_job(app, job, job_queue or queue_name)
+
+    leases = LeaseKeeper(
+        store,
+        worker_name=name,
+        heartbeat_s=settings.worker.heartbeat_s,
+        lease_timeout_s=settings.worker.lease_timeout_s,
+        requeue=requeue,
+        info={"gpu": gpu, "queue": queue_name, "model": str(settings.engine.model_dir),
+              "backend": settings.engine.backend, "concurrency": threads},
+    )
+    events = EventWriter(store)
+    runner = JobRunner(
+        settings,
+        store=store,
+        engine=engine,
+        images=images,
+        results=ResultStores.from_settings(settings, store.redis),
+        leases=leases,
+        worker_name=name,
+        queue_name=queue_name,
+        events=events,
+    )
+    register(app, runner)
+    leases.start()
+    log.info("worker %s: serving queue %r with %d threads (engine batch %d), keys %s:*",
+             name, queue_name, threads, settings.engine.max_batch_size, Keys(settings.key_prefix).prefix)
+    try:
+        celery_worker = app.Worker(
+            hostname=name,
+            pool="threads",
+            concurrency=threads,
+            queues=[queue_name],
+            loglevel=loglevel,
+            # No gossip/mingle/heartbeat between workers: unused here, and a known cause of
+            # workers that stop consuming (celery#2296).
+            without_gossip=True,
+            without_mingle=True,
+            without_heartbeat=True,
+            optimization="fair",
+            quiet=True,
+        )
+        celery_worker.start()
+        return int(celery_worker.exitcode or 0)
+    finally:
+        log.info("worker %s: shutting down", name)
+        leases.stop()
+        events.close()
+        images.close()
+        engine.close()
+        store.close()
