@@ -1,0 +1,96 @@
+"""A sequence's answer: stop rules, token counts, streaming deltas and timings."""
+
+from __future__ import annotations
+
+from worker.engine.sequence import Sequence, SequenceStatus
+from worker.engine.types import GenerationRequest, SamplingParams
+
+IM_END = 258  # in the byte tokenizer
+
+
+def make(tok, max_tokens=50, **sampling) -> Sequence:
+    params = SamplingParams(max_tokens=max_tokens, stop_token_ids=(IM_END,), **sampling)
+    return Sequence(GenerationRequest("r", [1, 2, 3], sampling=params), tok.stream_decoder(),
+                    max_tokens=max_tokens, seed=0)
+
+
+def feed(seq: Sequence, text: str, then: list[int] = ()) -> tuple[bool, list[str]]:
+    deltas, done = [], False
+    for t in [*text.encode(), *then]:
+        assert not done, "fed past the end"
+        done = seq.append_token(t)
+        deltas.append(seq.take_delta())
+    return done, deltas
+
+
+def test_a_new_sequence_waits_without_a_slot(byte_tokenizer):
+    seq = make(byte_tokenizer)
+    assert seq.status is SequenceStatus.WAITING and seq.slot is None
+    assert seq.prompt_len == 3 and seq.num_tokens == 3
+
+
+def test_the_stop_token_ends_the_answer_counts_and_stays_out_of_the_text(byte_tokenizer):
+    seq = make(byte_tokenizer)
+    done, _ = feed(seq, "hi", then=[IM_END])
+    assert done and seq.finish_reason == "stop"
+    result = seq.result()
+    assert result.text == "hi"
+    assert result.token_ids[-1] == IM_END
+    assert result.completion_tokens == 3 and result.prompt_tokens == 3
+
+
+def test_max_tokens_ends_the_answer_with_length(byte_tokenizer):
+    seq = make(byte_tokenizer, max_tokens=4)
+    done, _ = feed(seq, "abcd")
+    assert done and seq.finish_reason == "length" and seq.text == "abcd"
+
+
+def test_a_stop_string_across_tokens_is_cut_from_the_text(byte_tokenizer):
+    seq = make(byte_tokenizer, stop=("END",))
+    done, deltas = feed(seq, "one ENDtwo"[:7])
+    assert done and seq.finish_reason == "stop"
+    assert seq.text == "one "
+    assert "".join(deltas) == "one "
+    assert seq.result().completion_tokens == 7
+
+
+def test_text_that_may_begin_a_stop_string_is_held_back_until_decided(byte_tokenizer):
+    seq = make(byte_tokenizer, stop=("###",))
+    _, deltas = feed(seq, "a##b")
+    assert deltas == ["a", "", "", "##b"]
+    assert seq.text == "a##b"
+
+
+def test_ignore_stop_runs_to_max_tokens(byte_tokenizer):
+    seq = make(byte_tokenizer, max_tokens=3, stop=("x",), ignore_stop=True)
+    done, _ = feed(seq, "xx", then=[IM_END])
+    assert done and seq.finish_reason == "length"
+    assert seq.result().completion_tokens == 3
+
+
+def test_multibyte_characters_stream_whole(byte_tokenizer):
+    seq = make(byte_tokenizer)
+    text = "女生 🐕 ok"
+    done, deltas = feed(seq, text, then=[IM_END])
+    assert done
+    assert all("\ufffd" not in d for d in deltas)
+    assert "".join(deltas) == text == seq.text
+    assert "" in deltas  # the decoder really held bytes back
+
+
+def test_the_stop_string_at_the_very_end_of_max_tokens_still_says_stop(byte_tokenizer):
+    seq = make(byte_tokenizer, max_tokens=3, stop=("c",))
+    done, _ = feed(seq, "abc")
+    assert done and seq.finish_reason == "stop" and seq.text == "ab"
+
+
+def test_timings_are_milliseconds_of_each_phase(byte_tokenizer):
+    seq = make(byte_tokenizer)
+    seq.admitted_at = seq.submitted_at + 0.5
+    seq.prefill_s, seq.decode_s = 0.25, 1.0
+    feed(seq, "a", then=[IM_END])
+    seq.finished_at = seq.submitted_at + 2.0
+    t = seq.result().timings
+    assert set(t) == {"queued", "vision", "prefill", "decode", "ttft", "total"}
+    assert t["queued"] == 500.0 and t["prefill"] == 250.0 and t["decode"] == 1000.0
+    assert t["total"] == 2000.0 and 0 <= t["ttft"] <= t["total"]

@@ -1,0 +1,199 @@
+"""One request's life inside the engine: :class:`Sequence`.
+
+A sequence is WAITING in the scheduler's queue, RUNNING in a KV-cache slot, then FINISHED. It
+owns its answer: the ids, the text decoded so far (through the tokenizer's streaming decoder, so
+a UTF-8 character split across tokens is never shown half), the stop rules, the part of the text
+already streamed, its timings and why it ended.
+
+Stop rules, in order, after each new token (unless ``ignore_stop``):
+
+1. a stop token id ends the answer; the id counts in ``completion_tokens`` and is not in the text;
+2. a stop string that appears in the text ends the answer; the text is cut where it begins;
+3. ``max_tokens`` answer tokens end it with finish_reason ``length``.
+
+Streaming never shows text that a stop string could still swallow: the tail of the text that is
+a prefix of some stop string is held back until the next token decides.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from concurrent.futures import Future
+from typing import Protocol
+
+from producer.errors import VlqError
+from worker.engine.types import FinishReason, GenerationRequest, GenerationResult
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class TextDecoder(Protocol):
+    """The streaming decoder of :class:`worker.engine.tokenizer.StreamDecoder`."""
+
+    def feed(self, token_id: int) -> str: ...
+
+    def flush(self) -> str: ...
+
+
+class Sequence:
+    """A request in the engine, with its answer so far.
+
+    ``max_tokens`` is the request's own limit after the engine clipped it to the KV cache
+    (see :class:`worker.engine.engine.TorchEngine`); ``seed`` is the seed actually used.
+    """
+
+    def __init__(
+        self,
+        request: GenerationRequest,
+        decoder: TextDecoder,
+        *,
+        max_tokens: int,
+        seed: int,
+        future: Future[GenerationResult] | None = None,
+    ) -> None:
+        self.request = request
+        self.decoder = decoder
+        self.max_tokens = max_tokens
+        self.seed = seed
+        self.future: Future[GenerationResult] = future if future is not None else Future()
+        self.status = SequenceStatus.WAITING
+        self.slot: int | None = None
+        self.output_ids: list[int] = []
+        self.text = ""
+        self.finish_reason: FinishReason | None = None
+        self.error: VlqError | None = None
+        self.on_delta = request.on_delta  # set to None by the engine if the callback fails
+        self._streamed = 0  # characters of ``text`` already handed to on_delta
+        params = request.sampling
+        self._stop_ids = frozenset(() if params.ignore_stop else params.stop_token_ids)
+        self._stop_strings = tuple(s for s in params.stop if s) if not params.ignore_stop else ()
+        # Timings: monotonic instants, and seconds spent in each engine phase.
+        self.submitted_at = time.monotonic()
+        self.admitted_at: float | None = None
+        self.first_token_at: float | None = None
+        self.finished_at: float | None = None
+        self.vision_s = 0.0
+        self.prefill_s = 0.0
+        self.decode_s = 0.0
+
+    # -- shape of the sequence ------------------------------------------------------------------
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.request.prompt_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        """Prompt plus answer tokens."""
+        return self.prompt_len + len(self.output_ids)
+
+    @property
+    def last_token(self) -> int:
+        return self.output_ids[-1]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    # -- growing the answer ---------------------------------------------------------------------
+
+    def append_token(self, token_id: int) -> bool:
+        """Add one sampled token and apply the stop rules; True when the answer is complete."""
+        if self.first_token_at is None:
+            self.first_token_at = time.monotonic()
+        self.output_ids.append(token_id)
+        if token_id in self._stop_ids:
+            self._add_text(self.decoder.flush())
+            self.finish_reason = "stop"
+            return True
+        if self._add_text(self.decoder.feed(token_id)):
+            self.finish_reason = "stop"
+            return True
+        if len(self.output_ids) >= self.max_tokens:
+            self.finish_reason = "stop" if self._add_text(self.decoder.flush()) else "length"
+            return True
+        return False
+
+    def _add_text(self, piece: str) -> bool:
+        """Append decoded text; True (and the text cut) when it completes a stop string."""
+        if not piece:
+            return False
+        start = len(self.text)
+        self.text += piece
+        if not self._stop_strings:
+            return False
+        cut = None
+        for stop in self._stop_strings:
+            at = self.text.find(stop, max(0, start - len(stop) + 1))
+            if at >= 0 and (cut is None or at < cut):
+                cut = at
+        if cut is None:
+            return False
+        self.text = self.text[:cut]
+        return True
+
+    def take_delta(self) -> str:
+        """The text not yet streamed that no stop string can still swallow; marks it streamed."""
+        end = len(self.text)
+        if not self.is_finished and self._stop_strings:
+            end -= self._held_back()
+        if end <= self._streamed:
+            return ""
+        delta = self.text[self._streamed:end]
+        self._streamed = end
+        return delta
+
+    def _held_back(self) -> int:
+        """Length of the longest tail of the text that begins some stop string."""
+        held = 0
+        for stop in self._stop_strings:
+            for k in range(min(len(stop) - 1, len(self.text)), held, -1):
+                if self.text.endswith(stop[:k]):
+                    held = k
+                    break
+        return held
+
+    # -- the end --------------------------------------------------------------------------------
+
+    def result(self) -> GenerationResult:
+        """The finished answer with its token counts and timings (milliseconds)."""
+        assert self.finish_reason is not None, "result() of an unfinished sequence"
+        return GenerationResult(
+            request_id=self.request_id,
+            text=self.text,
+            token_ids=list(self.output_ids),
+            finish_reason=self.finish_reason,
+            prompt_tokens=self.prompt_len,
+            completion_tokens=len(self.output_ids),
+            timings=self.timings_ms(),
+        )
+
+    def timings_ms(self) -> dict[str, float]:
+        """queued, vision, prefill, decode, ttft and total, in milliseconds."""
+        end = self.finished_at or time.monotonic()
+
+        def ms(seconds: float) -> float:
+            return round(seconds * 1000.0, 3)
+
+        first = self.first_token_at or end
+        return {
+            "queued": ms((self.admitted_at or end) - self.submitted_at),
+            "vision": ms(self.vision_s),
+            "prefill": ms(self.prefill_s),
+            "decode": ms(self.decode_s),
+            "ttft": ms(first - self.submitted_at),
+            "total": ms(end - self.submitted_at),
+        }
+
+    def __repr__(self) -> str:
+        return (f"Sequence({self.request_id!r}, {self.status.value}, slot={self.slot}, "
+                f"prompt={self.prompt_len}, output={len(self.output_ids)})")
