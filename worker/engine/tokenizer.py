@@ -136,9 +136,8 @@ class QwenTokenizer:
         self._special_names = {i: name for name, i in special_ids.items()}
         self._encode_ordinary = encode_ordinary
         self.source = source
-        keep = GROUNDING_TOKENS
         # Special tokens that stay visible in answer text (the grounding markup users parse).
-        self._kept_specials = frozenset(self._special_ids[name] for name in keep)
+        self._kept_specials = frozenset(self._special_ids[name] for name in GROUNDING_TOKENS)
 
     # -- construction ---------------------------------------------------------------------------
 
