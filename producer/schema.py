@@ -108,7 +108,7 @@ class Message(BaseModel):
                 if kind not in _PART_TYPES:
                     raise PydanticCustomError(
                         "unsupported_content",
-                        "content part {index} has type {kind!r}; vlq accepts 'text' and 'image_url'",
+                        "content part {index} has type '{kind}'; vlq accepts 'text' and 'image_url'",
                         {"index": i, "kind": kind},
                     )
         return v
