@@ -344,7 +344,7 @@ class Client:
         except ImportError:  # pragma: no cover - depends on the install
             raise ConfigError("reading S3 results needs boto3: pip install 'vlq[s3]'") from None
         try:
-            return self._s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
+            return self.s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
         except ClientError as e:
             code = e.response.get("Error", {}).get("Code", "")
             if code in ("NoSuchKey", "404"):
@@ -353,7 +353,8 @@ class Client:
         except BotoCoreError as e:
             raise StoreUnavailable(f"cannot read s3://{bucket}/{key}: {e}") from e
 
-    def _s3_client(self):
+    def s3_client(self):
+        """A boto3 S3 client for ``store.s3`` (made on first use)."""
         if self._s3 is None:
             import boto3
 

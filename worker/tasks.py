@@ -345,7 +345,9 @@ def _readable_id(raw: Any) -> str | None:
 def register(app: Any, runner: JobRunner) -> Any:
     """Register the ``vlq.run_job`` task on ``app``, bound to ``runner``."""
 
-    @app.task(name=TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True,
+    # shared=False: a shared task would be registered on every Celery app made later in this
+    # process too (bound to this runner), shadowing their own.
+    @app.task(name=TASK_NAME, bind=True, shared=False, acks_late=True, reject_on_worker_lost=True,
               ignore_result=True, max_retries=None)
     def run_job(self: Any, raw: Any = None, *args: Any, **kwargs: Any) -> str:
         if args or kwargs:

@@ -1,1 +1,81 @@
-"""vlq annotate command (not yet written)."""
+"""``vlq annotate FOLDER --prompt TEXT``: one job per image, results as JSONL (see producer.annotate)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from producer.annotate import AnnotateOptions, AnnotateSummary, annotate as run_annotate
+from producer.cli.app import app, fail
+from producer.client import Client
+from producer.errors import InvalidRequest, VlqError
+
+
+@app.command()
+def annotate(
+    folder: Annotated[Path, typer.Argument(help="folder of images (searched recursively)")],
+    prompt: Annotated[str, typer.Option("--prompt", help="what to ask about every image")],
+    out: Annotated[Path, typer.Option("--out", help="JSONL results, appended; reruns skip done images")] = Path("results.jsonl"),
+    model: Annotated[str | None, typer.Option(help="model name in each request (default: api.served_model)")] = None,
+    max_tokens: Annotated[int | None, typer.Option(help="answer length limit")] = None,
+    temperature: Annotated[float | None, typer.Option(help="0 = greedy")] = None,
+    seed: Annotated[int | None, typer.Option(help="sampling seed")] = None,
+    inline: Annotated[bool, typer.Option("--inline", help="send image bytes inside the jobs (data: URIs)")] = False,
+    upload: Annotated[str | None, typer.Option("--upload", help="upload images to s3://bucket/prefix and send s3:// URLs")] = None,
+    max_in_flight: Annotated[int, typer.Option(help="jobs queued at once")] = 256,
+    timeout: Annotated[float | None, typer.Option(help="give up (and cancel what is left) after N seconds")] = None,
+) -> None:
+    """Ask one question about every image in FOLDER; write one JSON line per image to --out.
+
+    Images reach the workers as file:// URLs by default (the workers must share the filesystem
+    and allow the folder in images.allowed_roots), as data: URIs with --inline, or through S3
+    with --upload s3://bucket/prefix. A second run with the same prompt and model skips the
+    images that already succeeded and retries the failed ones.
+    """
+    if inline and upload:
+        fail(InvalidRequest("--inline and --upload exclude each other: choose one"))
+    try:
+        client = Client.from_settings()
+        options = AnnotateOptions(
+            prompt=prompt,
+            model=model or client.settings.api.served_model,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            seed=seed,
+            transport="inline" if inline else "s3" if upload else "file",
+            upload_to=upload,
+            max_in_flight=max_in_flight,
+            timeout_s=timeout,
+        )
+        console = Console(stderr=True)
+        with Progress(
+            TextColumn("[bold]annotate"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("ok {task.fields[ok]} failed {task.fields[failed]} skipped {task.fields[skipped]}"),
+            TimeRemainingColumn(),
+            console=console,
+            transient=False,
+        ) as bar:
+            task = bar.add_task("annotate", total=None, ok=0, failed=0, skipped=0)
+
+            def progress(s: AnnotateSummary) -> None:
+                bar.update(task, total=s.found, completed=s.skipped + s.succeeded + s.failed + s.cancelled,
+                           ok=s.succeeded, failed=s.failed, skipped=s.skipped)
+
+            summary = run_annotate(client, folder, out, options, progress)
+    except VlqError as e:
+        fail(e)
+    failures = ", ".join(f"{code} x{n}" for code, n in sorted(summary.failures.items()))
+    typer.echo(
+        f"{summary.found} images: {summary.skipped} already done, {summary.submitted} submitted,"
+        f" {summary.succeeded} succeeded, {summary.failed} failed"
+        + (f" ({failures})" if failures else "")
+        + f"; results in {out}"
+    )
+    if summary.failed:
+        raise typer.Exit(1)

@@ -9,23 +9,15 @@ from __future__ import annotations
 import json
 import threading
 import time
-from concurrent.futures import Future
 
 import pytest
 
 from producer.config import Settings
-from producer.errors import (
-    ImageDecodeError,
-    ImageFetchTimeout,
-    JobCancelled,
-    TooManyImages,
-)
-from producer.keys import Keys
+from producer.errors import ImageDecodeError, ImageFetchTimeout
 from producer.schema import Job, JobStatus
 from producer.state import JobStore
-from worker.leases import LeaseKeeper
-from worker.stores import ResultStores
-from worker.tasks import JobRunner, register
+from tests.worker.scripted_worker import make_runner
+from worker.tasks import register
 
 IMG = "data:image/png;base64,AAAA"
 
@@ -33,60 +25,6 @@ IMG = "data:image/png;base64,AAAA"
 def request(text: str = "what is this?", images: int = 1, **kw) -> dict:
     parts = [{"type": "image_url", "image_url": {"url": IMG}} for _ in range(images)]
     return {"messages": [{"role": "user", "content": [*parts, {"type": "text", "text": text}]}], **kw}
-
-
-class ScriptedEngine:
-    """Answers "echo: <text>" at once, or waits for ``release``/``abort`` when ``hold`` is set."""
-
-    def __init__(self) -> None:
-        self.hold = False
-        self.fail: Exception | None = None
-        self.submitted: list[dict] = []
-        self.pending: dict[str, Future] = {}
-
-    def validate(self, request) -> None:
-        if len(request.image_urls) > 2:
-            raise TooManyImages("at most 2 images")
-
-    def submit(self, request, images, *, request_id, deadline=None, on_delta=None):
-        self.submitted.append({"id": request_id, "images": images, "deadline": deadline})
-        fut: Future = Future()
-        if self.fail is not None:
-            fut.set_exception(self.fail)
-            return fut
-        text = "echo: " + request.messages[-1].parts[-1].text
-        if on_delta:
-            for i in range(0, len(text), 4):
-                on_delta(text[i:i + 4])
-        doc = {"id": "chatcmpl-" + request_id, "object": "chat.completion",
-               "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                            "finish_reason": "stop"}],
-               "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}, "boxes": []}
-        if self.hold:
-            self.pending[request_id] = fut
-            fut.doc = doc  # type: ignore[attr-defined]
-        else:
-            fut.set_result(doc)
-        return fut
-
-    def release(self, request_id: str) -> None:
-        fut = self.pending.pop(request_id)
-        fut.set_result(fut.doc)  # type: ignore[attr-defined]
-
-    def abort(self, request_id: str) -> None:
-        fut = self.pending.pop(request_id, None)
-        if fut is not None:
-            fut.set_exception(JobCancelled(f"{request_id} aborted"))
-
-
-class ScriptedImages:
-    def __init__(self) -> None:
-        self.error: Exception | None = None
-
-    def load_all(self, urls):
-        if self.error is not None:
-            raise self.error
-        return [f"image:{i}" for i, _ in enumerate(urls)]
 
 
 @pytest.fixture
@@ -97,15 +35,10 @@ def env(redis_server: str, key_prefix: str):
         worker={"max_retries": 2, "retry_backoff_s": 1.0, "heartbeat_s": 0.05, "lease_timeout_s": 5,
                 "job_timeout_s": 30},
     )
-    store = JobStore.from_settings(settings)
-    engine, images = ScriptedEngine(), ScriptedImages()
-    leases = LeaseKeeper(store, worker_name="w-test", heartbeat_s=0.05, lease_timeout_s=5,
-                         requeue=lambda job, q: None)
-    runner = JobRunner(settings, store=store, engine=engine, images=images,
-                       results=ResultStores.from_settings(settings, store.redis), leases=leases,
-                       worker_name="w-test", queue_name="vlq")
+    w = make_runner(settings)
+    runner, store, engine, images = w.runner, w.store, w.engine, w.images
     yield runner, store, engine, images
-    leases.stop()
+    runner.leases.stop()
     runner.close()
     store.close()
 
@@ -121,7 +54,7 @@ def test_a_job_runs_to_a_result_keyed_by_its_id(env) -> None:
     job = queued(store, metadata={"path": "a.jpg"})
     assert runner.run(job.to_json()).status == "succeeded"
     rec = store.get(job.id)
-    assert rec.status is JobStatus.SUCCEEDED and rec.attempts == 1 and rec.worker == "w-test"
+    assert rec.status is JobStatus.SUCCEEDED and rec.attempts == 1 and rec.worker == "w-scripted"
     assert rec.result_location == f"redis:{store.keys.result(job.id)}"
     doc = json.loads(store.redis.get(store.keys.result(job.id)))
     assert doc["choices"][0]["message"]["content"] == "echo: what is this?"

@@ -1,0 +1,323 @@
+"""Annotate a folder of images with one prompt: one job per image, one JSONL line per result.
+
+    vlq annotate photos/ --prompt "Describe the picture." --out results.jsonl
+
+- The folder is walked recursively for image files (:data:`IMAGE_EXTENSIONS`, any case).
+- Each image becomes one job (a user message with the image and the prompt); all jobs of a run
+  share a batch id. At most ``max_in_flight`` are queued at once, so a huge folder never floods
+  Redis (inline images in particular).
+- Results are appended to the output file as they arrive, one line per image:
+  ``{"path", "job_id", "status", "answer", "boxes", "error", "fingerprint", "prompt", "model"}``.
+- Resuming: an image's *fingerprint* is the sha256 of its bytes, the prompt, the model name and
+  the sampling options. A later run with the same output file skips every image whose
+  fingerprint already has a ``succeeded`` line; failed ones are tried again (their new line is
+  appended; the last line for a path is the current one).
+
+How images reach the worker (``transport``):
+
+- ``file`` (default): ``file:///absolute/path`` URLs. The worker must see the same filesystem
+  and list the folder (or a parent) in ``images.allowed_roots``.
+- ``inline``: the bytes travel inside the job as ``data:`` URIs. Works with any worker; best for
+  small images (each job carries its image through Redis).
+- ``s3``: each image is uploaded once to ``s3://bucket/prefix/<sha256>.<ext>`` (the store's S3
+  endpoint and credentials) and the job carries that URL; workers need ``images.allow_s3``.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import mimetypes
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from producer.client import Client, new_batch_id
+from producer.errors import InvalidRequest, JobNotFinished, VlqError
+from producer.schema import Job, JobStatus
+from producer.state import JobRecord
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+
+Transport = Literal["file", "inline", "s3"]
+
+
+@dataclass(frozen=True)
+class AnnotateOptions:
+    """What to ask about every image, and how to send the images."""
+
+    prompt: str
+    model: str = "Qwen-VL-Chat"
+    max_tokens: int | None = None
+    temperature: float | None = None
+    seed: int | None = None
+    transport: Transport = "file"
+    upload_to: str | None = None  # s3://bucket/prefix for transport "s3"
+    max_in_flight: int = 256
+    timeout_s: float | None = None  # for the whole run
+
+    def sampling(self) -> dict[str, Any]:
+        out = {"max_tokens": self.max_tokens, "temperature": self.temperature, "seed": self.seed}
+        return {k: v for k, v in out.items() if v is not None}
+
+
+@dataclass
+class AnnotateSummary:
+    """What a run did."""
+
+    found: int = 0
+    skipped: int = 0
+    submitted: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    cancelled: int = 0
+    batch_id: str | None = None
+    out: Path | None = None
+    failures: dict[str, int] = field(default_factory=dict)  # error code -> count
+
+
+def find_images(folder: Path) -> list[Path]:
+    """Image files under ``folder`` (recursive), sorted; hidden files and folders are skipped."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InvalidRequest(f"{folder} is not a folder")
+    out = []
+    for path in folder.rglob("*"):
+        rel = path.relative_to(folder)
+        if any(part.startswith(".") for part in rel.parts):
+            continue
+        if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
+            out.append(path)
+    return sorted(out)
+
+
+def fingerprint(image_sha256: str, options: AnnotateOptions) -> str:
+    """Identity of one image's work: its bytes, the prompt, the model and the sampling options."""
+    key = json.dumps(
+        {"image": image_sha256, "prompt": options.prompt, "model": options.model,
+         "sampling": options.sampling()},
+        sort_keys=True,
+        ensure_ascii=False,
+    )
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def read_done(out: Path) -> dict[str, dict[str, Any]]:
+    """Fingerprint -> line, for the lines of ``out`` that succeeded (unreadable lines are ignored)."""
+    done: dict[str, dict[str, Any]] = {}
+    if not out.is_file():
+        return done
+    with out.open(encoding="utf-8") as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and row.get("status") == "succeeded" and row.get("fingerprint"):
+                done[row["fingerprint"]] = row
+    return done
+
+
+@dataclass(frozen=True)
+class _Item:
+    path: Path
+    rel: str
+    sha256: str
+    fingerprint: str
+
+
+class Annotator:
+    """Runs :func:`annotate`; ``on_progress(summary)`` is called after every change."""
+
+    def __init__(
+        self,
+        client: Client,
+        options: AnnotateOptions,
+        on_progress: Callable[[AnnotateSummary], None] | None = None,
+    ) -> None:
+        if not options.prompt.strip():
+            raise InvalidRequest("the prompt is empty: pass --prompt TEXT")
+        if options.transport == "s3" and not (options.upload_to or "").startswith("s3://"):
+            raise InvalidRequest("transport s3 needs an upload location: --upload s3://bucket/prefix")
+        self.client = client
+        self.options = options
+        self.on_progress = on_progress or (lambda summary: None)
+        self._s3 = None
+
+    def plan(self, folder: Path, out: Path) -> tuple[list[_Item], AnnotateSummary]:
+        """The images still to do, and a summary counting the ones found and skipped."""
+        paths = find_images(folder)
+        done = read_done(out)
+        summary = AnnotateSummary(found=len(paths), out=out)
+        todo = []
+        for path in paths:
+            sha = hashlib.sha256(path.read_bytes()).hexdigest()
+            fp = fingerprint(sha, self.options)
+            if fp in done:
+                summary.skipped += 1
+                continue
+            todo.append(_Item(path, path.relative_to(folder).as_posix(), sha, fp))
+        return todo, summary
+
+    def run(self, folder: Path, out: Path) -> AnnotateSummary:
+        folder, out = Path(folder), Path(out)
+        todo, summary = self.plan(folder, out)
+        self.on_progress(summary)
+        if not todo:
+            return summary
+        summary.batch_id = new_batch_id()
+        deadline = None if self.options.timeout_s is None else time.monotonic() + self.options.timeout_s
+        pending: dict[str, _Item] = {}
+        queue = list(reversed(todo))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with out.open("a", encoding="utf-8") as sink:
+                while queue or pending:
+                    room = self.options.max_in_flight - len(pending)
+                    if queue and room > 0:
+                        chunk = [queue.pop() for _ in range(min(room, len(queue)))]
+                        jobs = [self._job(item, summary.batch_id) for item in chunk]
+                        self.client.submit_jobs(jobs)
+                        pending.update({job.id: item for job, item in zip(jobs, chunk)})
+                        summary.submitted += len(jobs)
+                        self.on_progress(summary)
+                    left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                    for record in self._next_finished(list(pending), left):
+                        item = pending.pop(record.id)
+                        self._write(sink, item, record, summary)
+                        self.on_progress(summary)
+        except BaseException:
+            # Interrupted or timed out: do not leave work behind that nobody will collect.
+            for job_id in pending:
+                try:
+                    self.client.cancel(job_id)
+                except VlqError:
+                    pass
+            raise
+        return summary
+
+    def _next_finished(self, job_ids: list[str], timeout: float | None) -> list[JobRecord]:
+        """The records of every job already finished, waiting (polling) until there is one."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = 0.01
+        while True:
+            statuses = self.client.store.statuses(job_ids)
+            done = [j for j, st in zip(job_ids, statuses) if st is None or st.is_terminal]
+            if done:
+                lost = {"code": "not_found", "message": "the job's record vanished (expired?)"}
+                return [
+                    r or JobRecord(id=j, status=JobStatus.FAILED, error=lost)
+                    for j, r in zip(done, self.client.store.get_many(done))
+                ]
+            if deadline is not None and time.monotonic() >= deadline:
+                raise JobNotFinished(
+                    f"{len(job_ids)} images still unfinished after the time limit; they were"
+                    " cancelled; run the same command again to continue"
+                )
+            time.sleep(delay)
+            delay = min(delay * 1.5, 0.25)
+
+    def _job(self, item: _Item, batch_id: str) -> Job:
+        body = {
+            "model": self.options.model,
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": self._url(item)}},
+                        {"type": "text", "text": self.options.prompt},
+                    ],
+                }
+            ],
+            **self.options.sampling(),
+        }
+        return self.client.make_job(
+            body, batch_id=batch_id, metadata={"path": item.rel, "fingerprint": item.fingerprint}
+        )
+
+    def _url(self, item: _Item) -> str:
+        if self.options.transport == "inline":
+            mime = mimetypes.guess_type(item.path.name)[0] or "application/octet-stream"
+            return f"data:{mime};base64," + base64.b64encode(item.path.read_bytes()).decode()
+        if self.options.transport == "s3":
+            return self._upload(item)
+        return item.path.resolve().as_uri()
+
+    def _upload(self, item: _Item) -> str:
+        bucket, _, prefix = (self.options.upload_to or "")[len("s3://"):].partition("/")
+        key = f"{prefix.rstrip('/') + '/' if prefix else ''}{item.sha256}{item.path.suffix.lower()}"
+        try:
+            self.client.s3_client().put_object(
+                Bucket=bucket, Key=key, Body=item.path.read_bytes(),
+                ContentType=mimetypes.guess_type(item.path.name)[0] or "application/octet-stream",
+            )
+        except Exception as e:
+            from producer.errors import StoreUnavailable
+
+            raise StoreUnavailable(f"cannot upload {item.rel} to s3://{bucket}/{key}: {e}") from e
+        return f"s3://{bucket}/{key}"
+
+    def _write(self, sink: Any, item: _Item, record: JobRecord, summary: AnnotateSummary) -> None:
+        row: dict[str, Any] = {
+            "path": item.rel,
+            "job_id": record.id,
+            "status": record.status.value,
+            "answer": None,
+            "boxes": [],
+            "error": None,
+            "fingerprint": item.fingerprint,
+            "prompt": self.options.prompt,
+            "model": self.options.model,
+        }
+        if record.status is JobStatus.SUCCEEDED:
+            try:
+                doc = self.client.result_of(record)
+                choice = (doc.get("choices") or [{}])[0]
+                row["answer"] = (choice.get("message") or {}).get("content")
+                row["boxes"] = doc.get("boxes") or []
+                row["usage"] = doc.get("usage")
+                summary.succeeded += 1
+            except VlqError as e:  # the result expired or its store is away: count it failed
+                row.update(status="failed", error={"code": e.code, "message": e.message})
+                summary.failed += 1
+        elif record.status is JobStatus.CANCELLED:
+            row["error"] = {"code": "cancelled", "message": "the job was cancelled"}
+            summary.cancelled += 1
+        else:
+            row["error"] = record.error
+            summary.failed += 1
+        if row["error"]:
+            code = row["error"].get("code", "internal_error")
+            summary.failures[code] = summary.failures.get(code, 0) + 1
+        sink.write(json.dumps(row, ensure_ascii=False) + "\n")
+        sink.flush()
+
+
+def annotate(
+    client: Client,
+    folder: Path,
+    out: Path,
+    options: AnnotateOptions,
+    on_progress: Callable[[AnnotateSummary], None] | None = None,
+) -> AnnotateSummary:
+    """Annotate every image under ``folder`` not already done in ``out``; see the module doc.
+
+    Raises :class:`JobNotFinished` when ``options.timeout_s`` passes (unfinished jobs are
+    cancelled; rerun to continue)."""
+    return Annotator(client, options, on_progress).run(folder, out)
+
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "AnnotateOptions",
+    "AnnotateSummary",
+    "Annotator",
+    "JobNotFinished",
+    "annotate",
+    "find_images",
+    "fingerprint",
+    "read_done",
+]

@@ -1,0 +1,246 @@
+"""The SDK against a private Redis (and moto's S3), with a Celery worker thread running the real
+task code around a scripted engine."""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import time
+
+import boto3
+import pytest
+
+from producer.client import Client
+from producer.config import Settings
+from producer.errors import (
+    BrokerUnavailable,
+    DuplicateJob,
+    ImageDecodeError,
+    InvalidRequest,
+    JobCancelled,
+    JobNotFinished,
+    JobNotFound,
+    TooManyImages,
+    UnsupportedContent,
+)
+from producer.schema import Destination, Job, JobStatus
+from tests.worker.scripted_worker import scripted_worker
+
+IMG = "data:image/png;base64,AAAA"
+
+
+def request(text: str = "what is this?", images: int = 1, **kw) -> dict:
+    parts = [{"type": "image_url", "image_url": {"url": IMG}} for _ in range(images)]
+    return {"messages": [{"role": "user", "content": [*parts, {"type": "text", "text": text}]}], **kw}
+
+
+@pytest.fixture
+def settings(redis_server: str, key_prefix: str) -> Settings:
+    return Settings.load(
+        key_prefix=key_prefix,
+        broker={"url": redis_server, "queue": key_prefix},
+        engine={"max_images": 2},
+        worker={"heartbeat_s": 0.1, "lease_timeout_s": 5},
+    )
+
+
+@pytest.fixture
+def client(settings: Settings):
+    c = Client(settings)
+    yield c
+    c.close()
+
+
+def queued_messages(client: Client) -> list[dict]:
+    """The Celery messages waiting in the client's queue, decoded."""
+    out = []
+    for raw in client.store.redis.lrange(client.queue, 0, -1):
+        envelope = json.loads(raw)
+        args, kwargs, _ = json.loads(base64.b64decode(envelope["body"]))
+        out.append({"task": envelope["headers"]["task"], "args": args, "kwargs": kwargs,
+                    "content_type": envelope["content-type"]})
+    return out
+
+
+def test_submit_records_the_job_queued_and_sends_one_json_message(client: Client) -> None:
+    handle = client.submit(request(), metadata={"k": "v"})
+    assert handle.status() is JobStatus.QUEUED
+    [msg] = queued_messages(client)
+    assert msg["task"] == "vlq.run_job" and msg["content_type"] == "application/json"
+    job = Job.from_wire(msg["args"][0])
+    assert job.id == handle.id and job.metadata == {"k": "v"} and job.request == request()
+    rec = client.status(handle.id)
+    assert rec.queue == client.queue and rec.destination == Destination()
+
+
+def test_an_invalid_request_is_refused_before_anything_is_queued(client: Client) -> None:
+    with pytest.raises(InvalidRequest, match="messages"):
+        client.submit({"messages": []})
+    with pytest.raises(UnsupportedContent):
+        client.submit({"messages": [{"role": "user", "content": [{"type": "video_url"}]}]})
+    with pytest.raises(TooManyImages, match="at most 2"):
+        client.submit(request(images=3))
+    assert queued_messages(client) == []
+
+
+def test_validation_can_be_left_to_the_worker(client: Client) -> None:
+    handle = client.submit(request(images=3), validate=False)
+    assert [Job.from_wire(m["args"][0]).id for m in queued_messages(client)] == [handle.id]
+
+
+def test_a_job_id_in_use_is_refused(client: Client) -> None:
+    client.submit(request(), job_id="job-fixed")
+    with pytest.raises(DuplicateJob):
+        client.submit(request(), job_id="job-fixed")
+    assert len(queued_messages(client)) == 1
+
+
+def test_results_go_to_s3_when_the_settings_say_so(settings: Settings) -> None:
+    s3_settings = settings.model_copy(update={"store": settings.store.model_copy(
+        update={"kind": "s3", "s3": settings.store.s3.model_copy(update={"bucket": "res", "prefix": "out/"})})})
+    with Client(s3_settings) as c:
+        rec = c.status(c.submit(request()).id)
+    assert rec.destination == Destination(kind="s3", bucket="res", prefix="out/")
+
+
+def test_a_job_runs_and_its_result_is_read_back(settings: Settings, client: Client) -> None:
+    with scripted_worker(settings):
+        handle = client.submit(request("hello"))
+        doc = handle.result(timeout=10)
+    assert doc["choices"][0]["message"]["content"] == "echo: hello"
+    assert doc["vlq"]["job_id"] == handle.id
+    rec = handle.wait()
+    assert rec.status is JobStatus.SUCCEEDED and rec.started_at and rec.finished_at
+
+
+def test_results_in_s3_are_read_back(settings: Settings, s3_server: str) -> None:
+    boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket="res")
+    s = settings.model_copy(update={"store": settings.store.model_copy(update={
+        "s3": settings.store.s3.model_copy(update={"endpoint_url": s3_server, "region": "us-east-1"})})})
+    with scripted_worker(s), Client(s) as c:
+        handle = c.submit(request("to s3"), destination={"kind": "s3", "bucket": "res", "prefix": "a/"})
+        doc = handle.result(timeout=10)
+        assert c.status(handle.id).result_location == f"s3://res/a/{handle.id}.json"
+    assert doc["choices"][0]["message"]["content"] == "echo: to s3"
+
+
+def test_a_batch_reports_its_counts(settings: Settings, client: Client) -> None:
+    with scripted_worker(settings) as w:
+        w.images.error = None
+        handles = client.submit_many([request(f"q{i}") for i in range(5)])
+        batch_id = handles[0].batch_id
+        assert all(h.batch_id == batch_id for h in handles)
+        records = list(client.as_completed([h.id for h in handles], timeout=10))
+    counts = client.batch(batch_id)
+    assert (counts.total, counts.succeeded, counts.queued, counts.running) == (5, 5, 0, 0)
+    assert counts.done and {r.id for r in records} == {h.id for h in handles}
+    assert client.batch_jobs(batch_id) == [h.id for h in handles]
+
+
+def test_one_bad_item_submits_nothing_of_its_batch(client: Client) -> None:
+    with pytest.raises(InvalidRequest):
+        client.submit_many([request(), {"messages": "nope"}])
+    assert queued_messages(client) == []
+
+
+def test_a_failed_job_raises_its_coded_error(settings: Settings, client: Client) -> None:
+    with scripted_worker(settings) as w:
+        w.images.error = ImageDecodeError("image 1 is not a picture")
+        handle = client.submit(request())
+        with pytest.raises(ImageDecodeError, match="not a picture"):
+            handle.result(timeout=10)
+    assert client.status(handle.id).error["code"] == "image_decode_failed"
+
+
+def test_waiting_gives_up_after_its_timeout(client: Client) -> None:
+    handle = client.submit(request())
+    t0 = time.monotonic()
+    with pytest.raises(JobNotFinished, match="still queued"):
+        handle.wait(timeout=0.3)
+    assert time.monotonic() - t0 < 1.5
+    with pytest.raises(JobNotFinished):
+        client.result(handle.id)  # no wait: not finished yet
+
+
+def test_a_cancelled_queued_job_is_never_run(settings: Settings, client: Client) -> None:
+    handle = client.submit(request())
+    assert handle.cancel() == "cancelled"
+    with scripted_worker(settings) as w:
+        marker = client.submit(request("after"))
+        marker.result(timeout=10)
+        assert [s["id"] for s in w.engine.submitted] == [marker.id]
+    with pytest.raises(JobCancelled):
+        handle.result()
+
+
+def test_cancelling_a_running_job_aborts_it(settings: Settings, client: Client) -> None:
+    with scripted_worker(settings) as w:
+        w.engine.hold = True
+        handle = client.submit(request())
+        deadline = time.monotonic() + 10
+        while not w.engine.pending and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert handle.cancel() == "cancelling"
+        assert handle.wait(timeout=10).status is JobStatus.CANCELLED
+
+
+def test_unknown_ids_raise_not_found(client: Client) -> None:
+    for call in (client.status, client.cancel, client.batch):
+        with pytest.raises(JobNotFound):
+            call("job-unknown")
+
+
+def test_streaming_yields_deltas_then_the_final_event(settings: Settings, client: Client) -> None:
+    with scripted_worker(settings):
+        handle = client.submit(request("stream me", stream=True))
+        events = list(handle.stream(timeout=10))
+    assert "".join(e.text for e in events if e.type == "delta") == "echo: stream me"
+    assert events[-1].type == "done" and events[-1].finish_reason == "stop"
+    assert events[-1].usage["completion_tokens"] == 3
+
+
+def test_streaming_a_job_without_token_events_yields_its_whole_answer(settings: Settings, client: Client) -> None:
+    with scripted_worker(settings):
+        handle = client.submit(request("batch job"))
+        events = list(handle.stream(timeout=10))
+    assert [(e.type, e.text) for e in events] == [("delta", "echo: batch job"), ("done", "")]
+
+
+def test_a_restarted_job_does_not_repeat_streamed_text(client: Client) -> None:
+    store = client.store
+    job_id = "job-restarted"
+    store.append_events(job_id, [{"type": "delta", "text": "Hello ", "offset": 0, "attempt": 1}])
+    got: list[str] = []
+
+    def follow() -> None:
+        got.extend(e.text or e.type for e in client.stream(job_id, timeout=5))
+
+    client.submit(request(), job_id=job_id)
+    t = threading.Thread(target=follow)
+    t.start()
+    time.sleep(0.2)
+    store.append_events(job_id, [
+        {"type": "delta", "text": "Hello ", "offset": 0, "attempt": 2},
+        {"type": "delta", "text": "world", "offset": 6, "attempt": 2},
+        {"type": "done", "finish_reason": "stop", "usage": {}, "attempt": 2},
+    ])
+    t.join(5)
+    assert got == ["Hello ", "world", "done"]
+
+
+def test_streaming_a_failed_job_raises_its_error(settings: Settings, client: Client) -> None:
+    with scripted_worker(settings) as w:
+        w.images.error = ImageDecodeError("broken")
+        handle = client.submit(request(stream=True))
+        with pytest.raises(ImageDecodeError):
+            list(handle.stream(timeout=10))
+
+
+def test_an_unreachable_broker_raises_broker_unavailable(settings: Settings) -> None:
+    from tests.conftest import free_port
+
+    s = settings.model_copy(update={"broker": settings.broker.model_copy(
+        update={"url": f"redis://127.0.0.1:{free_port()}/0", "connect_timeout_s": 0.3})})
+    with Client(s) as c, pytest.raises(BrokerUnavailable, match="cannot reach Redis"):
+        c.submit(request())
