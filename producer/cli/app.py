@@ -29,6 +29,8 @@ NEXT_STEP: dict[str, str] = {
     "not_found": "check the job id (vlq status ID), or the result may have expired",
     "store_unavailable": "check the result store (Redis, or the S3 endpoint and credentials)",
     "engine_unavailable": "install the backend's extra or switch engine.backend back to torch",
+    "store_rejected": "check that the S3 bucket exists and the credentials may write to it",
+    "duplicate_job": "leave the id out to get a fresh one, or follow the existing job (vlq status ID)",
 }
 
 

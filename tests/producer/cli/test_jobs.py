@@ -1,0 +1,108 @@
+"""`vlq submit | status | result | cancel` against a private Redis and a scripted worker thread."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from producer.cli import app
+from producer.config import Settings
+from tests.worker.scripted_worker import scripted_worker
+
+REQUEST = {"messages": [{"role": "user", "content": [
+    {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+    {"type": "text", "text": "hi"}]}]}
+
+
+@pytest.fixture
+def env(redis_server: str, key_prefix: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    values = {"VLQ_BROKER_URL": redis_server, "VLQ_BROKER_QUEUE": key_prefix, "VLQ_KEY_PREFIX": key_prefix}
+    for k, v in values.items():
+        monkeypatch.setenv(k, v)
+    return values
+
+
+@pytest.fixture
+def settings(env: dict[str, str]) -> Settings:
+    return Settings.load(worker={"heartbeat_s": 0.1, "lease_timeout_s": 5})
+
+
+def vlq(*args: str):
+    return CliRunner().invoke(app, list(args), catch_exceptions=False)
+
+
+def test_settings_come_from_the_environment(settings: Settings, env: dict[str, str]) -> None:
+    assert (settings.broker.url, settings.broker.queue, settings.key_prefix) == (
+        env["VLQ_BROKER_URL"], env["VLQ_BROKER_QUEUE"], env["VLQ_KEY_PREFIX"])
+
+
+def test_submit_wait_prints_the_result(tmp_path: Path, settings: Settings) -> None:
+    path = tmp_path / "one.json"
+    path.write_text(json.dumps(REQUEST))
+    with scripted_worker(settings):
+        res = vlq("submit", str(path), "--wait", "--timeout", "10")
+    assert res.exit_code == 0, res.output
+    job_id, doc = res.stdout.splitlines()
+    assert json.loads(doc)["choices"][0]["message"]["content"] == "echo: hi"
+    status = json.loads(vlq("status", job_id).stdout)
+    assert status["status"] == "succeeded" and status["attempts"] == 1 and "job_json" not in status
+    assert json.loads(vlq("result", job_id).stdout)["vlq"]["job_id"] == job_id
+
+
+def test_a_jsonl_file_is_one_batch_and_openai_batch_lines_keep_their_custom_id(
+    tmp_path: Path, settings: Settings
+) -> None:
+    path = tmp_path / "many.jsonl"
+    lines = [REQUEST, {"custom_id": "row-7", "method": "POST", "url": "/v1/chat/completions", "body": REQUEST}]
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    with scripted_worker(settings):
+        res = vlq("submit", str(path), "--wait", "--timeout", "10")
+    assert res.exit_code == 0, res.output
+    ids = res.stdout.splitlines()[:2]
+    batch_id = res.stderr.split()[1].rstrip(":")
+    counts = json.loads(vlq("status", "--batch", batch_id).stdout)
+    assert (counts["total"], counts["succeeded"], counts["done"]) == (2, 2, True)
+    docs = [json.loads(x) for x in res.stdout.splitlines()[2:]]
+    assert {d["vlq"]["job_id"] for d in docs} == set(ids)
+    assert [d["vlq"]["metadata"] for d in docs if d["vlq"]["metadata"]] == [{"custom_id": "row-7"}]
+
+
+def test_a_bad_line_is_reported_with_its_number_and_nothing_is_sent(tmp_path: Path, env) -> None:
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(REQUEST) + "\n" + json.dumps({"messages": []}) + "\n")
+    res = vlq("submit", str(path))
+    assert res.exit_code == 1
+    assert "error [invalid_request]" in res.stderr and "bad.jsonl:2" in res.stderr
+
+
+def test_result_of_an_unfinished_job_says_how_to_wait(tmp_path: Path, env) -> None:
+    path = tmp_path / "one.json"
+    path.write_text(json.dumps(REQUEST))
+    job_id = vlq("submit", str(path)).stdout.strip()
+    res = vlq("result", job_id)
+    assert res.exit_code == 1 and "error [not_finished]" in res.stderr and "--wait" in res.stderr
+    assert vlq("cancel", job_id).stdout.strip() == f"{job_id}: cancelled"
+    res = vlq("result", job_id)
+    assert res.exit_code == 1 and "error [cancelled]" in res.stderr
+
+
+def test_unknown_ids_print_one_line_and_the_next_step(env) -> None:
+    res = vlq("status", "job-nope")
+    assert res.exit_code == 1
+    assert res.stderr.splitlines() == [
+        "error [not_found]: no job 'job-nope' (never submitted, or its record expired)",
+        "  next: check the job id (vlq status ID), or the result may have expired",
+    ]
+
+
+def test_an_unreachable_broker_says_to_start_redis(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.conftest import free_port
+
+    monkeypatch.setenv("VLQ_BROKER_URL", f"redis://127.0.0.1:{free_port()}/0")
+    monkeypatch.setenv("VLQ_BROKER_CONNECT_TIMEOUT_S", "0.3")
+    res = vlq("status", "job-x")
+    assert res.exit_code == 1 and "error [broker_unavailable]" in res.stderr
+    assert "next: start Redis" in res.stderr

@@ -1,0 +1,125 @@
+"""Folder annotation through the SDK, a private Redis and a Celery thread with a scripted engine."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from producer.annotate import AnnotateOptions, annotate, find_images, fingerprint, read_done
+from producer.client import Client
+from producer.config import Settings
+from producer.errors import ImageDecodeError, InvalidRequest, JobNotFinished
+from producer.schema import JobStatus
+from tests.worker.scripted_worker import scripted_worker
+
+
+def make_folder(root: Path) -> Path:
+    folder = root / "photos"
+    (folder / "sub" / "deeper").mkdir(parents=True)
+    (folder / ".hidden").mkdir()
+    colours = {"a.jpg": "red", "sub/b.PNG": "green", "sub/deeper/c.webp": "blue", ".hidden/h.png": "white"}
+    for name, colour in colours.items():
+        Image.new("RGB", (32, 24), colour).save(folder / name)
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+@pytest.fixture
+def settings(redis_server: str, key_prefix: str) -> Settings:
+    return Settings.load(key_prefix=key_prefix, broker={"url": redis_server, "queue": key_prefix},
+                         worker={"heartbeat_s": 0.1, "lease_timeout_s": 5})
+
+
+@pytest.fixture
+def client(settings: Settings):
+    with Client(settings) as c:
+        yield c
+
+
+def rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in out.read_text().splitlines()]
+
+
+def test_images_are_found_recursively_by_extension_skipping_hidden(tmp_path: Path) -> None:
+    folder = make_folder(tmp_path)
+    assert [p.relative_to(folder).as_posix() for p in find_images(folder)] == [
+        "a.jpg", "sub/b.PNG", "sub/deeper/c.webp"]
+    with pytest.raises(InvalidRequest, match="not a folder"):
+        find_images(tmp_path / "missing")
+
+
+def test_the_fingerprint_follows_bytes_prompt_model_and_sampling() -> None:
+    base = AnnotateOptions(prompt="describe")
+    fp = fingerprint("aa", base)
+    assert fp == fingerprint("aa", AnnotateOptions(prompt="describe"))
+    assert len({fp, fingerprint("bb", base), fingerprint("aa", AnnotateOptions(prompt="count")),
+                fingerprint("aa", AnnotateOptions(prompt="describe", model="other")),
+                fingerprint("aa", AnnotateOptions(prompt="describe", max_tokens=5))}) == 5
+
+
+def test_a_folder_is_annotated_once_and_a_rerun_submits_nothing(
+    tmp_path: Path, settings: Settings, client: Client
+) -> None:
+    folder, out = make_folder(tmp_path), tmp_path / "results.jsonl"
+    options = AnnotateOptions(prompt="what colour?", max_in_flight=2)
+    seen = []
+    with scripted_worker(settings) as w:
+        first = annotate(client, folder, out, options, on_progress=lambda s: seen.append(s.succeeded))
+        assert (first.found, first.submitted, first.succeeded, first.failed) == (3, 3, 3, 0)
+        assert len(w.engine.submitted) == 3
+        second = annotate(client, folder, out, options)
+        assert (second.found, second.skipped, second.submitted) == (3, 3, 0)
+        assert len(w.engine.submitted) == 3
+    lines = rows(out)
+    assert sorted(r["path"] for r in lines) == ["a.jpg", "sub/b.PNG", "sub/deeper/c.webp"]
+    for r in lines:
+        assert r["status"] == "succeeded" and r["answer"] == "echo: what colour?"
+        assert r["boxes"] == [{"ref": "it", "box": [1, 2, 3, 4]}] and r["error"] is None
+        assert r["prompt"] == "what colour?" and r["model"] == "Qwen-VL-Chat" and r["job_id"]
+    assert seen[-1] == 3
+    record = client.status(lines[0]["job_id"])
+    url = record.job().request["messages"][0]["content"][0]["image_url"]["url"]
+    assert url == (folder / lines[0]["path"]).resolve().as_uri()  # file:// by default
+    assert record.batch_id == first.batch_id
+
+
+def test_failed_images_are_retried_on_the_next_run(tmp_path: Path, settings: Settings, client: Client) -> None:
+    folder, out = make_folder(tmp_path), tmp_path / "results.jsonl"
+    options = AnnotateOptions(prompt="p")
+    with scripted_worker(settings) as w:
+        w.images.error = ImageDecodeError("unreadable")
+        first = annotate(client, folder, out, options)
+        assert (first.failed, first.failures) == (3, {"image_decode_failed": 3})
+        assert all(r["error"]["code"] == "image_decode_failed" for r in rows(out))
+        w.images.error = None
+        second = annotate(client, folder, out, options)
+    assert (second.skipped, second.submitted, second.succeeded) == (0, 3, 3)
+    assert len(read_done(out)) == 3
+
+
+def test_a_new_prompt_runs_every_image_again(tmp_path: Path, settings: Settings, client: Client) -> None:
+    folder, out = make_folder(tmp_path), tmp_path / "results.jsonl"
+    with scripted_worker(settings):
+        annotate(client, folder, out, AnnotateOptions(prompt="one"))
+        again = annotate(client, folder, out, AnnotateOptions(prompt="two"))
+    assert again.submitted == 3 and len(rows(out)) == 6
+
+
+def test_inline_images_travel_as_data_uris(tmp_path: Path, settings: Settings, client: Client) -> None:
+    folder, out = make_folder(tmp_path), tmp_path / "results.jsonl"
+    with scripted_worker(settings):
+        annotate(client, folder, out, AnnotateOptions(prompt="p", transport="inline"))
+    record = client.status(rows(out)[0]["job_id"])
+    url = record.job().request["messages"][0]["content"][0]["image_url"]["url"]
+    assert url.startswith("data:image/jpeg;base64,")
+
+
+def test_running_out_of_time_cancels_what_is_left(tmp_path: Path, settings: Settings, client: Client) -> None:
+    folder, out = make_folder(tmp_path), tmp_path / "results.jsonl"
+    with pytest.raises(JobNotFinished, match="run the same command again"):
+        annotate(client, folder, out, AnnotateOptions(prompt="p", timeout_s=0.3))  # no worker
+    ids = [k.split(":")[-1] for k in client.store.redis.keys(client.keys.job("*"))]
+    assert len(ids) == 3 and all(client.status(i).status is JobStatus.CANCELLED for i in ids)
