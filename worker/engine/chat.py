@@ -31,10 +31,10 @@ import secrets
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from producer import __version__
 from producer.config import EngineSettings
 from producer.errors import ConfigError, EngineUnavailable, InvalidRequest, VlqError
 from producer.schema import ChatRequest
@@ -44,6 +44,11 @@ from worker.engine.tokenizer import QwenTokenizer
 from worker.engine.types import Engine, GenerationRequest, GenerationResult, ImageInput, SamplingParams
 
 log = logging.getLogger(__name__)
+
+try:
+    VLQ_VERSION = version("vlq")
+except PackageNotFoundError:  # running from a checkout that is not installed
+    VLQ_VERSION = "dev"
 
 GENERATION_CONFIG = "generation_config.json"
 
@@ -137,7 +142,7 @@ class ChatEngine:
         self.model_name = model_name
         self.device = device
         self.dtype = dtype
-        self.system_fingerprint = f"vlq-{__version__}-{settings.backend}-{dtype}"
+        self.system_fingerprint = f"vlq-{VLQ_VERSION}-{settings.backend}-{dtype}"
         self.stop_token_ids = tuple(dict.fromkeys((*tokenizer.stop_token_ids, *defaults.stop_token_ids)))
         # Prompts must leave room for one answer token in the engine's KV cache.
         self.max_input_len = min(settings.max_input_len, settings.max_seq_len - 1)
