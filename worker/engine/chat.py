@@ -245,6 +245,8 @@ class ChatEngine:
         sizes = [(int(image.width), int(image.height)) for image in images]
 
         def finish(done: Future[GenerationResult]) -> None:
+            if out.done():  # the caller cancelled it
+                return
             error = done.exception()
             if error is not None:
                 out.set_exception(error)
@@ -256,6 +258,8 @@ class ChatEngine:
                 out.set_exception(e)
 
         self.engine.submit(generation).add_done_callback(finish)
+        # Future.cancel() on the returned future stops the request in the engine too.
+        out.add_done_callback(lambda f: self.abort(request_id) if f.cancelled() else None)
         return out
 
     def abort(self, request_id: str) -> None:

@@ -178,7 +178,8 @@ class TorchEngine:
                 if not seq.future.set_running_or_notify_cancel():
                     continue  # cancelled through Future.cancel() before it was taken in
                 if self.scheduler.find(seq.request_id) is not None:
-                    seq.future.set_exception(InvalidRequest(
+                    # a redelivered job meeting its own first run: not the request's fault
+                    seq.future.set_exception(EngineError(
                         f"request {seq.request_id} is already in the engine; request ids must be unique",
                         request_id=seq.request_id))
                     continue

@@ -230,12 +230,19 @@ def test_deadlines_and_aborts_reach_the_engine(chat):
                        deadline=time.monotonic() - 1)
     with pytest.raises(DeadlineExceeded):
         late.result(timeout=60)
-    gate = threading.Event()
+    slow = dict(on_delta=lambda d: time.sleep(0.01))  # so the answer cannot finish first
     held = chat.submit(parse_chat_request(text_only(max_tokens=1000, temperature=0.0)), [],
-                       request_id="held", on_delta=lambda d: gate.wait(0.01))
+                       request_id="held", **slow)
     chat.abort("held")
     with pytest.raises(JobCancelled):
         held.result(timeout=60)
+    dropped = chat.submit(parse_chat_request(text_only(max_tokens=1000, temperature=0.0)), [],
+                          request_id="dropped", **slow)
+    assert dropped.cancel()  # Future.cancel() aborts it in the engine as well
+    deadline = time.monotonic() + 30
+    while chat.engine.has_work() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not chat.engine.has_work()
 
 
 # -- grounding boxes ------------------------------------------------------------------------------

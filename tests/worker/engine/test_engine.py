@@ -199,7 +199,7 @@ def test_a_request_id_already_in_flight_is_refused(make_engine):
     second = engine.submit(request("same", [3]))
     drain(engine)
     assert first.result().text == "xxx"
-    with pytest.raises(InvalidRequest, match="unique"):
+    with pytest.raises(EngineError, match="unique"):
         second.result()
 
 
