@@ -17,14 +17,16 @@ from producer.errors import CheckpointError, InvalidRequest, VlqError
 def generate(
     model: Annotated[Path, typer.Option("--model", help="model folder: config.json, weights, qwen.tiktoken")],
     request: Annotated[Path, typer.Option("--request", help="an OpenAI chat.completions request body (.json)")],
-    max_tokens: Annotated[int | None, typer.Option("--max-tokens", min=1, help="answer length limit (overrides the request)")] = None,
+    max_tokens: Annotated[
+        int | None, typer.Option("--max-tokens", min=1, help="answer length limit (overrides the request)")
+    ] = None,
     device: Annotated[str | None, typer.Option("--device", help="cpu, cuda or cuda:N (default: engine.device)")] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="sampling seed (overrides the request)")] = None,
 ) -> None:
     """Answer one chat request and print its chat.completion JSON (content, usage, finish_reason, boxes).
 
-    Images may be http(s) URLs, data: URIs, or file:// paths under the current folder or the
-    request file's folder. This is how to check a model folder before starting workers.
+    Images may be http(s) URLs, data: URIs, or file:// paths under the current folder or the request file's folder.
+    This is how to check a model folder before starting workers.
     """
     try:
         body = read_request(request)

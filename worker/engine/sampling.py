@@ -136,8 +136,7 @@ class Sampler:
                                     logits * self.repetition_penalty[:, None])
             seen = self.prompt_seen | (self.counts > 0)
             logits = torch.where(seen, penalised, logits)
-        if any(p.presence_penalty or p.frequency_penalty
-               for p in in_use):
+        if any(p.presence_penalty or p.frequency_penalty for p in in_use):
             logits = (logits - self.frequency_penalty[:, None] * self.counts
                       - self.presence_penalty[:, None] * (self.counts > 0).float())
         next_ids = logits.argmax(dim=-1)  # [B]

@@ -7,7 +7,6 @@ ones run the tiny random Qwen-VL checkpoint for batch invariance and seeded samp
 
 from __future__ import annotations
 
-import threading
 import time
 
 import pytest
@@ -134,9 +133,9 @@ def test_the_stop_token_says_stop_and_max_tokens_says_length(make_engine, script
     stopped = engine.submit(request("s", [1], greedy(max_tokens=20)))
     cut = engine.submit(request("l", [1], greedy(max_tokens=3)))
     drain(engine)
-    s, l = stopped.result(), cut.result()
+    s, c = stopped.result(), cut.result()
     assert (s.text, s.finish_reason, s.completion_tokens) == ("hello", "stop", 6)
-    assert (l.text, l.finish_reason, l.completion_tokens) == ("hel", "length", 3)
+    assert (c.text, c.finish_reason, c.completion_tokens) == ("hel", "length", 3)
     assert s.token_ids[-1] == IM_END and s.prompt_tokens == 1
 
 
