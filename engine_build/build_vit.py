@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from engine_build.manifest import write_manifest
-from producer.errors import ConfigError, EngineUnavailable, VlqError
+from producer.errors import CheckpointError, ConfigError, EngineUnavailable, VlqError
 
 ONNX_FILE = "vision.onnx"
 PLAN_FILE = "vision.plan"
@@ -56,13 +56,40 @@ class BatchProfile:
 
 
 def load_vision_tower(model_dir: Path, dtype: str = "float32", device: str = "cpu"):
-    """The checkpoint's vision tower (``QwenVL.transformer.visual``) in eval mode."""
+    """The checkpoint's vision tower (vlq's ``VisionTransformer``, the module the torch backend
+    runs as ``QwenVL.transformer.visual``) in eval mode, loading only the ``transformer.visual.*``
+    tensors: 7.7 GB in float32 for the real model instead of 38 GB for the whole of it."""
     import torch
+    from safetensors import safe_open
 
-    from worker.engine.model import load_model
+    from engine_build.convert_checkpoint import weight_files
+    from worker.engine.model.args import QwenVLArgs
+    from worker.engine.model.vision import VisionTransformer
 
-    model = load_model(model_dir, device=device, dtype=getattr(torch, dtype))
-    return model.transformer.visual  # the LLM half is freed with ``model``
+    prefix = "transformer.visual."
+    try:
+        args = QwenVLArgs.from_hf_config(model_dir)
+    except VlqError as e:
+        raise CheckpointError(f"{model_dir}: {e.message}") from e
+    torch_dtype = getattr(torch, dtype)
+    state: dict[str, torch.Tensor] = {}
+    for path in weight_files(model_dir):
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    if name.startswith(prefix):
+                        state[name[len(prefix):]] = f.get_tensor(name).to(torch_dtype)
+        else:
+            for name, tensor in torch.load(path, map_location="cpu", mmap=True, weights_only=True).items():
+                if name.startswith(prefix):
+                    state[name[len(prefix):]] = tensor.to(torch_dtype)
+    with torch.device("meta"):
+        visual = VisionTransformer(args.vision)
+    try:
+        visual.load_state_dict(state, strict=True, assign=True)  # its post-hook fills the position tables
+    except RuntimeError as e:
+        raise CheckpointError(f"{model_dir}: the vision weights do not match config.json: {e}") from None
+    return visual.to(device).eval().requires_grad_(False)
 
 
 def export_onnx(visual, path: Path, *, image_size: int, opset: int = OPSET, example_batch: int = 2) -> Path:

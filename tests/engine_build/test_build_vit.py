@@ -108,3 +108,18 @@ def test_help_lists_every_flag_with_the_seeds_profile():
                  "--opset", "--check"):
         assert flag in out
     assert "default: 13" in out and "default: 26" in out and "default: bfloat16" in out
+
+
+def test_a_checkpoint_whose_vision_weights_do_not_match_its_config_is_refused(tiny_model_dir: Path, tmp_path: Path,
+                                                                             capsys):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_model_dir, bad)
+    weights = load_file(str(bad / "model.safetensors"))
+    del weights["transformer.visual.proj"]
+    save_file(weights, str(bad / "model.safetensors"))
+    assert build_vit.main(["--model-dir", str(bad), "--out", str(tmp_path / "out"), "--onnx-only"]) == 1
+    assert "vision weights do not match" in capsys.readouterr().err

@@ -250,13 +250,15 @@ class TrtllmExecutor:
 
 
 class _Live:
-    """A request the executor holds: its sequence and when it was enqueued."""
+    """A request the executor holds: its sequence, its prompt table (kept alive while the
+    executor may read it) and when it was enqueued."""
 
-    __slots__ = ("seq", "spec", "enqueued_at")
+    __slots__ = ("seq", "spec", "table", "enqueued_at")
 
-    def __init__(self, seq: Sequence, spec: LlmRequestSpec) -> None:
+    def __init__(self, seq: Sequence, spec: LlmRequestSpec, table: Any | None) -> None:
         self.seq = seq
         self.spec = spec
+        self.table = table
         self.enqueued_at = time.monotonic()
 
 
@@ -281,7 +283,8 @@ class TrtllmEngine:
         self.pad_id = int(tokenizer.endoftext_id)
         self._waiting: deque[tuple[Sequence, LlmRequestSpec]] = deque()
         self._live: dict[int, _Live] = {}  # executor id -> request
-        self._draining: set[int] = set()  # executor ids cancelled by vlq, final response pending
+        # Executor ids cancelled by vlq whose final response is pending -> their prompt tables.
+        self._draining: dict[int, Any] = {}
         self._inbox: list[tuple[str, object]] = []
         self._cond = threading.Condition()
         self._closed = False
@@ -461,13 +464,13 @@ class TrtllmEngine:
                     f"the engine could not start the request: {type(e).__name__}: {e}", request_id=seq.request_id)
                 self._resolve(seq, error)
                 continue
-            self._live[llm_id] = _Live(seq, spec)
+            self._live[llm_id] = _Live(seq, spec, table)
 
     def _handle(self, outputs: Seq[LlmOutput]) -> None:
         for out in outputs:
             if out.llm_id in self._draining:
                 if out.is_final:
-                    self._draining.discard(out.llm_id)
+                    del self._draining[out.llm_id]
                 continue
             live = self._live.get(out.llm_id)
             if live is None:
@@ -495,7 +498,7 @@ class TrtllmEngine:
                 del self._live[out.llm_id]
                 if not out.is_final:  # a stop string, or our max_tokens: free the executor's slot
                     self.llm.cancel(out.llm_id)
-                    self._draining.add(out.llm_id)
+                    self._draining[out.llm_id] = live.table
                 self._resolve(seq)
 
     def _ended_by_executor(self, seq: Sequence, spec: LlmRequestSpec, out: LlmOutput) -> bool:
@@ -534,7 +537,7 @@ class TrtllmEngine:
             if live.seq is seq:
                 del self._live[llm_id]
                 self.llm.cancel(llm_id)
-                self._draining.add(llm_id)
+                self._draining[llm_id] = live.table
         self._resolve(seq, error)
 
     def _resolve(self, seq: Sequence, error: VlqError | None = None) -> None:
