@@ -35,6 +35,44 @@ class Keys:
         """List: the job ids of a batch, in submission order."""
         return f"{self.prefix}:batch:{batch_id}:jobs"
 
+    def file(self, file_id: str) -> str:
+        """Hash: an OpenAI Files API file's metadata (filename, purpose, bytes, created_at)."""
+        return f"{self.prefix}:file:{file_id}"
+
+    def file_content(self, file_id: str) -> str:
+        """String: the file's bytes."""
+        return f"{self.prefix}:file:{file_id}:content"
+
+    @property
+    def files(self) -> str:
+        """Sorted set: file ids scored by creation time (unix seconds), for listing."""
+        return f"{self.prefix}:files"
+
+    def openai_batch(self, batch_id: str) -> str:
+        """Hash: an OpenAI Batch API batch (status, timestamps, file ids, line errors). Its
+        jobs are the vlq batch of the same id (``batch``/``batch_jobs``)."""
+        return f"{self.prefix}:openai_batch:{batch_id}"
+
+    def openai_batch_lock(self, batch_id: str) -> str:
+        """String with TTL: held while one process validates or finalizes the batch."""
+        return f"{self.prefix}:openai_batch:{batch_id}:lock"
+
+    @property
+    def openai_batches(self) -> str:
+        """Sorted set: OpenAI batch ids scored by creation time, for listing."""
+        return f"{self.prefix}:openai_batches"
+
+    @property
+    def openai_batches_active(self) -> str:
+        """Set: OpenAI batch ids not yet in a final status (what the finalizer watches)."""
+        return f"{self.prefix}:openai_batches:active"
+
+    @property
+    def stats(self) -> str:
+        """Hash: job counts by status over the whole deployment (queued and running are current
+        counts; succeeded, failed and cancelled only grow). Moved with every transition."""
+        return f"{self.prefix}:stats"
+
     @property
     def leases(self) -> str:
         """Sorted set: running job ids scored by their last heartbeat (unix seconds)."""

@@ -49,7 +49,11 @@ end
 local function is_terminal(st)
   return st == 'succeeded' or st == 'failed' or st == 'cancelled'
 end
+-- Every script that moves a status passes Keys.stats as its last key (deployment-wide counts).
 local function move(bkey, from, to, ttl)
+  local stats = KEYS[#KEYS]
+  if from then redis.call('HINCRBY', stats, from, -1) end
+  redis.call('HINCRBY', stats, to, 1)
   if bkey == '' then return end
   if from then redis.call('HINCRBY', bkey, from, -1) end
   redis.call('HINCRBY', bkey, to, 1)
@@ -429,7 +433,7 @@ class JobStore:
             for job in jobs:
                 bkey, bjobs = self._batch_keys(job.batch_id)
                 self._create(
-                    keys=[self.keys.job(job.id), bkey, bjobs],
+                    keys=[self.keys.job(job.id), bkey, bjobs, self.keys.stats],
                     args=[job.id, *self._job_args(job, queue), self.ttl_s],
                     client=pipe,
                 )
@@ -443,6 +447,7 @@ class JobStore:
         with redis_errors(self.url):
             pipe = self.redis.pipeline(transaction=True)
             pipe.delete(self.keys.job(job_id))
+            pipe.hincrby(self.keys.stats, rec.status.value, -1)
             if rec.batch_id:
                 pipe.hincrby(self.keys.batch(rec.batch_id), "total", -1)
                 pipe.hincrby(self.keys.batch(rec.batch_id), rec.status.value, -1)
@@ -480,8 +485,14 @@ class JobStore:
             batch_id = self.redis.hget(self.keys.job(job_id), "batch_id")
             bkey, _ = self._batch_keys(batch_id)
             return self._cancel(
-                keys=[self.keys.job(job_id), self.keys.leases, bkey], args=[job_id, self.ttl_s]
+                keys=[self.keys.job(job_id), self.keys.leases, bkey, self.keys.stats],
+                args=[job_id, self.ttl_s],
             )
+
+    def stats(self) -> dict[str, int]:
+        """Job counts by status over the deployment (see :attr:`producer.keys.Keys.stats`)."""
+        with redis_errors(self.url):
+            return {k: int(v) for k, v in self.redis.hgetall(self.keys.stats).items()}
 
     def batch(self, batch_id: str) -> BatchCounts:
         with redis_errors(self.url):
@@ -505,7 +516,7 @@ class JobStore:
         bkey, bjobs = self._batch_keys(job.batch_id)
         with redis_errors(self.url):
             status, attempts, holder = self._start(
-                keys=[self.keys.job(job.id), self.keys.leases, bkey, bjobs],
+                keys=[self.keys.job(job.id), self.keys.leases, bkey, bjobs, self.keys.stats],
                 args=[job.id, token, worker, lease_timeout_s, self.ttl_s,
                       *self._job_args(job, queue)],
             )
@@ -549,7 +560,7 @@ class JobStore:
         bkey, bjobs = self._batch_keys(job.batch_id)
         with redis_errors(self.url):
             final, changed = self._finish(
-                keys=[self.keys.job(job.id), self.keys.leases, bkey, bjobs],
+                keys=[self.keys.job(job.id), self.keys.leases, bkey, bjobs, self.keys.stats],
                 args=[
                     job.id,
                     status.value,
@@ -566,7 +577,7 @@ class JobStore:
         stub = json.dumps({"id": job_id, "unreadable": raw[:2000]})
         with redis_errors(self.url):
             self._finish(
-                keys=[self.keys.job(job_id), self.keys.leases, "", ""],
+                keys=[self.keys.job(job_id), self.keys.leases, "", "", self.keys.stats],
                 args=[job_id, JobStatus.FAILED.value, json.dumps(error.to_dict(), default=str),
                       "", self.ttl_s, stub, repr(time.time()), "{}", "", ""],
             )
@@ -586,7 +597,7 @@ class JobStore:
             batch_id = self.redis.hget(self.keys.job(job_id), "batch_id")
             bkey, _ = self._batch_keys(batch_id)
             out = self._reclaim(
-                keys=[self.keys.job(job_id), self.keys.leases, bkey],
+                keys=[self.keys.job(job_id), self.keys.leases, bkey, self.keys.stats],
                 args=[job_id, lease_timeout_s, self.ttl_s],
             )
         if out[0] != "requeue":
