@@ -1,6 +1,7 @@
 """A tiny random Qwen-VL-Chat checkpoint in the official layout, for tests and the demo.
 
     python -m engine_build.tiny_model --out DIR [--tokenizer PATH/qwen.tiktoken] [--seed N]
+                                      [--teach EXAMPLES.jsonl]
 
 The folder has what a real Qwen-VL-Chat folder has: ``config.json`` with the real keys (small
 dimensions, but the real 448 px / patch 14 / 256-query vision geometry and the real
@@ -12,6 +13,11 @@ what it is. The official remote code loads it unmodified.
 With ``--tokenizer`` the real vocabulary is copied and ``vocab_size`` stays 151,936; without it a
 small vocabulary is written (:mod:`engine_build.tiny_vocab`) and ``vocab_size`` covers its ranks
 and the 217 special tokens, rounded up to a multiple of 128.
+
+Random weights never answer anything useful; :func:`teach` (``--teach``) fine-tunes the decoder
+on a few ``{"request": <chat request>, "answer": "<text>"}`` examples until greedy decoding
+reproduces each answer exactly, so that integration tests and the demo can get, say, a real
+grounding answer ``<ref>女生</ref><box>(441,382),(733,811)</box>`` out of the whole pipeline.
 """
 
 from __future__ import annotations
@@ -19,12 +25,19 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import unquote
 
 import torch
+import torch.nn.functional as F
 
-from engine_build.manifest import write_manifest
+from engine_build.manifest import read_manifest, write_manifest
+from producer.errors import InvalidRequest
 from worker.engine.model.args import QwenVLArgs
 from worker.engine.model.qwen_vl import QwenVL
 from worker.engine.model.vision import sincos_2d
@@ -187,6 +200,163 @@ def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
+# -- teaching -------------------------------------------------------------------------------------
+
+GROUNDING_TAG = re.compile(r"(</?(?:ref|box|quad)>)")
+TEACH_MARGIN = 2.0  # logits by which each answer token must beat the runner-up before saving
+
+
+@dataclass
+class _Example:
+    ids: torch.Tensor  # [1, P + A - 1]: prompt + answer without its last token (teacher forcing)
+    prompt_len: int
+    targets: torch.Tensor  # [A]: answer ids + <|im_end|>
+    features: torch.Tensor | None  # [N, 256, hidden]
+    image_slots: list[int]
+
+
+def answer_ids(tokenizer, text: str) -> list[int]:
+    """The ids the model should emit for ``text``: grounding tags as their special tokens (as the
+    real model writes them), everything else as plain text, then ``<|im_end|>``."""
+    ids: list[int] = []
+    for piece in GROUNDING_TAG.split(text):
+        if GROUNDING_TAG.fullmatch(piece):
+            ids.append(tokenizer.special_id(piece))
+        elif piece:
+            ids += tokenizer.encode(piece)
+    return ids + [tokenizer.im_end_id]
+
+
+def load_examples(path: Path) -> list[dict]:
+    """Read teaching examples from JSON lines ``{"request": {...}, "answer": "..."}``."""
+    examples = []
+    for lineno, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            example = json.loads(line)
+        except ValueError as e:
+            raise InvalidRequest(f"{path}:{lineno} is not JSON: {e}") from None
+        if not isinstance(example, dict) or not isinstance(example.get("answer"), str) or "request" not in example:
+            raise InvalidRequest(f'{path}:{lineno}: expected {{"request": {{...}}, "answer": "..."}}')
+        examples.append(example)
+    if not examples:
+        raise InvalidRequest(f"{path} holds no examples")
+    return examples
+
+
+def teach(model_dir: Path, examples: Sequence[dict], steps: int = 400, seed: int = 0, lr: float = 5e-3,
+          base_dir: Path | None = None) -> int:
+    """Fine-tune the decoder of the checkpoint in ``model_dir`` until greedy decoding answers each
+    example's request with exactly its answer (then ``<|im_end|>``); save the weights in place.
+
+    Each example is ``{"request": <OpenAI chat request>, "answer": "<text>"}``; image URLs are file
+    paths (``file://`` optional), relative ones resolved against ``base_dir`` (default: the current
+    directory). Training is Adam on cross-entropy over the answer tokens only, teacher-forced through
+    the cache-free forward, on the decoder blocks and final norm (the vision tower, the token
+    embedding and the LM head stay as they are, which keeps each step cheap). Success is checked
+    through ``prefill``/``decode`` with the weights rounded to bf16, as saved. Returns the steps
+    taken; raises RuntimeError when ``steps`` do not suffice.
+    """
+    from producer.schema import parse_chat_request
+    from worker.engine.model.checkpoint import load_model
+    from worker.engine.prompt import build_prompt
+    from worker.engine.tokenizer import QwenTokenizer
+
+    model_dir = Path(model_dir)
+    base_dir = Path.cwd() if base_dir is None else Path(base_dir)
+    torch.manual_seed(seed)
+    tokenizer = QwenTokenizer.from_model_dir(model_dir)
+    model = load_model(model_dir, "cpu", torch.float32)
+    batch = []
+    for example in examples:
+        prompt = build_prompt(parse_chat_request(example["request"]), tokenizer)
+        targets = answer_ids(tokenizer, example["answer"])
+        features = None
+        if prompt.image_urls:
+            pixels = _load_pixels(prompt.image_urls, base_dir)
+            with torch.no_grad():
+                features = model.encode_images(pixels)
+        batch.append(_Example(torch.tensor([prompt.ids + targets[:-1]]), len(prompt.ids), torch.tensor(targets),
+                              features, prompt.image_slots))
+
+    decoder = model.transformer
+    params = [*decoder.h.parameters(), *decoder.ln_f.parameters()]  # the big vocab tables stay fixed: fast
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.Adam(params, lr=lr)
+    for step in range(1, steps + 1):
+        loss, margin = torch.zeros(()), math.inf
+        for ex in batch:
+            hidden = decoder(decoder.embed(ex.ids, ex.features, ex.image_slots))  # [1, T, C]
+            logits = model.lm_head(hidden[0, ex.prompt_len - 1:])  # [A, V]: each answer token's prediction
+            loss = loss + F.cross_entropy(logits, ex.targets)
+            margin = min(margin, _min_margin(logits.detach(), ex.targets))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if margin >= TEACH_MARGIN and _greedy_reproduces(model, batch):
+            _round_to_bf16(model)
+            if _greedy_reproduces(model, batch):
+                save_weights(model_dir, model.state_dict())
+                _record_teaching(model_dir, examples, step, seed)
+                return step
+    raise RuntimeError(f"teaching did not converge in {steps} steps; pass more steps or fewer examples")
+
+
+def _min_margin(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    target = logits.gather(1, targets[:, None])[:, 0]
+    runner_up = logits.scatter(1, targets[:, None], -math.inf).max(dim=1).values
+    return (target - runner_up).min().item()
+
+
+@torch.no_grad()
+def _greedy_reproduces(model: QwenVL, batch: list[_Example]) -> bool:
+    """Whether greedy prefill + decode yields each example's targets exactly."""
+    for ex in batch:
+        prompt = ex.ids[0, :ex.prompt_len]
+        model.setup_cache(1, ex.prompt_len + len(ex.targets))
+        logits = model.prefill(prompt, 0, ex.features, ex.image_slots)
+        for i, want in enumerate(ex.targets.tolist()):
+            if int(logits.argmax()) != want:
+                return False
+            if i + 1 < len(ex.targets):
+                logits = model.decode(torch.tensor([want]), torch.tensor([ex.prompt_len + i]), torch.tensor([0]))[0]
+    return True
+
+
+@torch.no_grad()
+def _round_to_bf16(model: QwenVL) -> None:
+    for p in model.parameters():
+        p.copy_(p.to(torch.bfloat16).float())
+
+
+def _load_pixels(urls: Sequence[str], base_dir: Path) -> torch.Tensor:
+    from PIL import Image
+
+    from worker.engine.model.preprocess import preprocess_images
+
+    images = []
+    for url in urls:
+        path = Path(unquote(url[len("file://"):]) if url.startswith("file://") else url)
+        path = path if path.is_absolute() else base_dir / path
+        if not path.is_file():
+            raise InvalidRequest(f"teaching image {url} not found (looked at {path}); use file paths")
+        with Image.open(path) as image:
+            image.load()
+            images.append(image)
+    return preprocess_images(images)
+
+
+def _record_teaching(model_dir: Path, examples: Sequence[dict], steps: int, seed: int) -> None:
+    build = dict(read_manifest(model_dir).build)
+    build["weights"] = "random, taught"
+    build["taught"] = [*build.get("taught", []),
+                       {"answers": [ex["answer"] for ex in examples], "steps": steps, "seed": seed,
+                        "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}]
+    write_manifest(model_dir, step="tiny_model", source=model_dir, dtype="bfloat16", quantization="none", build=build)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m engine_build.tiny_model",
                                      description="Write a tiny random Qwen-VL-Chat checkpoint folder.")
@@ -194,12 +364,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokenizer", type=Path, default=None,
                         help="qwen.tiktoken to copy (the real one keeps vocab 151,936); default: a tiny vocabulary")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the weights")
+    parser.add_argument("--teach", type=Path, default=None, metavar="EXAMPLES.jsonl",
+                        help='then fine-tune until greedy answers reproduce these {"request", "answer"} lines '
+                             "(image paths relative to the file)")
+    parser.add_argument("--teach-steps", type=int, default=400, help="most optimiser steps for --teach")
     args = parser.parse_args(argv)
     if args.tokenizer is not None and not args.tokenizer.is_file():
         parser.error(f"--tokenizer {args.tokenizer} is not a file")
+    examples = None
+    if args.teach is not None:
+        if not args.teach.is_file():
+            parser.error(f"--teach {args.teach} is not a file")
+        try:
+            examples = load_examples(args.teach)
+        except InvalidRequest as e:
+            parser.error(e.message)
     out = write_tiny_model(args.out, tokenizer=args.tokenizer, seed=args.seed)
     size = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
     print(f"wrote {out} ({size / 1e6:.1f} MB, seed {args.seed})")
+    if examples is not None:
+        steps = teach(out, examples, steps=args.teach_steps, seed=args.seed, base_dir=args.teach.parent)
+        print(f"taught {len(examples)} example(s) in {steps} steps: greedy answers now reproduce them")
 
 
 if __name__ == "__main__":

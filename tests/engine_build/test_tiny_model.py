@@ -108,3 +108,89 @@ def test_command_line_writes_a_folder(tmp_path, capsys, qwen_tiktoken):
 def test_command_line_refuses_a_missing_tokenizer(tmp_path):
     with pytest.raises(SystemExit):
         tiny_model.main(["--out", str(tmp_path / "x"), "--tokenizer", str(tmp_path / "none.tiktoken")])
+
+
+# -- teaching ---------------------------------------------------------------------------------------
+
+GROUNDING_ANSWER = "<ref>女生</ref><box>(441,382),(733,811)</box>"
+FIRST_ANSWER = "图中是一名女子在沙滩上和狗玩耍，旁边的狗是一只拉布拉多犬，它们处于沙滩上。"
+
+
+def chat(image_url: str, *turns: str) -> dict:
+    """A chat request: the image and the first user text, then alternating assistant/user turns."""
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url}},
+                                             {"type": "text", "text": turns[0]}]}]
+    for i, text in enumerate(turns[1:]):
+        messages.append({"role": "assistant" if i % 2 == 0 else "user", "content": text})
+    return {"model": "tiny", "messages": messages}
+
+
+def greedy_answer(model_dir, request: dict, base_dir) -> tuple[list[int], str]:
+    """Greedy decoding through prefill/decode until a stop token; returns ids (stop included) and text."""
+    from PIL import Image
+
+    from producer.schema import parse_chat_request
+    from worker.engine.model import preprocess_images
+    from worker.engine.prompt import build_prompt
+
+    model = load_model(model_dir, "cpu", torch.float32)
+    tokenizer = QwenTokenizer.from_model_dir(model_dir)
+    prompt = build_prompt(parse_chat_request(request), tokenizer)
+    paths = [base_dir / url.removeprefix("file://") for url in prompt.image_urls]
+    features = model.encode_images(preprocess_images([Image.open(p) for p in paths]))
+    model.setup_cache(1, len(prompt.ids) + 64)
+    logits = model.prefill(torch.tensor(prompt.ids), 0, features, prompt.image_slots)
+    ids: list[int] = []
+    while len(ids) < 64:
+        ids.append(int(logits.argmax()))
+        if ids[-1] in tokenizer.stop_token_ids:
+            break
+        logits = model.decode(torch.tensor(ids[-1:]), torch.tensor([len(prompt.ids) + len(ids) - 1]),
+                              torch.tensor([0]))[0]
+    return ids, tokenizer.decode(ids)
+
+
+def test_teaching_makes_the_tiny_model_answer_a_grounding_request(tmp_path, qwen_tiktoken, sample_images):
+    out = tiny_model.write_tiny_model(tmp_path / "taught", tokenizer=qwen_tiktoken, seed=0)
+    grounding = chat("file://demo.jpeg", "这是什么", FIRST_ANSWER, "输出女生的检测框。")
+    first = chat(str(sample_images / "demo.jpeg"), "这是什么")
+    tokenizer = QwenTokenizer.from_model_dir(out)
+    assert greedy_answer(out, grounding, sample_images)[1] != GROUNDING_ANSWER
+
+    steps = tiny_model.teach(out, [{"request": grounding, "answer": GROUNDING_ANSWER},
+                                   {"request": first, "answer": FIRST_ANSWER}], base_dir=sample_images)
+
+    ids, text = greedy_answer(out, grounding, sample_images)
+    assert text == GROUNDING_ANSWER
+    assert ids == tiny_model.answer_ids(tokenizer, GROUNDING_ANSWER)
+    assert ids[0] == tokenizer.ref_start_id and ids[-1] == tokenizer.im_end_id  # real special tokens
+    assert greedy_answer(out, first, sample_images)[1] == FIRST_ANSWER
+    taught = read_manifest(out).build["taught"]
+    assert taught[0]["answers"] == [GROUNDING_ANSWER, FIRST_ANSWER] and taught[0]["steps"] == steps
+
+
+def test_teach_flag_reads_examples_with_image_paths_relative_to_the_file(tmp_path, capsys):
+    from PIL import Image
+
+    (tmp_path / "pics").mkdir()
+    Image.new("RGB", (64, 48), (200, 30, 90)).save(tmp_path / "pics" / "red.png")
+    examples = tmp_path / "examples.jsonl"
+    request = chat("pics/red.png", "What colour is this?")
+    examples.write_text(json.dumps({"request": request, "answer": "Red, <ref>all of it</ref>."}) + "\n\n")
+
+    tiny_model.main(["--out", str(tmp_path / "m"), "--teach", str(examples)])
+
+    assert "taught 1 example(s)" in capsys.readouterr().out
+    assert greedy_answer(tmp_path / "m", request, tmp_path)[1] == "Red, <ref>all of it</ref>."
+
+
+def test_bad_teaching_files_are_refused_with_the_line(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"request": {}, "answer": "x"}\n{not json}\n')
+    with pytest.raises(SystemExit):
+        tiny_model.main(["--out", str(tmp_path / "m"), "--teach", str(bad)])
+    assert "bad.jsonl:2 is not JSON" in capsys.readouterr().err
+    bad.write_text('{"answer": "x"}\n')
+    with pytest.raises(SystemExit):
+        tiny_model.main(["--out", str(tmp_path / "m"), "--teach", str(bad)])
+    assert 'bad.jsonl:1: expected {"request"' in capsys.readouterr().err
