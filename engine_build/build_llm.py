@@ -118,7 +118,10 @@ def check_checkpoint(checkpoint_dir: Path) -> dict:
         raise CheckpointError(
             f"{config_path} not found: run python -m engine_build.convert_checkpoint first"
         )
-    config = json.loads(config_path.read_text())
+    try:
+        config = json.loads(config_path.read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{config_path} is not valid JSON ({e}); convert the checkpoint again") from None
     if config.get("architecture") != "QWenForCausalLM":
         raise CheckpointError(
             f"{config_path}: architecture {config.get('architecture')!r}, expected QWenForCausalLM"

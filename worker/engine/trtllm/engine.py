@@ -35,7 +35,7 @@ import time
 from collections import deque
 from collections.abc import Sequence as Seq
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Protocol
@@ -315,6 +315,14 @@ class TrtllmEngine:
 
         files = EngineFiles(engine_dir)
         limits, llm_dtype = read_engine_limits(files.llm_dir, max_images=engine_settings.max_images)
+        if tokenizer.n_vocab > limits.vocab_size:
+            raise EngineUnavailable(
+                f"the LLM engine in {files.llm_dir} has vocab_size {limits.vocab_size} but the tokenizer of "
+                f"{engine_settings.model_dir} has {tokenizer.n_vocab} tokens: the engines were built from "
+                "another model; rebuild them from engine.model_dir")
+        # The worker's own limits apply where they are tighter than the engine's.
+        limits = replace(limits, max_input_len=min(limits.max_input_len, engine_settings.max_input_len),
+                         max_seq_len=min(limits.max_seq_len, engine_settings.max_seq_len))
         if engine_settings.max_batch_size > limits.max_batch_size:
             log.warning("engine.max_batch_size %d exceeds the LLM engine's %d; using %d",
                         engine_settings.max_batch_size, limits.max_batch_size, limits.max_batch_size)
