@@ -14,15 +14,18 @@ worker's job is recovered far sooner through leases (:mod:`worker.leases`).
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 
 import redis
 from celery import Celery
+from kombu.transport import redis as kombu_redis
 
 from producer.broker import celery_config
 from producer.config import Settings
 from producer.errors import BrokerUnavailable, ConfigError
+from producer.keys import Keys
 from producer.state import _safe_url
 
 log = logging.getLogger(__name__)
@@ -44,12 +47,67 @@ def check_timeouts(settings: Settings) -> None:
         )
 
 
+class GuardedChannel(kombu_redis.Channel):
+    """kombu's Redis channel, except that an entry on the queue list that is not a message
+    (bytes pushed by hand, a foreign producer) is moved to vlq's dead letters instead of raising
+    out of the consumer loop, which would stop the worker ("Unrecoverable error")."""
+
+    def _brpop_read(self, **options):
+        popped: dict[str, object] = {}
+        parse = self.client.parse_response
+
+        def capture(*args, **kwargs):
+            popped["reply"] = reply = parse(*args, **kwargs)
+            return reply
+
+        # Keep the raw reply of this one read, so a bad entry can be dead-lettered as it was.
+        self.client.parse_response = capture
+        try:
+            return super()._brpop_read(**options)
+        except Exception as e:
+            # Before an entry was popped this is the connection's business (Empty, errors that
+            # make kombu reconnect). After, the entry itself failed to decode or deliver
+            # (kombu counts even a KeyError on a missing field as a connection error).
+            if not popped.get("reply"):
+                raise
+            self._dead_letter(popped["reply"], e)
+            return True
+        finally:
+            del self.client.parse_response
+
+    def _dead_letter(self, reply: object, error: Exception) -> None:
+        raw = reply[1] if isinstance(reply, (list, tuple)) and len(reply) == 2 else reply
+        text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else repr(raw)
+        key = self.connection.client.transport_options.get("vlq_dead_letters")
+        log.error("dropped a queue entry that is not a Celery message (%s: %s)", type(error).__name__, error)
+        if not key:
+            return
+        entry = {"at": time.time(), "raw": text[:10000],
+                 "reason": {"code": "malformed_job", "message": f"not a Celery message: {error}"}}
+        try:
+            with self.conn_or_acquire() as client:
+                client.lpush(key, json.dumps(entry))
+                client.ltrim(key, 0, 9999)
+        except Exception:  # the dead letter is a courtesy; the consumer must go on
+            log.exception("could not dead-letter the entry")
+
+
+class GuardedRedisTransport(kombu_redis.Transport):
+    """The Redis transport with :class:`GuardedChannel`."""
+
+    Channel = GuardedChannel
+
+
 def make_celery_app(settings: Settings) -> Celery:
     """The worker's Celery app (tasks are registered by :func:`worker.tasks.register`)."""
     check_timeouts(settings)
     app = Celery("vlq-worker", set_as_current=True)
     app.conf.update(celery_config(settings))
+    options = dict(app.conf.broker_transport_options)
+    options["vlq_dead_letters"] = Keys(settings.key_prefix).dead_letters
     app.conf.update(
+        broker_transport=f"{__name__}:GuardedRedisTransport",
+        broker_transport_options=options,
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         # A task that raised has been handled by us (coded failure); ack it.

@@ -262,11 +262,13 @@ class JobRunner:
             batch_id=job.batch_id,
             metadata=job.metadata,
         )
-        vlq["timings_ms"] = {
-            **(vlq.get("timings_ms") or {}),
-            "queue": max(0.0, (received - job.created_at) * 1000),
-            "images": images_ms,
-            "engine": engine_ms,
+        # Milliseconds: the engine's own (preprocess, queued, vision, prefill, decode, ttft,
+        # total) plus the job's wait in the queue, its image fetching and the engine's wall time.
+        vlq["timings"] = {
+            **(vlq.get("timings") or {}),
+            "job_queue": round(max(0.0, (received - job.created_at) * 1000), 3),
+            "images": round(images_ms, 3),
+            "engine_wall": round(engine_ms, 3),
         }
         return {**document, "vlq": vlq}
 

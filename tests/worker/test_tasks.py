@@ -60,7 +60,7 @@ def test_a_job_runs_to_a_result_keyed_by_its_id(env) -> None:
     assert doc["choices"][0]["message"]["content"] == "echo: what is this?"
     assert doc["vlq"]["job_id"] == job.id and doc["vlq"]["attempt"] == 1
     assert doc["vlq"]["metadata"] == {"path": "a.jpg"}
-    assert set(doc["vlq"]["timings_ms"]) >= {"queue", "images", "engine"}
+    assert set(doc["vlq"]["timings"]) >= {"job_queue", "images", "engine_wall"}
     assert engine.submitted[0]["images"] == ["image:0"]
 
 
