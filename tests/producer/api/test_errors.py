@@ -1,0 +1,105 @@
+"""Malformed input answers with a clear 4xx in OpenAI's error shape, never a 500. An in-thread
+server with no worker: nothing here should ever need one."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from producer.api import create_app
+from producer.config import Settings
+from tests.conftest import REPO
+from tests.producer.api.conftest import assert_openai_error, serve
+
+IMAGE = {"type": "image_url", "image_url": {"url": "https://example.com/a.jpg"}}
+
+
+def chat(**kw) -> dict:
+    return {"model": "QwenVL", "messages": [{"role": "user", "content": [IMAGE, {"type": "text", "text": "hi"}]}], **kw}
+
+
+@pytest.fixture(scope="module")
+def server(redis_server: str, tiny_model_dir) -> str:
+    prefix = "vlqtest-errors"  # no worker serves this queue
+    settings = Settings.load(
+        REPO / "conf", key_prefix=prefix, broker={"url": redis_server, "queue": prefix},
+        api={"wait_timeout_s": 1.5},
+        engine={"model_dir": str(tiny_model_dir), "max_images": 3, "max_input_len": 1024, "max_seq_len": 2048},
+    )
+    with serve(create_app(settings)) as url:
+        yield url
+
+
+@pytest.fixture
+def http(server: str):
+    with httpx.Client(base_url=server, timeout=30) as client:
+        yield client
+
+
+@pytest.mark.parametrize("raw", [b"{not json", b"", b"[1, 2]", b'"text"', b"null", b"\xff\xfe"])
+def test_a_body_that_is_not_a_json_object_is_a_400(http: httpx.Client, raw: bytes) -> None:
+    err = assert_openai_error(http.post("/v1/chat/completions", content=raw), 400, "invalid_request")
+    assert "JSON" in err["message"] or "body" in err["message"]
+
+
+@pytest.mark.parametrize(
+    "body, code, param",
+    [
+        ({"model": "QwenVL"}, "invalid_request", "messages"),
+        ({"messages": []}, "invalid_request", "messages"),
+        (chat(temperature=5), "invalid_request", "temperature"),
+        (chat(max_tokens=0), "invalid_request", "max_tokens"),
+        (chat(n=2), "invalid_request", None),
+        (chat(tools=[{"type": "function"}]), "invalid_request", None),
+        ({"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]},
+         "unsupported_content", "messages[0].content"),
+        ({"messages": [{"role": "robot", "content": "hi"}]}, "invalid_request", "messages[0].role"),
+        ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
+         "invalid_request", None),
+        ({"messages": [{"role": "user", "content": [IMAGE] * 4 + [{"type": "text", "text": "x"}]}]},
+         "too_many_images", "messages"),
+        ({"messages": [{"role": "user", "content": "字" * 1100}]}, "prompt_too_long", None),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": ""}}]}]},
+         "invalid_request", None),
+    ],
+)
+def test_a_bad_chat_request_is_a_400_naming_its_problem(http: httpx.Client, body: dict, code: str, param) -> None:
+    err = assert_openai_error(http.post("/v1/chat/completions", json=body), 400, code)
+    if param is not None:
+        assert err["param"] == param, err
+
+
+def test_a_chat_request_nobody_answers_times_out_with_a_504_naming_its_job(http: httpx.Client) -> None:
+    response = http.post("/v1/chat/completions", json=chat(max_tokens=2))
+    err = assert_openai_error(response, 504, "timeout")
+    job_id = err["message"].split("job ")[1].split()[0]
+    assert f"/v1/jobs/{job_id}" in err["message"]
+    assert http.get(f"/v1/jobs/{job_id}").json()["status"] == "queued"  # still there, not lost
+    assert http.delete(f"/v1/jobs/{job_id}").json()["status"] == "cancelled"
+
+
+def test_unknown_routes_and_methods_answer_in_openai_shape(http: httpx.Client) -> None:
+    assert_openai_error(http.get("/v1/nothing"), 404, "not_found")
+    assert_openai_error(http.put("/v1/chat/completions", json={}), 405, "method_not_allowed")
+
+
+def test_bad_query_parameters_are_a_400(http: httpx.Client) -> None:
+    err = assert_openai_error(http.get("/v1/batches", params={"limit": 1000}), 400, "invalid_request")
+    assert err["param"] == "limit"
+    err = assert_openai_error(http.get("/v1/jobs/x", params={"wait": "soon"}), 400, "invalid_request")
+    assert err["param"] == "wait"
+
+
+@pytest.mark.parametrize("value", [None, 0, 1.5, "s", [], {}, [None], [{}], {"messages": None},
+                                   {"messages": [None]}, {"messages": [{"content": 1}]},
+                                   {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+                                   {"messages": [{"role": "user", "content": "x"}], "stop": 5},
+                                   {"messages": [{"role": "user", "content": "x"}], "seed": "x"},
+                                   {"messages": [{"role": "user", "content": "x"}], "stream": "maybe"}])
+def test_junk_never_causes_a_500(http: httpx.Client, value) -> None:
+    for path in ("/v1/chat/completions", "/v1/jobs", "/v1/job_batches", "/v1/batches"):
+        response = http.post(path, content=json.dumps(value))
+        assert 400 <= response.status_code < 500, (path, value, response.text)
+        assert set(response.json()["error"]) == {"message", "type", "code", "param"}
