@@ -26,7 +26,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from producer.api.context import ApiContext, get_ctx, read_json_object
-from producer.api.errors import vlq_error_body
+from producer.api.errors import vlq_error_body, vlq_error_response
 from producer.client import StreamEvent
 from producer.errors import JobNotFinished, VlqError
 from producer.schema import ChatRequest
@@ -52,14 +52,24 @@ async def chat_completions(request: Request) -> Response:
     try:
         record = await ctx.wait_for_job(handle.id, timeout, request)
     except JobNotFinished as e:
-        raise VlqError(e.message, code="timeout", job_id=handle.id) from None
+        return _job_error(VlqError(e.message, code="timeout", job_id=handle.id), headers)
     if record is None:
         log.info("job %s: client went away, cancelling", handle.id)
         await ctx.run(ctx.client.cancel, handle.id)
         return Response(status_code=499)
-    document = await ctx.run(ctx.client.result_of, record)
+    try:
+        document = await ctx.run(ctx.client.result_of, record)
+    except VlqError as e:  # the job failed: its own code and status, and which job it was
+        ctx.metrics.observe(record, None)
+        return _job_error(e, headers)
     ctx.metrics.observe(record, document)
     return JSONResponse(document, headers=headers)
+
+
+def _job_error(error: VlqError, headers: dict[str, str]) -> Response:
+    response = vlq_error_response(error)
+    response.headers.update(headers)
+    return response
 
 
 def _sse(data: Any) -> str:
@@ -73,7 +83,9 @@ async def _stream(
     try:
         first: StreamEvent | None = await ctx.run_blocking(next, events, None)
     except JobNotFinished as e:
-        raise VlqError(e.message, code="timeout", job_id=job_id) from None
+        return _job_error(VlqError(e.message, code="timeout", job_id=job_id), headers)
+    except VlqError as e:  # failed before its first token: a plain HTTP error
+        return _job_error(e, headers)
     model = chat.model or ctx.settings.api.served_model
     include_usage = bool((chat.stream_options or {}).get("include_usage"))
 

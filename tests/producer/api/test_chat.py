@@ -122,6 +122,9 @@ def test_an_image_outside_the_allowed_roots_is_a_400_in_openai_shape(api: Api, s
         response = http.post("/v1/chat/completions", json=body)
     err = assert_openai_error(response, 400, "image_url_forbidden")
     assert "/etc/hostname" in err["message"] or "allowed" in err["message"]
+    with api.http() as http:
+        job = http.get(f"/v1/jobs/{response.headers['x-vlq-job-id']}").json()
+    assert job["status"] == "failed" and job["error"]["code"] == "image_url_forbidden"
 
 
 def test_a_prompt_over_the_limit_is_refused_before_it_is_queued(api: Api) -> None:
@@ -180,3 +183,18 @@ def test_the_served_model_is_listed(api: Api) -> None:
     assert [m.id for m in models.data] == [api.stack.settings.api.served_model]
     with httpx.Client(base_url=api.url) as http:
         assert_openai_error(http.get("/v1/models/gpt-4o"), 404, "model_not_found")
+
+
+def test_a_job_cancelled_mid_stream_ends_the_stream_with_an_error_event(api: Api) -> None:
+    import openai
+
+    stream = api.openai().chat.completions.create(**one_image(api, max_tokens=400, seed=4), stream=True)
+    job_id = stream.response.headers["x-vlq-job-id"]
+    pieces = []
+    with api.http() as http, pytest.raises(openai.APIError) as caught:
+        for chunk in stream:
+            pieces.append(chunk)
+            if len(pieces) == 3:
+                assert http.delete(f"/v1/jobs/{job_id}").status_code == 200
+    assert caught.value.body["code"] == "cancelled"
+    assert 3 <= len(pieces) < 400
