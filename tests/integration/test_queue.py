@@ -138,3 +138,21 @@ def test_a_redelivered_message_for_a_finished_job_is_skipped(stack: Stack) -> No
     rec = handle.record()
     assert rec.status is JobStatus.SUCCEEDED and rec.attempts == 1
     assert handle.result() == doc
+
+
+def test_cancelling_a_running_job_aborts_it_in_the_engine(stack: Stack) -> None:
+    url = image_file(stack.images, "long.jpg", "navy").as_uri()
+    handle = stack.client.submit(one_image(url, "Tell me everything.", max_tokens=600))
+    deadline = time.monotonic() + 60
+    while handle.status() is not JobStatus.RUNNING:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    time.sleep(0.3)
+    assert handle.cancel() == "cancelling"
+    t0 = time.monotonic()
+    record = handle.wait(timeout=30)
+    assert record.status is JobStatus.CANCELLED
+    assert time.monotonic() - t0 < 5  # aborted at the next heartbeat, not run to its 600 tokens
+    assert stack.store.redis.get(stack.client.keys.result(handle.id)) is None
+    after = stack.client.submit(one_image(url))
+    assert after.wait(timeout=60).status is JobStatus.SUCCEEDED
