@@ -198,3 +198,18 @@ def test_a_job_cancelled_mid_stream_ends_the_stream_with_an_error_event(api: Api
                 assert http.delete(f"/v1/jobs/{job_id}").status_code == 200
     assert caught.value.body["code"] == "cancelled"
     assert 3 <= len(pieces) < 400
+
+
+def test_a_client_that_stops_waiting_cancels_its_job(api: Api) -> None:
+    marker = f"leaver-{time.time_ns()}"
+    with api.http() as http, pytest.raises(httpx.ReadTimeout):
+        http.post("/v1/chat/completions", json=one_image(api, max_tokens=400, user=marker), timeout=2.0)
+    store, keys = api.stack.store, api.stack.client.keys
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        mine = [r for r in store.get_many([k.split(":job:")[1] for k in store.redis.keys(keys.job("*"))])
+                if r is not None and marker in (r.job_json or "")]
+        if mine and mine[0].status.value == "cancelled":
+            break
+        time.sleep(0.2)
+    assert [r.status.value for r in mine] == ["cancelled"]
