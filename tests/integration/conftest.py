@@ -167,8 +167,10 @@ def make_stack(redis_url: str, s3_endpoint: str, model_dir: Path, root: Path, **
     logs = root / "logs"
     logs.mkdir(exist_ok=True)
     png = image_file(images, "served.png", "purple").read_bytes()
-    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1",
-                 aws_access_key_id="testing", aws_secret_access_key="testing").create_bucket(Bucket=BUCKET)
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1",
+                      aws_access_key_id="testing", aws_secret_access_key="testing")
+    if BUCKET not in [b["Name"] for b in s3.list_buckets().get("Buckets", [])]:
+        s3.create_bucket(Bucket=BUCKET)  # the S3 server lives for the session; modules share it
     with image_server(png) as http_url:
         env = {
             "VLQ_BROKER_URL": redis_url,
