@@ -156,3 +156,11 @@ def test_cancelling_a_running_job_aborts_it_in_the_engine(stack: Stack) -> None:
     assert stack.store.redis.get(stack.client.keys.result(handle.id)) is None
     after = stack.client.submit(one_image(url))
     assert after.wait(timeout=60).status is JobStatus.SUCCEEDED
+
+
+def test_a_destination_bucket_that_does_not_exist_fails_the_job_clearly(stack: Stack) -> None:
+    url = image_file(stack.images, "nobucket.jpg", "maroon").as_uri()
+    handle = stack.client.submit(one_image(url), destination={"kind": "s3", "bucket": "no-such-bucket"})
+    record = handle.wait(timeout=60)
+    assert record.status is JobStatus.FAILED and record.error["code"] == "store_rejected"
+    assert "NoSuchBucket" in record.error["message"]
