@@ -162,5 +162,6 @@ def test_a_destination_bucket_that_does_not_exist_fails_the_job_clearly(stack: S
     url = image_file(stack.images, "nobucket.jpg", "maroon").as_uri()
     handle = stack.client.submit(one_image(url), destination={"kind": "s3", "bucket": "no-such-bucket"})
     record = handle.wait(timeout=60)
-    assert record.status is JobStatus.FAILED and record.error["code"] == "store_rejected"
-    assert "NoSuchBucket" in record.error["message"]
+    assert record.status is JobStatus.FAILED, (record, stack.log_tail(stack.workers[0]))
+    assert record.error["code"] == "store_rejected", record.error
+    assert "NoSuchBucket" in record.error["message"], record.error
