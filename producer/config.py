@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     InitSettingsSource,
@@ -76,6 +76,22 @@ class ImageSettings(_Section):
     allowed_roots: list[Path] = Field(default_factory=list)
     allow_http: bool = True
     allow_s3: bool = True
+    # http(s) images only from hosts matching these globs ("*.example.com", "images.example.org");
+    # empty allows any host. Checked for the URL and for every redirect hop.
+    allowed_hosts: list[str] = Field(default_factory=list)
+    # Refuse http(s) hosts with any loopback, private, link-local, multicast or reserved address
+    # (cloud metadata at 169.254.169.254, localhost services): on for workers that fetch URLs from
+    # untrusted jobs. The HTTP(S)_PROXY variables are ignored while it is on.
+    block_private_networks: bool = False
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _host_globs(cls, hosts: list[str]) -> list[str]:
+        for host in hosts:
+            if "/" in host or host.count(":") == 1:  # a URL or host:port (IPv6 literals have 2+ colons)
+                raise ValueError(f"{host!r} is not a host glob: write hosts like images.example.com or"
+                                 " *.example.com, without scheme, port or path")
+        return hosts
 
 
 class EngineSettings(_Section):

@@ -5,7 +5,10 @@ Accepted URLs:
 - ``http://`` / ``https://`` (``images.allow_http``): fetched with httpx, redirects followed.
   ``fetch_timeout_s`` bounds the connection and every read; the whole transfer is also bounded
   by ``3 x fetch_timeout_s``, so a server that stalls or drips bytes cannot hold a worker.
-  The body is streamed and refused as soon as it passes ``max_bytes``.
+  The body is streamed and refused as soon as it passes ``max_bytes``. The host policy
+  (:class:`HostPolicy`) applies to the URL and to every redirect hop: ``images.allowed_hosts``
+  (host globs; empty allows any host) and ``images.block_private_networks`` (refuse hosts with
+  any loopback, private, link-local, multicast, reserved or otherwise non-public address).
 - ``file://`` only under ``images.allowed_roots`` (symlinks and ``..`` resolved before the
   check). ``file:///abs/path`` is absolute; ``file://./x.jpg`` and ``file://x.jpg`` are relative
   to the current directory and checked against the roots all the same.
@@ -21,25 +24,41 @@ Errors (all coded, from :mod:`producer.errors`): a 4xx answer or missing file/ob
 :class:`ImageFetchError`; timeouts and stalls :class:`ImageFetchTimeout`; 5xx, 429, refused or
 cut-off connections :class:`ImageFetchUnavailable` (both transient: the job is retried);
 :class:`ImageTooLarge` for bytes or pixels; :class:`ImageDecodeError` for anything PIL cannot
-read; :class:`ImageURLForbidden` for a scheme or path that is not allowed. This module imports
-no torch.
+read; :class:`ImageURLForbidden` for a scheme, path or host that is not allowed. This module
+imports no torch.
+
+How private networks are blocked: the HTTP client's connections go through
+:class:`_GuardedNetwork`, which resolves the host itself, refuses it when *any* of its addresses
+is not public, and then connects to exactly the addresses it checked. So a name that answers a
+public address to the check and a private one to the connection (DNS rebinding) gains nothing,
+every redirect hop opens its own checked connection, and a kept-alive connection stays with its
+checked address. What the guard does not cover: with ``block_private_networks`` on, the
+``HTTP(S)_PROXY`` variables are ignored (through a proxy the worker could not see where the
+connection goes); ``s3://`` URLs go to the configured S3 endpoint, which is the operator's
+choice; and a public address of your own (a NAT hairpin, a public load balancer) is public to the
+guard: list the hosts images may come from in ``allowed_hosts`` for a positive rule.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import fnmatch
 import hashlib
 import io
+import ipaddress
 import os
 import re
+import socket
 import time
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+import httpcore
 import httpx
 from PIL import Image, UnidentifiedImageError
 
@@ -89,12 +108,18 @@ class ImageLoader:
         self.settings = settings
         self._s3_settings = s3 or S3Settings()
         self._roots = [Path(r).expanduser().resolve() for r in settings.allowed_roots]
-        timeout = httpx.Timeout(settings.fetch_timeout_s)
+        self.policy = HostPolicy.from_settings(settings)
+        guarded: dict[str, Any] = {}
+        if self.policy.allowed_hosts:  # request hooks run for the first request and every redirect hop
+            guarded["event_hooks"] = {"request": [self.policy.check_request]}
+        if self.policy.block_private_networks:
+            guarded.update(transport=_GuardedTransport(self.policy), trust_env=False)
         self._http = httpx.Client(
-            timeout=timeout,
+            timeout=httpx.Timeout(settings.fetch_timeout_s),
             follow_redirects=True,
             max_redirects=5,
             headers={"User-Agent": "vlq-image-intake/1"},
+            **guarded,
         )
         self._s3_client: Any = None
 
@@ -174,6 +199,12 @@ class ImageLoader:
                     if time.monotonic() > deadline:
                         raise _timed_out(url, f"the transfer took over {_TOTAL_TIMEOUT_FACTOR * timeout:g}s")
                 return bytes(body)
+        except ImageURLForbidden as e:  # the host policy refused the URL or a redirect hop
+            host = e.context.get("host")
+            hop = "" if host is None or host in _hosts_of(url) else " (reached by a redirect)"
+            raise ImageURLForbidden(
+                f"cannot fetch {_short(url)}: {e.message}{hop}", **{**e.context, "url": _short(url)}
+            ) from None
         except httpx.TimeoutException as e:
             raise _timed_out(url, f"no answer within {timeout:g}s ({type(e).__name__})") from e
         except httpx.InvalidURL as e:
@@ -287,6 +318,159 @@ class ImageLoader:
         if len(data) > limit:
             raise _too_many_bytes(url, limit)
         return data
+
+
+# -- host policy (http(s) only) ------------------------------------------------------------------
+
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+def blocked_address(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
+    """Why a fetch must not connect to ``ip`` with private networks blocked (None: it is public).
+
+    IPv4 addresses carried inside IPv6 ones (``::ffff:a.b.c.d``, NAT64 ``64:ff9b::/96``, 6to4
+    ``2002::/16``) are judged by the IPv4 address they reach.
+    """
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return blocked_address(ip.ipv4_mapped)
+        if ip in _NAT64:
+            return blocked_address(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+        if ip.sixtofour is not None and blocked_address(ip.sixtofour):
+            return blocked_address(ip.sixtofour)
+    for reason, hit in (
+        ("loopback", ip.is_loopback),
+        ("link-local", ip.is_link_local),
+        ("multicast", ip.is_multicast),
+        ("unspecified", ip.is_unspecified),
+        ("reserved", ip.is_reserved),
+        ("private", ip.is_private),
+        ("non-public", not ip.is_global),  # e.g. 100.64.0.0/10 (carrier-grade NAT)
+    ):
+        if hit:
+            return reason
+    return None
+
+
+@dataclass(frozen=True)
+class HostPolicy:
+    """Which hosts http(s) images may come from: ``images.allowed_hosts`` and ``block_private_networks``."""
+
+    allowed_hosts: tuple[str, ...] = ()
+    block_private_networks: bool = False
+
+    @classmethod
+    def from_settings(cls, settings: ImageSettings) -> HostPolicy:
+        globs = tuple(_normal_host(h) for h in settings.allowed_hosts if h.strip())
+        return cls(globs, settings.block_private_networks)
+
+    def host_allowed(self, host: str) -> bool:
+        """Whether ``host`` (a name or IP literal) matches ``allowed_hosts`` (always, when empty)."""
+        if not self.allowed_hosts:
+            return True
+        host = _normal_host(host)
+        return any(fnmatch.fnmatchcase(host, glob) for glob in self.allowed_hosts)
+
+    def check_request(self, request: httpx.Request) -> None:
+        """httpx request hook: refuse a URL (or redirect hop) whose host is not allowed."""
+        url = request.url
+        if self.host_allowed(url.host) or self.host_allowed(url.raw_host.decode("ascii", "replace")):
+            return
+        raise ImageURLForbidden(
+            f"the image host {url.host} is not in images.allowed_hosts ({', '.join(self.allowed_hosts)}):"
+            " add it (or a glob such as *.example.com) to images.allowed_hosts"
+            " (VLQ_IMAGES_ALLOWED_HOSTS), or send the image as a data: URI",
+            host=url.host,
+        )
+
+    def resolve(self, host: str, port: int) -> list[str]:
+        """The addresses to connect to for ``host``, each checked; refuses the host if any is blocked.
+
+        A name that does not resolve raises :class:`httpcore.ConnectError` (a transient fetch error,
+        as without the policy).
+        """
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except (socket.gaierror, UnicodeError) as e:
+            raise httpcore.ConnectError(f"cannot resolve {host}: {e}") from e
+        addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
+        for address in addresses:
+            reason = blocked_address(ipaddress.ip_address(address.split("%", 1)[0]))
+            if reason is not None:
+                shown = host if host == address else f"{host!r}, which resolves to {address},"
+                raise ImageURLForbidden(
+                    f"the image host {shown} is a {reason} address and images.block_private_networks"
+                    " refuses those: serve the image from a public address, or set"
+                    " images.block_private_networks to false (VLQ_IMAGES_BLOCK_PRIVATE_NETWORKS=false)"
+                    " on workers that may read internal hosts",
+                    host=host, address=address,
+                )
+        return addresses
+
+
+class _GuardedNetwork(httpcore.NetworkBackend):
+    """Opens TCP connections only to the addresses :meth:`HostPolicy.resolve` checked."""
+
+    def __init__(self, policy: HostPolicy) -> None:
+        self._policy = policy
+        self._socket = httpcore.SyncBackend()
+
+    def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.NetworkStream:
+        error: Exception | None = None
+        for address in self._policy.resolve(host, port):
+            try:  # TLS still verifies the certificate against the host name, not the address
+                return self._socket.connect_tcp(address, port, timeout, local_address, socket_options)
+            except httpcore.ConnectError as e:  # unreachable address: try the next one, like create_connection
+                error = e
+        raise error or httpcore.ConnectError(f"no address for {host}")
+
+    def connect_unix_socket(self, path: str, timeout: float | None = None,
+                            socket_options: Iterable[Any] | None = None) -> httpcore.NetworkStream:
+        raise httpcore.ConnectError("unix sockets are not image hosts")
+
+    def sleep(self, seconds: float) -> None:
+        self._socket.sleep(seconds)
+
+
+class _GuardedTransport(httpx.HTTPTransport):
+    """httpx's own transport (request/response mapping, error types) over :class:`_GuardedNetwork`."""
+
+    def __init__(self, policy: HostPolicy) -> None:
+        super().__init__(trust_env=False)
+        if not isinstance(getattr(self, "_pool", None), httpcore.ConnectionPool):
+            raise ConfigError(
+                "images.block_private_networks needs httpx's HTTPTransport over an httpcore connection"
+                f" pool; httpx {httpx.__version__} differs: install httpx 0.28"
+            )
+        limits = httpx.Limits()
+        self._pool = httpcore.ConnectionPool(
+            ssl_context=httpx.create_ssl_context(trust_env=False),
+            max_connections=limits.max_connections,
+            max_keepalive_connections=limits.max_keepalive_connections,
+            keepalive_expiry=limits.keepalive_expiry,
+            network_backend=_GuardedNetwork(policy),
+        )
+
+
+def _normal_host(host: str) -> str:
+    """Lower case, without a trailing dot or IPv6 brackets."""
+    return host.strip().lower().rstrip(".").removeprefix("[").removesuffix("]")
+
+
+def _hosts_of(url: str) -> set[str]:
+    """The host of ``url`` as written and as sent (IDNA), for messages."""
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL:
+        return set()
+    return {parsed.host, parsed.raw_host.decode("ascii", "replace")}
 
 
 def file_url_path(url: str) -> Path:

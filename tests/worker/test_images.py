@@ -1,10 +1,13 @@
-"""ImageLoader against real servers: a loopback HTTP server, moto's S3, real files and data: URIs."""
+"""ImageLoader against real servers: loopback HTTP servers, moto's S3, real files and data: URIs;
+the host policy (allowed_hosts, block_private_networks) against loopback servers too."""
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import io
+import ipaddress
 import os
 import struct
 import threading
@@ -12,10 +15,11 @@ import time
 import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, quote, urlsplit
 
 import pytest
 from PIL import Image
+from pydantic import ValidationError
 
 from producer.config import ImageSettings, S3Settings
 from producer.errors import (
@@ -27,7 +31,7 @@ from producer.errors import (
     ImageURLForbidden,
 )
 from tests.conftest import free_port
-from worker.images import ImageLoader, LoadedImage, decode_image
+from worker.images import ImageLoader, LoadedImage, blocked_address, decode_image
 
 MAX_BYTES = 200_000
 TIMEOUT_S = 0.5
@@ -406,3 +410,156 @@ def test_s3_can_be_disabled() -> None:
     with ImageLoader(ImageSettings(allow_s3=False)) as loader:
         with pytest.raises(ImageURLForbidden, match="disabled"):
             loader.load("s3://images/cats/a.png")
+
+
+# -- host policy: images.allowed_hosts, images.block_private_networks ----------------------------------
+
+
+class _PolicyHandler(BaseHTTPRequestHandler):
+    """/img.png: a PNG; /to?url=U: 302 to U. Every request's path is recorded in ``hits``."""
+
+    hits: list[str]
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def do_GET(self) -> None:  # noqa: N802
+        self.hits.append(self.path)
+        parts = urlsplit(self.path)
+        if parts.path == "/img.png":
+            status, headers, body = 200, {"Content-Type": "image/png"}, PNG
+        elif parts.path == "/to":
+            status, headers, body = 302, {"Location": parse_qs(parts.query)["url"][0]}, b""
+        else:
+            status, headers, body = 404, {}, b""
+        self.send_response(status)
+        for k, v in {**headers, "Content-Length": str(len(body))}.items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(body)
+
+
+@contextlib.contextmanager
+def policy_server(host: str = "127.0.0.1"):
+    """A loopback server on ``host`` (yields its base URL and the list of paths it was asked for)."""
+    hits: list[str] = []
+    handler = type("Handler", (_PolicyHandler,), {"hits": hits})
+    try:
+        server = ThreadingHTTPServer((host, 0), handler)
+    except OSError as e:
+        pytest.skip(f"cannot listen on {host}: {e}")
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://{host}:{server.server_address[1]}", hits
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _to(base: str, target: str) -> str:
+    return f"{base}/to?url={quote(target, safe='')}"
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
+def test_a_loopback_host_is_refused_before_any_request_when_private_networks_are_blocked(host: str) -> None:
+    with policy_server() as (base, hits), ImageLoader(ImageSettings(block_private_networks=True)) as loader:
+        url = base.replace("127.0.0.1", host) + "/img.png"
+        with pytest.raises(ImageURLForbidden) as err:
+            loader.load(url)
+    assert err.value.code == "image_url_forbidden" and not err.value.retryable
+    assert "loopback" in err.value.message and "images.block_private_networks to false" in err.value.message
+    assert err.value.to_dict()["url"] == url and err.value.to_dict()["address"] == "127.0.0.1"
+    assert hits == []
+
+
+def test_a_loopback_host_is_fetched_when_blocking_is_off() -> None:
+    settings = ImageSettings(block_private_networks=False, allowed_hosts=[])
+    with policy_server() as (base, hits), ImageLoader(settings) as loader:
+        assert loader.load(base.replace("127.0.0.1", "localhost") + "/img.png").size == (64, 48)
+    assert hits == ["/img.png"]
+
+
+def test_the_cloud_metadata_address_is_refused_without_connecting() -> None:
+    with ImageLoader(ImageSettings(block_private_networks=True, fetch_timeout_s=TIMEOUT_S)) as loader:
+        with pytest.raises(ImageURLForbidden, match="169.254.169.254 is a link-local address"):
+            loader.load("http://169.254.169.254/latest/meta-data/iam/security-credentials/")
+
+
+def test_a_host_with_one_private_address_among_public_ones_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    def resolve(host, port, *args, **kwargs):  # what a rebinding name might answer
+        assert host == "mixed.example.com"
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, port)) for ip in ("93.184.216.34", "10.1.2.3")]
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)
+    with ImageLoader(ImageSettings(block_private_networks=True)) as loader:
+        with pytest.raises(ImageURLForbidden, match="resolves to 10.1.2.3, is a private address"):
+            loader.load("http://mixed.example.com/img.png")
+
+
+def test_a_host_outside_allowed_hosts_is_refused_before_any_request() -> None:
+    with policy_server() as (base, hits), ImageLoader(ImageSettings(allowed_hosts=["*.example.com"])) as loader:
+        with pytest.raises(ImageURLForbidden) as err:
+            loader.load(f"{base}/img.png")
+    assert "127.0.0.1 is not in images.allowed_hosts (*.example.com)" in err.value.message
+    assert "VLQ_IMAGES_ALLOWED_HOSTS" in err.value.message and "redirect" not in err.value.message
+    assert hits == []
+
+
+@pytest.mark.parametrize("globs", [["127.0.0.*"], ["LOCALHOST."], ["*.example.com", "localhost"]])
+def test_allowed_hosts_globs_match_names_and_addresses_case_insensitively(globs: list[str]) -> None:
+    with policy_server() as (base, _), ImageLoader(ImageSettings(allowed_hosts=globs)) as loader:
+        url = base if globs == ["127.0.0.*"] else base.replace("127.0.0.1", "localhost")
+        assert loader.load(f"{url}/img.png").size == (64, 48)
+
+
+def test_a_redirect_from_an_allowed_host_to_one_outside_allowed_hosts_is_refused() -> None:
+    with policy_server() as (base, hits), ImageLoader(ImageSettings(allowed_hosts=["127.0.0.1"])) as loader:
+        assert loader.load(_to(base, f"{base}/img.png")).size == (64, 48)  # same host: followed
+        target = base.replace("127.0.0.1", "localhost") + "/img.png"
+        with pytest.raises(ImageURLForbidden) as err:
+            loader.load(_to(base, target))
+    assert "localhost is not in images.allowed_hosts" in err.value.message
+    assert "reached by a redirect" in err.value.message
+    assert hits.count("/img.png") == 1  # the refused hop never reached the server
+
+
+def test_a_redirect_to_a_private_address_is_refused_at_the_hop(monkeypatch: pytest.MonkeyPatch) -> None:
+    import worker.images
+
+    # Only loopback servers exist here: let 127.0.0.1 stand for a public host and keep the real
+    # judgement for every other address, so 127.0.0.2 is the private one the redirect leads to.
+    real = worker.images.blocked_address
+    monkeypatch.setattr(worker.images, "blocked_address", lambda ip: None if str(ip) == "127.0.0.1" else real(ip))
+    with policy_server("127.0.0.1") as (public, public_hits), policy_server("127.0.0.2") as (private, private_hits):
+        with ImageLoader(ImageSettings(block_private_networks=True)) as loader:
+            assert loader.load(f"{public}/img.png").size == (64, 48)
+            with pytest.raises(ImageURLForbidden) as err:
+                loader.load(_to(public, f"{private}/img.png"))
+    assert "127.0.0.2 is a loopback address" in err.value.message
+    assert "reached by a redirect" in err.value.message
+    assert public_hits == ["/img.png", "/to?url=" + quote(f"{private}/img.png", safe="")]
+    assert private_hits == []
+
+
+@pytest.mark.parametrize(
+    ("address", "reason"),
+    [
+        ("127.0.0.1", "loopback"), ("::1", "loopback"), ("10.0.0.7", "private"), ("192.168.1.1", "private"),
+        ("172.16.0.1", "private"), ("fc00::1", "private"), ("169.254.169.254", "link-local"),
+        ("fe80::1", "link-local"), ("224.0.0.1", "multicast"), ("ff02::1", "multicast"),
+        ("0.0.0.0", "unspecified"), ("240.0.0.1", "reserved"), ("100.64.0.1", "non-public"),
+        ("::ffff:127.0.0.1", "loopback"), ("64:ff9b::a9fe:a9fe", "link-local"), ("2002:0a00:0001::1", "private"),
+        ("8.8.8.8", None), ("2606:4700:4700::1111", None), ("::ffff:8.8.8.8", None), ("64:ff9b::808:808", None),
+    ],
+)
+def test_addresses_are_judged_by_where_they_lead(address: str, reason: str | None) -> None:
+    assert blocked_address(ipaddress.ip_address(address)) == reason
+
+
+@pytest.mark.parametrize("bad", ["https://images.example.com", "images.example.com:443", "example.com/photos"])
+def test_allowed_hosts_refuses_urls_and_ports_at_start_up(bad: str) -> None:
+    with pytest.raises(ValidationError, match="not a host glob"):
+        ImageSettings(allowed_hosts=[bad])
