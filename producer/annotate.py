@@ -7,7 +7,9 @@
   share a batch id. At most ``max_in_flight`` are queued at once, so a huge folder never floods
   Redis (inline images in particular).
 - Results are appended to the output file as they arrive, one line per image:
-  ``{"path", "job_id", "status", "answer", "boxes", "error", "fingerprint", "prompt", "model"}``.
+  ``{"path", "job_id", "status", "answer", "boxes", "image_size", "error", "fingerprint", "prompt",
+  "model"}``; ``image_size`` is ``[width, height]`` as the worker decoded the image (None for a
+  failed job). ``vlq export`` turns the file into COCO or Label Studio input (producer.export).
 - Resuming: an image's *fingerprint* is the sha256 of its bytes, the prompt, the model name and
   the sampling options. A later run with the same output file skips every image whose
   fingerprint already has a ``succeeded`` line; failed ones are tried again (their new line is
@@ -267,6 +269,7 @@ class Annotator:
             "status": record.status.value,
             "answer": None,
             "boxes": [],
+            "image_size": None,
             "error": None,
             "fingerprint": item.fingerprint,
             "prompt": self.options.prompt,
@@ -278,6 +281,7 @@ class Annotator:
                 choice = (doc.get("choices") or [{}])[0]
                 row["answer"] = (choice.get("message") or {}).get("content")
                 row["boxes"] = doc.get("boxes") or []
+                row["image_size"] = _image_size(doc)
                 row["usage"] = doc.get("usage")
                 summary.succeeded += 1
             except VlqError as e:  # the result expired or its store is away: count it failed
@@ -294,6 +298,15 @@ class Annotator:
             summary.failures[code] = summary.failures.get(code, 0) + 1
         sink.write(json.dumps(row, ensure_ascii=False) + "\n")
         sink.flush()
+
+
+def _image_size(doc: dict[str, Any]) -> list[int] | None:
+    """[width, height] of the job's one image as the worker decoded it (None when unknown)."""
+    sizes = (doc.get("vlq") or {}).get("image_sizes") or []
+    if sizes and sizes[0]:
+        return list(sizes[0])
+    return next((list(b["image_size"]) for b in doc.get("boxes") or []
+                 if isinstance(b, dict) and b.get("image_size")), None)
 
 
 def annotate(

@@ -261,6 +261,8 @@ class JobRunner:
             attempt=attempt,
             batch_id=job.batch_id,
             metadata=job.metadata,
+            # [width, height] of each picture as decoded (what the boxes' pixels refer to)
+            image_sizes=[_size(image) for image in images],
         )
         # Milliseconds: the engine's own (preprocess, queued, vision, prefill, decode, ttft,
         # total) plus the job's wait in the queue, its image fetching and the engine's wall time.
@@ -360,3 +362,8 @@ def register(app: Any, runner: JobRunner) -> Any:
         return outcome.status
 
     return run_job
+
+
+def _size(image: Any) -> list[int] | None:
+    size = getattr(image, "size", None)
+    return list(size) if size is not None else None

@@ -4,7 +4,7 @@ Worker-side commands (``generate``, ``worker``) import torch only when they run,
 producer's install keeps working without it.
 """
 
-from producer.cli import api, annotate, generate, jobs, worker  # noqa: F401  (registration)
+from producer.cli import api, annotate, export, generate, jobs, worker  # noqa: F401  (registration)
 from producer.cli.app import app, main
 
 __all__ = ["app", "main"]

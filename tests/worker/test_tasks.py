@@ -219,3 +219,49 @@ def test_the_celery_task_retries_transient_errors_through_the_broker(env) -> Non
             time.sleep(0.02)
     rec = store.get(job.id)
     assert rec.status is JobStatus.SUCCEEDED and rec.attempts == 2 and rec.retries == 1
+
+
+def test_an_image_host_the_policy_refuses_fails_the_job_at_once_naming_the_setting(env) -> None:
+    from producer.config import ImageSettings
+    from worker.images import ImageLoader
+
+    runner, store, engine, _ = env
+    runner.images = ImageLoader(ImageSettings(block_private_networks=True))
+    body = request()
+    body["messages"][0]["content"][0]["image_url"]["url"] = "http://169.254.169.254/latest/meta-data/"
+    job = queued(store, body)
+    try:
+        outcome = runner.run(job.to_json())
+    finally:
+        runner.images.close()
+    assert outcome.status == "failed" and outcome.retry_in is None
+    error = store.get(job.id).error
+    assert error["code"] == "image_url_forbidden" and "images.block_private_networks" in error["message"]
+    assert error["picture"] == 1 and engine.submitted == []
+
+
+def test_the_result_records_each_pictures_decoded_size(env) -> None:
+    import base64
+    import io
+
+    from PIL import Image
+
+    from producer.config import ImageSettings
+    from worker.images import ImageLoader
+
+    runner, store, _, _ = env
+    runner.images = ImageLoader(ImageSettings())
+    urls = []
+    for size in ((64, 48), (30, 70)):
+        buf = io.BytesIO()
+        Image.new("RGB", size, "teal").save(buf, "PNG")
+        urls.append("data:image/png;base64," + base64.b64encode(buf.getvalue()).decode())
+    body = {"messages": [{"role": "user", "content": [
+        *({"type": "image_url", "image_url": {"url": u}} for u in urls), {"type": "text", "text": "compare"}]}]}
+    job = queued(store, body)
+    try:
+        assert runner.run(job.to_json()).status == "succeeded"
+    finally:
+        runner.images.close()
+    doc = json.loads(store.redis.get(store.keys.result(job.id)))
+    assert doc["vlq"]["image_sizes"] == [[64, 48], [30, 70]]
