@@ -19,6 +19,9 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    # Markdown re-wraps each docstring paragraph to the terminal; "rich" would keep the source's
+    # line breaks. Help texts are plain sentences with a blank line between paragraphs.
+    rich_markup_mode="markdown",
 )
 
 # error code -> what the user should do next (one line)
