@@ -11,7 +11,6 @@ import typer
 
 from producer.cli.app import app, fail
 from producer.errors import VlqError
-from producer.export import export as run_export
 
 
 class ExportFormat(str, Enum):
@@ -35,6 +34,10 @@ def export(
     file names are relative to the annotated folder. Images without boxes and failed images
     come with no annotations; a summary line on stderr counts them and names the failures.
     """
+    # producer.export uses worker.engine.grounding (torch-free); imported here so that loading
+    # producer.cli pulls in no worker code.
+    from producer.export import export as run_export
+
     to_stdout = str(out) == "-"
     try:
         doc, summary = run_export(results, None if to_stdout else out, fmt.value,
