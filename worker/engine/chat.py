@@ -319,10 +319,6 @@ def _torch_backend(settings: EngineSettings, tokenizer: QwenTokenizer) -> tuple[
     from worker.engine.model.checkpoint import load_model
 
     device, dtype = resolve_device(settings.device, settings.dtype)
-    if settings.quantization != "none":
-        raise EngineUnavailable(
-            f"engine.quantization {settings.quantization} is not available in the torch backend yet; "
-            "set engine.quantization to none")
     model = load_model(settings.model_dir, device=device, dtype=dtype)
     engine = TorchEngine(
         model,
@@ -332,6 +328,8 @@ def _torch_backend(settings: EngineSettings, tokenizer: QwenTokenizer) -> tuple[
         device=device,
         dtype=dtype,
         feature_cache_images=settings.feature_cache_images,
+        quantization=settings.quantization,
+        cuda_graphs=settings.cuda_graphs,
     )
     return engine, str(device), str(dtype).removeprefix("torch.")
 

@@ -26,6 +26,12 @@ Rules the engine enforces itself:
 - Seeds: a request without a seed gets a random one; the same seed gives the same answer
   whatever else is in the batch.
 
+Speed (on a :class:`worker.engine.model.qwen_vl.QwenVL`): the runner serves it through the fast
+path (fused kernels, CUDA-graph decode when ``cuda_graphs``), ``quantization="int8"`` makes the
+LLM int8 weight-only (:mod:`worker.engine.model.quant`), during each decode step the images of
+the next waiting request are encoded ahead of its admission, and (``lookahead``, on with graphs)
+the next decode step is launched before the host reads this one's tokens.
+
 Streaming: ``on_delta`` is called from the engine thread with each new piece of answer text
 (never half a UTF-8 character, never text a stop string will remove), all of it before the
 future resolves; if the callback raises, it is logged and not called again for that request.
@@ -42,6 +48,7 @@ from concurrent.futures import Future
 import torch
 
 from producer.errors import (
+    ConfigError,
     DeadlineExceeded,
     EngineError,
     EngineUnavailable,
@@ -56,6 +63,8 @@ from worker.engine.sequence import Sequence
 from worker.engine.types import IMAGE_TOKENS, GenerationRequest, GenerationResult
 
 log = logging.getLogger(__name__)
+
+QUANTIZATIONS = ("none", "int8")
 
 
 class TorchEngine:
@@ -75,8 +84,22 @@ class TorchEngine:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
         feature_cache_images: int = 64,
+        quantization: str = "none",
+        cuda_graphs: bool = True,
+        fast_path: bool = True,
+        lookahead: bool | None = None,
         start: bool = True,
     ) -> None:
+        if quantization not in QUANTIZATIONS:
+            raise ConfigError(f"quantization {quantization!r} is not one of {', '.join(QUANTIZATIONS)}")
+        if quantization == "int8":
+            from worker.engine.model.quant import quantize_llm
+            from worker.engine.model.qwen_vl import QwenVL
+
+            if not isinstance(model, QwenVL):
+                raise ConfigError(f"int8 quantization needs a QwenVL model, not {type(model).__name__}")
+            quantize_llm(model)
+        self.quantization = quantization
         self.max_batch_size = max_batch_size
         self.max_seq_len = max_seq_len
         self.tokenizer = tokenizer
@@ -89,6 +112,9 @@ class TorchEngine:
             dtype=dtype,
             feature_cache_images=feature_cache_images,
             allowed_vocab=getattr(tokenizer, "n_vocab", None),
+            fast_path=fast_path,
+            cuda_graphs=cuda_graphs,
+            lookahead=lookahead,
         )
         self._inbox: list[tuple[str, object]] = []  # ("submit", Sequence) | ("abort", request_id)
         self._cond = threading.Condition()
@@ -212,7 +238,8 @@ class TorchEngine:
         try:
             if not is_prefill:
                 self.runner.decode(seqs)
-            token_ids = self.runner.sample(seqs)
+                self._encode_ahead()  # while the decode step runs on the GPU
+            token_ids = self.runner.sample(seqs, lookahead=not is_prefill and self._worth_looking_ahead(seqs))
         except Exception as e:
             self._fail_model(seqs, e, "prefill" if is_prefill else "decode")
             return [], []
@@ -223,6 +250,24 @@ class TorchEngine:
             else:
                 seq.decode_s += elapsed
         return seqs, token_ids
+
+    def _worth_looking_ahead(self, seqs: list[Sequence]) -> bool:
+        """Launch the next decode step before this one's tokens are read (ModelRunner.sample)
+        unless every answer ends now by length, or one does and a waiting request will take its
+        slot (the step would be dropped and delay that prefill)."""
+        ending = [len(seq.output_ids) + 1 >= seq.max_tokens for seq in seqs]
+        return not all(ending) and (not self.scheduler.waiting or not any(ending))
+
+    def _encode_ahead(self) -> None:
+        """Encode the images of the first waiting request (among those the free slots will take
+        next) that has not been encoded yet: one request per decode step."""
+        for seq in list(self.scheduler.waiting)[:self.max_batch_size]:
+            try:
+                if self.runner.encode_ahead(seq):
+                    return
+            except Exception:  # its prefill encodes again and fails that request properly
+                log.debug("encoding %s ahead of admission failed", seq.request_id, exc_info=True)
+                return
 
     def _stream(self, seqs: list[Sequence]) -> None:
         for seq in seqs:

@@ -10,8 +10,13 @@ Decode always runs the full static batch: ``tokens``, ``positions`` and ``slots`
 own (unused) cache row. The batch dimension never changes, so a request's numbers do not depend
 on how many others share its batch (kernels may pick another reduction order for another batch
 size), and a later CUDA graph can replay the call. The cache span read (``kv_len``) is the
-longest running sequence rounded up to a power of two: a handful of shapes, one graph each.
-The one host sync per step is reading the sampled ids.
+longest running sequence rounded up to a power of two (the fast path's attention reads each
+row's own length instead, and ignores it). The one host sync per step is reading the sampled ids.
+
+A :class:`worker.engine.model.qwen_vl.QwenVL` is served through
+:class:`worker.engine.model.fast.FastQwenVL` (fused kernels, CUDA-graph decode) unless
+``fast_path`` is off. :meth:`ModelRunner.encode_ahead` encodes a waiting request's images before
+its admission, on CUDA on a side stream so that the vision tower runs while decode steps do.
 """
 
 from __future__ import annotations
@@ -80,7 +85,15 @@ class ModelRunner:
         dtype: torch.dtype = torch.float32,
         feature_cache_images: int = 64,
         allowed_vocab: int | None = None,
+        fast_path: bool = True,
+        cuda_graphs: bool = True,
+        lookahead: bool | None = None,
     ) -> None:
+        from worker.engine.model.fast import FastQwenVL
+        from worker.engine.model.qwen_vl import QwenVL
+
+        if fast_path and isinstance(model, QwenVL):
+            model = FastQwenVL(model, cuda_graphs=cuda_graphs)
         self.model = model
         self.max_batch_size = max_batch_size
         self.max_seq_len = max_seq_len
@@ -94,16 +107,44 @@ class ModelRunner:
         # Prefill writes each admitted slot's row here; decode's output replaces the pointer.
         self._prefill_logits = torch.zeros(max_batch_size, self.vocab_size, device=self.device)
         self._logits = self._prefill_logits  # [B, V], what sample() reads
+        self._side_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        # Host staging for each step's small inputs (pinned on CUDA: an asynchronous copy). It is
+        # rewritten only after the previous step's sampled ids were read, i.e. its copy finished.
+        self._host_rows = torch.zeros(4, max_batch_size, dtype=torch.long)
+        self._host_ids = torch.zeros(max_batch_size, dtype=torch.long)
+        if self.device.type == "cuda":
+            self._host_rows = self._host_rows.pin_memory()
+            self._host_ids = self._host_ids.pin_memory()
+        self._host_rows_np = self._host_rows.numpy()  # element writes through numpy are cheap
+        self._sampler_rows: tuple | None = None
+        # Lookahead: launch the next decode step from the sampled ids still on the device, before
+        # the host reads them (default: when decode replays CUDA graphs, i.e. is launch-cheap).
+        self.lookahead = bool(getattr(model, "graphs_enabled", False)) if lookahead is None else lookahead
+        self._decode_rows: torch.Tensor | None = None  # this step's device rows, for the lookahead
+        self._ahead: tuple | None = None  # (seqs, their num_tokens then, rows [4, B], logits)
 
     # -- one step's work ------------------------------------------------------------------------
 
     @torch.inference_mode()
     def prefill(self, seq: Sequence) -> None:
-        """Encode ``seq``'s images, fill its cache row with the prompt, keep its last logits."""
+        """Encode ``seq``'s images, fill its cache row with the prompt, keep its last logits.
+
+        On CUDA the vision and prefill work is queued back to back (its split into ``vision_s``
+        and ``prefill_s`` comes from events), with one wait at the end."""
         t0 = time.monotonic()
-        features = self.encode_images(seq.request.images)
-        self._sync()
-        t1 = time.monotonic()
+        cuda = self.device.type == "cuda"
+        if cuda:
+            stream = torch.cuda.current_stream(self.device)
+            if self._side_stream is not None:  # images encoded ahead share the vision graphs' buffers
+                stream.wait_stream(self._side_stream)
+            marks = [torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)]
+            marks[0].record(stream)
+        features = self._take_encoded(seq)
+        if features is None:
+            features = self.encode_images(seq.request.images)
+        if cuda:
+            marks[1].record(stream)
+        vision_host = time.monotonic() - t0
         ids = torch.tensor(seq.request.prompt_ids, dtype=torch.long, device=self.device)  # [T]
         logits = self.model.prefill(ids, seq.slot, image_features=features,
                                     image_slots=tuple(seq.request.image_slots))  # [V]
@@ -111,34 +152,82 @@ class ModelRunner:
         self._logits = self._prefill_logits
         self.sampler.set_slot(seq.slot, seq.request.sampling, seq.seed, seq.request.prompt_ids)
         self._sync()
-        seq.vision_s += t1 - t0
-        seq.prefill_s += time.monotonic() - t1
+        total = time.monotonic() - t0
+        vision = marks[0].elapsed_time(marks[1]) / 1000 if cuda else vision_host
+        seq.vision_s += vision
+        seq.prefill_s += max(0.0, total - vision)
 
     @torch.inference_mode()
     def decode(self, seqs: Seq[Sequence]) -> None:
-        """One token for every running sequence, in one model call over all slots."""
-        tokens = [0] * self.max_batch_size
-        positions = [0] * self.max_batch_size
-        for seq in seqs:
-            tokens[seq.slot] = seq.last_token
-            positions[seq.slot] = seq.num_tokens - 1  # where the last token sits
-        tokens_t = torch.tensor(tokens, dtype=torch.long, device=self.device)  # [B]
-        positions_t = torch.tensor(positions, dtype=torch.long, device=self.device)  # [B]
-        kv_len = self.kv_bucket(max(positions) + 1)
-        self._logits = self.model.decode(tokens_t, positions_t, self._slots, kv_len=kv_len)  # [B, V]
+        """One token for every running sequence, in one model call over all slots.
+
+        The step's inputs and the sampler's (answer lengths, active rows) go to the device in one
+        copy before the model is called, so nothing waits on a transfer after the launch. If the
+        previous step launched this one ahead (:meth:`sample` with ``lookahead``) for the same
+        sequences, each one token longer, that launch is used as it is."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[0] == list(seqs) and ahead[1] == [seq.num_tokens for seq in seqs]:
+            rows, self._logits = ahead[2], ahead[3]
+        else:
+            rows = self._step_rows(seqs, with_inputs=True)  # [4, B] int64 on the device
+            kv_len = self.kv_bucket(max(seq.num_tokens for seq in seqs) if seqs else 1)
+            self._logits = self.model.decode(rows[0], rows[1], self._slots, kv_len=kv_len)  # [B, V]
+        self._decode_rows = rows
+        self._sampler_rows = (list(seqs), rows[2], rows[3].bool())
 
     @torch.inference_mode()
-    def sample(self, seqs: Seq[Sequence]) -> list[int]:
-        """Sample every slot from the last prefill/decode logits; returns ``seqs``' new tokens."""
-        steps = [0] * self.max_batch_size
-        active = [False] * self.max_batch_size
+    def sample(self, seqs: Seq[Sequence], lookahead: bool = False) -> list[int]:
+        """Sample every slot from the last prefill/decode logits; returns ``seqs``' new tokens.
+
+        With ``lookahead`` (after a decode step, when :attr:`lookahead` is on) the next decode
+        step for the same sequences is launched from the sampled ids on the device before they
+        are read back, so the GPU works while the host handles this step's tokens. Its inputs
+        are exactly what :meth:`decode` would build next; if the batch changes meanwhile (an
+        answer ends, a request is admitted) it is dropped: it wrote nothing but each row's next
+        cache position, which the real step writes again."""
+        ready, self._sampler_rows = self._sampler_rows, None
+        rows, self._decode_rows = self._decode_rows, None
+        if ready is not None and ready[0] == list(seqs):
+            steps_t, active_t = ready[1], ready[2]
+        else:
+            rows = None
+            fresh = self._step_rows(seqs, with_inputs=False)
+            steps_t, active_t = fresh[2], fresh[3].bool()
+        next_ids = self.sampler.sample(self._logits, steps_t, active_t)  # [B] on the device
+        if not (lookahead and self.lookahead and rows is not None):
+            ids = next_ids.tolist()  # the one sync
+        elif self.device.type == "cuda":
+            self._host_ids.copy_(next_ids, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record(torch.cuda.current_stream(self.device))
+            self._launch_ahead(seqs, rows, next_ids)
+            copied.synchronize()  # waits for the sampled ids, not for the step launched after them
+            ids = self._host_ids.tolist()
+        else:
+            ids = next_ids.tolist()
+            self._launch_ahead(seqs, rows, next_ids)
+        return [ids[seq.slot] for seq in seqs]
+
+    def _launch_ahead(self, seqs: Seq[Sequence], rows: torch.Tensor, next_ids: torch.Tensor) -> None:
+        active = rows[3]  # [B] int64, 1 for the slots of this step
+        ahead = torch.stack([next_ids * active, rows[1] + active, rows[2] + active, active])  # [4, B]
+        kv_len = self.kv_bucket(max(seq.num_tokens for seq in seqs) + 1)
+        logits = self.model.decode(ahead[0], ahead[1], self._slots, kv_len=kv_len)  # [B, V]
+        self._ahead = (list(seqs), [seq.num_tokens + 1 for seq in seqs], ahead, logits)
+
+    def _step_rows(self, seqs: Seq[Sequence], with_inputs: bool) -> torch.Tensor:
+        """``[4, B]`` int64 on the device: tokens, positions (where each last token sits), answer
+        lengths and active flags per slot; free slots carry token 0 at position 0."""
+        rows = self._host_rows_np
+        rows.fill(0)
         for seq in seqs:
-            steps[seq.slot] = len(seq.output_ids)
-            active[seq.slot] = True
-        steps_t = torch.tensor(steps, dtype=torch.long, device=self.device)  # [B]
-        active_t = torch.tensor(active, dtype=torch.bool, device=self.device)  # [B]
-        next_ids = self.sampler.sample(self._logits, steps_t, active_t).tolist()  # the one sync
-        return [next_ids[seq.slot] for seq in seqs]
+            if with_inputs:
+                rows[0, seq.slot] = seq.last_token
+                rows[1, seq.slot] = seq.num_tokens - 1
+            rows[2, seq.slot] = len(seq.output_ids)
+            rows[3, seq.slot] = 1
+        host = self._host_rows
+        return host.to(self.device, non_blocking=True) if self.device.type == "cuda" else host.clone()
 
     def kv_bucket(self, length: int) -> int:
         """The cache span a decode step reads: ``length`` rounded up to a power of two (at least
@@ -154,8 +243,45 @@ class ModelRunner:
     # -- vision ---------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def encode_images(self, images: Seq[ImageInput]) -> torch.Tensor | None:
-        """Vision features of ``images`` ([N, 256, hidden]); cached ones are not recomputed."""
+    def encode_ahead(self, seq: Sequence) -> bool:
+        """Encode waiting ``seq``'s images now, before its admission; its prefill then only waits
+        for them. On CUDA the work goes to a side stream and this returns once it is queued, so
+        it overlaps the decode step in flight. False when there was nothing to do."""
+        if seq.encoded_images is not None or not seq.request.images:
+            return False
+        t0 = time.monotonic()
+        if self._side_stream is None:
+            seq.encoded_images = (self.encode_images(seq.request.images, remember=False), None)
+        else:
+            # No wait on the main stream: weights never change and cached features were
+            # finished before their prefill returned.
+            with torch.cuda.stream(self._side_stream):
+                features = self.encode_images(seq.request.images, remember=False)
+                done = torch.cuda.Event()
+                done.record(self._side_stream)
+            seq.encoded_images = (features, done)
+        seq.vision_s += time.monotonic() - t0
+        return True
+
+    def _take_encoded(self, seq: Sequence) -> torch.Tensor | None:
+        """Features :meth:`encode_ahead` made for ``seq``, ready for the main stream (then cached)."""
+        if seq.encoded_images is None:
+            return None
+        features, done = seq.encoded_images
+        seq.encoded_images = None
+        if done is not None:
+            stream = torch.cuda.current_stream(self.device)
+            stream.wait_event(done)
+            features.record_stream(stream)
+        for image, row in zip(seq.request.images, features):
+            if image.key not in self.features:
+                self.features.put(image.key, row)
+        return features
+
+    @torch.inference_mode()
+    def encode_images(self, images: Seq[ImageInput], remember: bool = True) -> torch.Tensor | None:
+        """Vision features of ``images`` ([N, 256, hidden]); cached ones are not recomputed, new
+        ones are cached unless ``remember`` is off."""
         if not images:
             return None
         found = [self.features.get(img.key) for img in images]
@@ -168,9 +294,10 @@ class ModelRunner:
                 raise RuntimeError(f"encode_images returned {tuple(computed.shape)} for {len(missing)} images")
             for j, i in enumerate(missing):
                 found[i] = computed[j]
-                self.features.put(images[i].key, computed[j])
+                if remember:
+                    self.features.put(images[i].key, computed[j])
         return torch.stack(found)  # [N, 256, hidden]
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+            torch.cuda.current_stream(self.device).synchronize()

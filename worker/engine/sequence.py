@@ -68,6 +68,8 @@ class Sequence:
         self.finish_reason: FinishReason | None = None
         self.error: VlqError | None = None
         self.on_delta = request.on_delta  # set to None by the engine if the callback fails
+        # (features, CUDA event or None) from ModelRunner.encode_ahead, until its prefill takes them
+        self.encoded_images: tuple | None = None
         self._streamed = 0  # characters of ``text`` already handed to on_delta
         params = request.sampling
         self._stop_ids = frozenset(() if params.ignore_stop else params.stop_token_ids)

@@ -286,3 +286,16 @@ def test_grounding_boxes_come_in_pixels_of_the_referred_picture(tiny_model_dir, 
     assert box["image_size"] == [w, h]
     assert box["box_pixels"] == [int(441 / 1000 * w), int(382 / 1000 * h), int(733 / 1000 * w), int(811 / 1000 * h)]
     assert result["choices"][0]["message"]["content"] == answer
+
+
+def test_int8_quantization_serves_through_the_torch_backend(tiny_model_dir):
+    from worker.engine.model.quant import Int8Linear
+
+    chat = ChatEngine.from_settings(settings(tiny_model_dir, quantization="int8"))
+    try:
+        assert chat.engine.quantization == "int8"
+        assert isinstance(chat.engine.runner.model.model.lm_head, Int8Linear)
+        result = chat.submit(parse_chat_request(text_only(max_tokens=3)), [], request_id="q").result(timeout=60)
+        assert result["usage"]["completion_tokens"] >= 1
+    finally:
+        chat.close()

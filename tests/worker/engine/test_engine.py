@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from producer.errors import (
+    ConfigError,
     DeadlineExceeded,
     EngineError,
     EngineUnavailable,
@@ -384,3 +385,74 @@ def test_seeded_sampling_on_the_tiny_checkpoint_is_reproducible(tiny):
     assert batched[1].token_ids == alone.token_ids
     assert batched[2].token_ids != alone.token_ids
     assert batched[0].token_ids != alone.token_ids
+
+
+# -- speed options ---------------------------------------------------------------------------------
+
+
+def test_a_waiting_requests_images_are_encoded_while_the_batch_decodes(make_engine, scripted_model):
+    model = scripted_model(x_times_first_prompt_id)
+    engine = make_engine(model, max_batch_size=1, max_seq_len=600)
+    first = engine.submit(request("a", [3]))
+    pixels = torch.full((3, 448, 448), 2.0)
+    second = engine.submit(request("b", [1] * 300, images=[ImageInput(pixels, key="img")], image_slots=[5]))
+    engine.step()  # prefill a; b waits for the slot
+    engine.step()  # a decodes, b's image is encoded meanwhile
+    kinds = [c[0] for c in model.calls]
+    assert kinds[-2:] == ["decode", "encode_images"] and [s.request_id for s in engine.scheduler.waiting] == ["b"]
+    drain(engine)
+    assert first.result().text == "xxx" and second.result().text == "x"
+    assert [c[0] for c in model.calls].count("encode_images") == 1
+    assert model.image_features[0][0, 0, 0] == 2.0  # b's prefill got them
+
+
+def test_an_unknown_quantization_or_int8_without_a_qwen_model_is_refused(byte_tokenizer, scripted_model):
+    with pytest.raises(ConfigError, match="int4"):
+        TorchEngine(scripted_model(x_times_first_prompt_id), byte_tokenizer, quantization="int4", start=False)
+    with pytest.raises(ConfigError, match="QwenVL"):
+        TorchEngine(scripted_model(x_times_first_prompt_id), byte_tokenizer, quantization="int8", start=False)
+
+
+def test_looking_ahead_gives_the_same_answers_and_admissions(make_engine, scripted_model):
+    def run(lookahead: bool) -> tuple[list[str], int]:
+        engine = make_engine(x_times_first_prompt_id, max_batch_size=2, lookahead=lookahead)
+        futures = [engine.submit(request(f"r{i}", [1 + (3 * i) % 7])) for i in range(5)]
+        steps = drain(engine)
+        return [f.result().text for f in futures], steps
+
+    plain, plain_steps = run(False)
+    ahead, ahead_steps = run(True)
+    assert ahead == plain == ["x" * (1 + (3 * i) % 7) for i in range(5)]
+    assert ahead_steps == plain_steps  # the same schedule: only the launch order differs
+
+
+def test_the_step_launched_ahead_is_used_when_the_batch_is_unchanged(make_engine):
+    engine = make_engine(x_times_first_prompt_id, max_batch_size=2, lookahead=True)
+    engine.submit(request("a", [5]))
+    engine.submit(request("b", [5]))
+    drain(engine)
+    decodes = engine.runner.model.decode_calls
+    # prefill gives token 1; five decode steps give "xxxx" and <|im_end|>, each launched once (the
+    # first normally, the others ahead), plus one launched ahead of the stop and dropped
+    positions = [tuple(p) for _, _, p, _ in decodes]
+    assert positions == [(i, i) for i in range(1, 7)]
+
+
+def test_greedy_and_seeded_answers_on_the_tiny_checkpoint_do_not_depend_on_looking_ahead(tiny):
+    model, tok = tiny
+    prompts = [tiny_prompt(tok, t) for t in ("What is in this picture?", "hello", "1 2 3 4 5")]
+
+    def requests() -> list[GenerationRequest]:
+        greedy_params = SamplingParams(max_tokens=9, temperature=0.0, stop_token_ids=tok.stop_token_ids)
+        seeded = SamplingParams(max_tokens=9, temperature=1.0, top_p=0.9, seed=3, stop_token_ids=tok.stop_token_ids)
+        return [GenerationRequest(f"g{i}", p, sampling=greedy_params) for i, p in enumerate(prompts)] + [
+            GenerationRequest("s", prompts[0], sampling=seeded)]
+
+    answers = []
+    for lookahead in (False, True):
+        engine = TorchEngine(model, tok, max_batch_size=2, max_seq_len=1024, lookahead=lookahead, start=True)
+        try:
+            answers.append([f.result(timeout=120).token_ids for f in [engine.submit(r) for r in requests()]])
+        finally:
+            engine.close()
+    assert answers[0] == answers[1]

@@ -150,3 +150,20 @@ def test_model_errors_propagate_to_the_caller(byte_tokenizer, scripted_model, ba
     seq = admitted(byte_tokenizer, "a", [1] * 300, slot=0, images=[image(0.5, "k")], image_slots=[10])
     with pytest.raises(RuntimeError):
         runner.prefill(seq)
+
+
+def test_images_encoded_ahead_reach_prefill_without_a_second_encode(byte_tokenizer, scripted_model):
+    model = scripted_model(lambda p, o: 1)
+    runner = ModelRunner(model, max_batch_size=1, max_seq_len=600)
+    seq = admitted(byte_tokenizer, "a", [1] * 300, slot=0, images=[image(3.0, "k")], image_slots=[10])
+    assert runner.encode_ahead(seq) and not runner.encode_ahead(seq)  # once
+    assert "k" not in runner.features  # cached only when its prefill takes it
+    runner.prefill(seq)
+    assert [c for c in model.calls if c[0] == "encode_images"] == [("encode_images", 1)]
+    assert model.image_features[0][0, 0, 0] == 3.0
+    assert "k" in runner.features and seq.encoded_images is None
+
+
+def test_nothing_is_encoded_ahead_for_a_text_only_request(byte_tokenizer, scripted_model):
+    runner = ModelRunner(scripted_model(lambda p, o: 1), max_batch_size=1, max_seq_len=16)
+    assert not runner.encode_ahead(admitted(byte_tokenizer, "a", [1, 2], slot=0))

@@ -1,0 +1,79 @@
+"""The fused kernels' torch versions (what runs on a CPU) against the eager model's pieces.
+
+The Triton versions run on CUDA only; the GPU benchmark compares the whole fast path with the
+eager one there (benchmarks/engine_bench.py).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from worker.engine.model import kernels
+from worker.engine.model.decoder import MLP, RMSNorm, apply_rotary, rotary_cos_sin, rotary_inv_freq
+from worker.engine.model.args import LLMArgs
+
+GEN = torch.Generator().manual_seed(0)
+
+
+def randn(*shape: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=GEN)
+
+
+def test_rms_norm_adds_the_residual_then_normalises_like_the_decoder():
+    norm = RMSNorm(64, 1e-6)
+    norm.weight.data = 1 + 0.1 * randn(64)
+    x, add = randn(5, 64), randn(5, 64)
+    out, total = kernels.rms_norm(x, norm.weight, 1e-6, add)
+    assert torch.equal(total, x + add)
+    assert torch.equal(out, norm(x + add))
+    alone, same = kernels.rms_norm(x, norm.weight, 1e-6)
+    assert same is x and torch.equal(alone, norm(x))
+
+
+def test_silu_mul_is_the_mlp_gate_over_the_fused_output():
+    args = LLMArgs(hidden_size=32, num_heads=4, kv_channels=8, intermediate_size=48)
+    mlp = MLP(args)
+    x = randn(3, 32)
+    fused = torch.cat([mlp.w1.weight, mlp.w2.weight])  # [2F, C]
+    gate = kernels.silu_mul(x @ fused.T)
+    assert torch.allclose(mlp.c_proj(gate), mlp(x), atol=1e-6)
+
+
+def test_rotary_to_cache_rotates_scales_and_writes_each_token_at_its_row_and_position():
+    heads, d, rows, length = 2, 8, 3, 16
+    qkv = randn(4, 3 * heads * d)
+    positions, slots = torch.tensor([0, 5, 15, 5]), torch.tensor([2, 0, 1, 1])
+    inv_freq = torch.stack([rotary_inv_freq(d, 10000.0, alpha) for alpha in (1.0, 3.0, 7.0)])  # [rows, d/2]
+    logn = torch.linspace(1.0, 1.5, length)
+    k_cache, v_cache = torch.zeros(rows, heads, length, d), torch.zeros(rows, heads, length, d)
+    q = kernels.rotary_to_cache(qkv, positions, slots, inv_freq, logn, k_cache, v_cache, heads)
+    for m in range(4):
+        q_m, k_m, v_m = qkv[m].view(3, 1, 1, heads, d)  # each [1, 1, H, D]
+        cos, sin = rotary_cos_sin(positions[m:m + 1], inv_freq[slots[m]])  # [1, 1, D]
+        assert torch.allclose(q[m], apply_rotary(q_m, cos, sin)[0, 0] * logn[positions[m]], atol=1e-6)
+        assert torch.allclose(k_cache[slots[m], :, positions[m]], apply_rotary(k_m, cos, sin)[0, 0], atol=1e-6)
+        assert torch.equal(v_cache[slots[m], :, positions[m]], v_m[0, 0])
+    assert k_cache[0, :, 0].abs().sum() == 0  # nothing else written
+
+
+def test_decode_attention_sees_each_row_up_to_its_own_length():
+    heads, d, rows, length = 2, 8, 3, 40
+    k_cache, v_cache = randn(rows, heads, length, d), randn(rows, heads, length, d)
+    q = randn(2, heads, d)
+    slots, lengths = torch.tensor([2, 0]), torch.tensor([40, 7])
+    out = kernels.decode_attention(q, k_cache, v_cache, slots, lengths)  # [B, H*D]
+    for b in range(2):
+        n = int(lengths[b])
+        k, v = k_cache[slots[b], :, :n], v_cache[slots[b], :, :n]  # [H, n, D]
+        expected = F.scaled_dot_product_attention(q[b][:, None], k, v)[:, 0]  # [H, D]
+        assert torch.allclose(out[b], expected.reshape(-1), atol=1e-6)
+    assert torch.allclose(kernels.decode_attention(q, k_cache, v_cache, slots, lengths, kv_len=40), out)
+
+
+def test_int8_linear_scales_each_output_channel_once():
+    x, weight, bias = randn(3, 20), randn(6, 20), randn(6)
+    q, scale = kernels.quantize_int8(weight)
+    y = kernels.int8_linear(x, q, scale, bias)
+    expected = x.double() @ (q.double() * scale.double()[:, None]).T + bias.double()
+    assert torch.allclose(y.double(), expected, atol=1e-5)

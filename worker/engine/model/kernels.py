@@ -1,0 +1,446 @@
+"""Fused kernels of the serving path: Triton on CUDA, the same arithmetic in torch elsewhere.
+
+Each public function takes and returns torch tensors and picks its implementation from the
+input's device: a Triton kernel where Triton and CUDA are available (or under Triton's
+interpreter, ``TRITON_INTERPRET=1``, for debugging on a CPU), otherwise a torch function doing
+the same arithmetic in the same order of roundings as the eager model in
+:mod:`worker.engine.model.decoder`. None of them reads a value back to the host on CUDA, so they
+can be captured in a CUDA graph.
+
+- :func:`rms_norm`: ``residual (+ add)`` then the decoder's RMSNorm, one pass.
+- :func:`silu_mul`: the MLP's ``w1(x) * silu(w2(x))`` from the fused ``[w1 | w2]`` output.
+- :func:`rotary_to_cache`: rotary embedding (per-slot NTK frequencies) and logn scaling of q, k
+  from the fused ``c_attn`` output, k and v written straight into the KV cache.
+- :func:`decode_attention`: one query per sequence over its own cache row, reading each row's
+  length from device memory (split over the row, then combined: "flash decoding").
+- :func:`int8_linear`: ``x @ (q * scale).T + bias`` for int8 per-output-channel weights,
+  without materialising the dequantised matrix (a GEMV-shaped kernel when ``x`` has few rows);
+  :func:`dense_linear` is the model-dtype linear (for few rows the same Triton GEMV unless
+  :data:`DENSE_GEMV` says cuBLAS).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+try:  # Triton ships with CUDA builds of torch; CPU-only installs run the torch versions
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
+    tl = None
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+# decode_attention splits every cache row into this many ranges (a power of two), so that even
+# one sequence keeps many programs busy; the ranges follow each row's length at run time.
+# (split, block, warps) measured best on an H100 and an H200 for 1-2 rows of ~800 positions.
+ATTENTION_SPLITS = 32
+ATTENTION_BLOCK = 32
+ATTENTION_WARPS = 2
+
+# Tile shapes of the Triton matmul (int8 weights, or model-dtype weights for few rows):
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT_K). Fixed per weight shape rather than
+# autotuned, so that the reduction order (and so every answer) is the same in every process.
+# With few rows (decode) the kernel is a GEMV bound by weight bytes: it needs a few programs per
+# multiprocessor, so narrow matrices split K and add the partial sums in a second, ordered pass.
+FEW_ROWS = 16
+MANY_ROWS_TILES = (64, 128, 64, 4, 4, 1)  # prefill
+
+
+def few_rows_tiles(n: int, k: int, weight_bytes: int) -> tuple:
+    """Decode tiles for an ``[n, k]`` weight of ``weight_bytes`` per element (:data:`TILES` wins
+    when it has the shape)."""
+    if (n, k, weight_bytes) in TILES:
+        return TILES[(n, k, weight_bytes)]
+    if n >= 16384:
+        return (16, 64, 256, 4, 4, 1)
+    if n >= 8192:
+        return (16, 32, 256, 4, 4, 1)
+    return (16, 32, 256, 4, 4, 4)
+
+
+# Measured per-shape choices, (N, K, bytes per weight) -> tiles: the best of the GPU benchmark's
+# sweep on an H100 80GB HBM3 (1 and 2 rows) for Qwen-VL-Chat's decoder shapes; an H200 picked
+# the same or neighbours within 3% (docs/benchmarks.md).
+TILES: dict[tuple[int, int, int], tuple] = {
+    (12288, 4096, 2): (16, 32, 256, 4, 4, 1),  # c_attn, bf16
+    (4096, 4096, 2): (16, 32, 256, 4, 4, 1),  # attention c_proj
+    (22016, 4096, 2): (16, 64, 256, 4, 4, 1),  # [w1 | w2]
+    (4096, 11008, 2): (16, 32, 256, 4, 4, 2),  # MLP c_proj
+    (151936, 4096, 2): (16, 64, 256, 4, 4, 1),  # lm_head
+    (12288, 4096, 1): (16, 32, 256, 4, 4, 1),  # the same, int8
+    (4096, 4096, 1): (16, 32, 256, 4, 4, 1),
+    (22016, 4096, 1): (16, 64, 256, 4, 4, 1),
+    (4096, 11008, 1): (16, 32, 256, 4, 4, 2),
+    (151936, 4096, 1): (16, 32, 256, 4, 4, 1),
+}
+
+
+def triton_ok(t: torch.Tensor) -> bool:
+    """True when ``t``'s kernels run in Triton (CUDA tensors, or any tensor when interpreting)."""
+    return triton is not None and (t.is_cuda or INTERPRET)
+
+
+# -- RMSNorm with the residual add ---------------------------------------------------------------
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             add: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x [M, C]`` (+ ``add [M, C]``, rounded to x's dtype like the eager residual add) ->
+    ``(rms_norm(sum) * weight, sum)``, both ``[M, C]`` in x's dtype."""
+    if not triton_ok(x):
+        if add is not None:
+            x = x + add
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        return normed.type_as(x) * weight, x
+    m, c = x.shape
+    out = torch.empty(m, c, dtype=x.dtype, device=x.device)
+    total = torch.empty(m, c, dtype=x.dtype, device=x.device) if add is not None else x
+    _rms_norm_kernel[(m,)](
+        x, add if add is not None else x, total, weight, out, c, eps,
+        x.stride(0), add.stride(0) if add is not None else 0,
+        HAS_ADD=add is not None, BLOCK=triton.next_power_of_2(c), num_warps=8 if c >= 2048 else 4)
+    return out, total
+
+
+# -- the MLP's gate ------------------------------------------------------------------------------
+
+
+def silu_mul(y: torch.Tensor) -> torch.Tensor:
+    """``y [M, 2F]`` = ``[w1(x) | w2(x)]`` -> ``w1(x) * silu(w2(x))`` ``[M, F]`` (x's dtype)."""
+    f = y.shape[1] // 2
+    if not triton_ok(y):
+        return y[:, :f] * F.silu(y[:, f:])
+    m = y.shape[0]
+    out = torch.empty(m, f, dtype=y.dtype, device=y.device)
+    block = 1024
+    _silu_mul_kernel[(m, triton.cdiv(f, block))](y, out, f, y.stride(0), BLOCK=block, num_warps=4)
+    return out
+
+
+# -- rotary embedding and the cache write --------------------------------------------------------
+
+
+def rotary_to_cache(qkv: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                    inv_freq: torch.Tensor, logn: torch.Tensor | None,
+                    k_cache: torch.Tensor, v_cache: torch.Tensor, heads: int, return_kv: bool = False):
+    """Rotate and write one layer's keys and values into the cache; return the queries.
+
+    qkv: ``[M, 3 * heads * D]`` (c_attn's output); token ``m`` sits at ``positions[m]`` of cache
+    row ``slots[m]`` (int64 ``[M]``). inv_freq: ``[rows, D/2]`` float32, each row's rotary
+    frequencies (its dynamic-NTK alpha); logn: ``[max_seq_len]`` float32 query scales, or None.
+    k_cache, v_cache: ``[rows, heads, max_seq_len, D]``. Returns ``q [M, heads, D]``: rotated in
+    float32, rounded to the model dtype, then scaled by logn (as the eager model does); with
+    ``return_kv`` also the rotated ``k`` and the ``v`` written, each ``[M, heads, D]``.
+    """
+    m = qkv.shape[0]
+    d = k_cache.shape[-1]
+    if not triton_ok(qkv):
+        from .decoder import apply_rotary, rotary_cos_sin
+
+        q, k, v = qkv.view(m, 3, heads, d).unbind(1)  # each [M, H, D]
+        cos, sin = rotary_cos_sin(positions[:, None], inv_freq.index_select(0, slots))  # [M, 1, 1, D]
+        q = apply_rotary(q[:, None], cos, sin)[:, 0]  # [M, H, D]
+        k = apply_rotary(k[:, None], cos, sin)[:, 0]
+        if logn is not None:
+            q = q * logn.index_select(0, positions)[:, None, None].type_as(q)
+        k_cache[slots, :, positions] = k
+        v_cache[slots, :, positions] = v
+        return (q, k, v) if return_kv else q
+    q_out = torch.empty(m, heads, d, dtype=qkv.dtype, device=qkv.device)
+    k_out = torch.empty_like(q_out) if return_kv else q_out
+    v_out = torch.empty_like(q_out) if return_kv else q_out
+    _rotary_kernel[(m, heads)](
+        qkv, positions, slots, inv_freq, logn if logn is not None else inv_freq, k_cache, v_cache,
+        q_out, k_out, v_out, qkv.stride(0), heads * d, inv_freq.stride(0),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        HAS_LOGN=logn is not None, RETURN_KV=return_kv, D=d, HALF=d // 2, num_warps=1 if d <= 64 else 2)
+    return (q_out, k_out, v_out) if return_kv else q_out
+
+
+# -- decode attention ----------------------------------------------------------------------------
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     slots: torch.Tensor, lengths: torch.Tensor, kv_len: int | None = None) -> torch.Tensor:
+    """One query per sequence over its own cache row.
+
+    q: ``[B, H, D]``; row ``b`` attends to positions ``0 .. lengths[b] - 1`` of cache row
+    ``slots[b]`` (both int64 ``[B]`` on the device). Returns ``[B, H * D]`` in q's dtype.
+    ``kv_len`` (an upper bound of ``lengths``) only shortens the torch version's span; the
+    Triton version reads each row's length from device memory and needs no bound.
+    """
+    b, h, d = q.shape
+    if not triton_ok(q):
+        span = k_cache.shape[2] if kv_len is None else kv_len
+        k = k_cache[:, :, :span].index_select(0, slots)  # [B, H, span, D]
+        v = v_cache[:, :, :span].index_select(0, slots)
+        visible = torch.arange(span, device=q.device) < lengths[:, None]  # [B, span]
+        out = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=visible[:, None, None, :])
+        return out.reshape(b, h * d)  # [B, 1, H, D] order is [B, H, 1, D]: one query, same thing
+    splits = ATTENTION_SPLITS
+    part_out = torch.empty(b * h, splits, d, dtype=torch.float32, device=q.device)
+    part_max = torch.empty(b * h, splits, dtype=torch.float32, device=q.device)
+    part_sum = torch.empty(b * h, splits, dtype=torch.float32, device=q.device)
+    _decode_attention_kernel[(b * h, splits)](
+        q, k_cache, v_cache, slots, lengths, part_out, part_max, part_sum,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        d ** -0.5, H=h, D=d, SPLITS=splits, BLOCK=ATTENTION_BLOCK, num_warps=ATTENTION_WARPS)
+    out = torch.empty(b, h * d, dtype=q.dtype, device=q.device)
+    _combine_kernel[(b * h,)](part_out, part_max, part_sum, out, D=d, SPLITS=splits, num_warps=1)
+    return out
+
+
+# -- int8 weight-only linear ---------------------------------------------------------------------
+
+
+def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+                bias: torch.Tensor | None = None, config: tuple | None = None) -> torch.Tensor:
+    """``x [M, K]`` times int8 ``qweight [N, K]`` with float32 per-row ``scale [N]`` (+ ``bias``)
+    -> ``[M, N]`` in x's dtype. Products accumulate in float32 and are scaled once per output,
+    exactly ``(x @ (qweight * scale).T + bias)`` up to float32 rounding. ``config`` overrides the
+    tile shape (benchmarks)."""
+    if not triton_ok(x):
+        y = x.float() @ qweight.float().T * scale
+        if bias is not None:
+            y = y + bias.float()
+        return y.to(x.dtype)
+    return _matmul(x, qweight, scale, bias, config)
+
+
+def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                 config: tuple | None = None) -> torch.Tensor:
+    """``F.linear`` for the fast path: cuBLAS, or for few rows the GEMV-shaped Triton kernel of
+    :func:`int8_linear` on the model-dtype weights when :data:`DENSE_GEMV` is ``"triton"``."""
+    if DENSE_GEMV != "triton" or x.shape[0] > FEW_ROWS or not triton_ok(x):
+        return F.linear(x, weight, bias)
+    return _matmul(x, weight, None, bias, config)
+
+
+# How the fast path multiplies model-dtype weights by few rows: "cublas" (torch) or "triton".
+DENSE_GEMV = "triton"
+
+
+def _matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None,
+            config: tuple | None) -> torch.Tensor:
+    m, k = x.shape
+    n = weight.shape[0]
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if config is None:
+        config = few_rows_tiles(n, k, weight.element_size()) if m <= FEW_ROWS else MANY_ROWS_TILES
+    bm, bn, bk, warps, stages, split = config
+    blocks_per_split = triton.cdiv(triton.cdiv(k, bk), split)
+    partial = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else y
+    grid = (triton.cdiv(n, bn), triton.cdiv(m, bm), split)
+    _matmul_kernel[grid](
+        x, weight, scale if scale is not None else weight, bias if bias is not None else weight,
+        partial, m, n, k, x.stride(0), weight.stride(0), blocks_per_split,
+        HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+        SPLIT_K=split, DOT_FP32=INTERPRET, num_warps=warps, num_stages=stages)
+    if split > 1:
+        block = 1024
+        _split_k_sum_kernel[(triton.cdiv(m * n, block),)](
+            partial, scale if scale is not None else partial, bias if bias is not None else partial, y, m * n, n,
+            HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, SPLIT_K=split, BLOCK=block, num_warps=4)
+    return y
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-output-channel symmetric int8: ``weight [N, K]`` -> ``(q int8 [N, K], scale float32 [N])``
+    with ``weight ~= q * scale[:, None]`` and ``|q| <= 127``."""
+    w = weight.float()
+    amax = w.abs().amax(dim=1)  # [N]
+    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+# -- Triton kernels ------------------------------------------------------------------------------
+
+if triton is not None:
+
+    @triton.jit
+    def _rms_norm_kernel(x_ptr, add_ptr, total_ptr, w_ptr, out_ptr, C, eps, stride_x, stride_add,
+                         HAS_ADD: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < C
+        x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+        if HAS_ADD:
+            a = tl.load(add_ptr + row * stride_add + cols, mask=mask, other=0.0)
+            x = (x.to(tl.float32) + a.to(tl.float32)).to(x.dtype)  # the eager residual add's rounding
+            tl.store(total_ptr + row * C + cols, x, mask=mask)
+        xf = x.to(tl.float32)
+        var = tl.sum(xf * xf, axis=0) / C
+        normed = (xf * tl.math.rsqrt(var + eps)).to(x.dtype)
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+        out = normed.to(tl.float32) * w.to(tl.float32)
+        tl.store(out_ptr + row * C + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _silu_mul_kernel(y_ptr, out_ptr, width, stride_y, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < width
+        a = tl.load(y_ptr + row * stride_y + cols, mask=mask, other=0.0)
+        g = tl.load(y_ptr + row * stride_y + width + cols, mask=mask, other=0.0).to(tl.float32)
+        gate = (g / (1.0 + tl.exp(-g))).to(a.dtype)  # silu, rounded as torch rounds it
+        out = a.to(tl.float32) * gate.to(tl.float32)
+        tl.store(out_ptr + row * width + cols, out.to(a.dtype), mask=mask)
+
+    @triton.jit
+    def _rotary_kernel(qkv_ptr, pos_ptr, slot_ptr, freq_ptr, logn_ptr, k_ptr, v_ptr, q_ptr, k_out_ptr, v_out_ptr,
+                       stride_qkv, C, stride_freq, stride_cs, stride_ch, stride_cl,
+                       HAS_LOGN: tl.constexpr, RETURN_KV: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr):
+        m = tl.program_id(0)
+        h = tl.program_id(1)
+        pos = tl.load(pos_ptr + m)
+        slot = tl.load(slot_ptr + m)
+        i = tl.arange(0, HALF)
+        freqs = pos.to(tl.float32) * tl.load(freq_ptr + slot * stride_freq + i)  # [HALF]
+        cos = tl.cos(freqs)
+        sin = tl.sin(freqs)
+        base = qkv_ptr + m * stride_qkv + h * D
+        q1 = tl.load(base + i).to(tl.float32)
+        q2 = tl.load(base + HALF + i).to(tl.float32)
+        k1 = tl.load(base + C + i).to(tl.float32)
+        k2 = tl.load(base + C + HALF + i).to(tl.float32)
+        v1 = tl.load(base + 2 * C + i)
+        v2 = tl.load(base + 2 * C + HALF + i)
+        dtype = v1.dtype
+        # (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), rounded to the model dtype
+        qa = (q1 * cos - q2 * sin).to(dtype)
+        qb = (q2 * cos + q1 * sin).to(dtype)
+        ka = (k1 * cos - k2 * sin).to(dtype)
+        kb = (k2 * cos + k1 * sin).to(dtype)
+        if HAS_LOGN:
+            scale = tl.load(logn_ptr + pos).to(dtype).to(tl.float32)
+            qa = (qa.to(tl.float32) * scale).to(dtype)
+            qb = (qb.to(tl.float32) * scale).to(dtype)
+        row = (m * (C // D) + h) * D
+        tl.store(q_ptr + row + i, qa)
+        tl.store(q_ptr + row + HALF + i, qb)
+        if RETURN_KV:
+            tl.store(k_out_ptr + row + i, ka)
+            tl.store(k_out_ptr + row + HALF + i, kb)
+            tl.store(v_out_ptr + row + i, v1)
+            tl.store(v_out_ptr + row + HALF + i, v2)
+        cache = slot * stride_cs + h * stride_ch + pos * stride_cl
+        tl.store(k_ptr + cache + i, ka)
+        tl.store(k_ptr + cache + HALF + i, kb)
+        tl.store(v_ptr + cache + i, v1)
+        tl.store(v_ptr + cache + HALF + i, v2)
+
+    @triton.jit
+    def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, slot_ptr, len_ptr, out_ptr, max_ptr, sum_ptr,
+                                 stride_qb, stride_qh, stride_cs, stride_ch, stride_cl, sm_scale,
+                                 H: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
+                                 BLOCK: tl.constexpr):
+        bh = tl.program_id(0)
+        split = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        slot = tl.load(slot_ptr + b)
+        length = tl.load(len_ptr + b).to(tl.int32)
+        per_split = tl.cdiv(tl.cdiv(length, SPLITS), BLOCK) * BLOCK
+        start = split * per_split
+        end = tl.minimum(start + per_split, length)
+        d = tl.arange(0, D)
+        q = tl.load(q_ptr + b * stride_qb + h * stride_qh + d).to(tl.float32) * sm_scale  # [D]
+        row = slot * stride_cs + h * stride_ch
+        m_i = tl.full([], float("-inf"), tl.float32)
+        l_i = tl.full([], 0.0, tl.float32)
+        acc = tl.zeros([D], dtype=tl.float32)
+        for first in range(start, end, BLOCK):
+            offs = first + tl.arange(0, BLOCK)
+            mask = offs < end
+            addr = row + offs[:, None] * stride_cl + d[None, :]  # [BLOCK, D]
+            k = tl.load(k_ptr + addr, mask=mask[:, None], other=0.0).to(tl.float32)
+            scores = tl.sum(k * q[None, :], axis=1)  # [BLOCK]
+            scores = tl.where(mask, scores, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(scores, axis=0))
+            p = tl.exp(scores - m_new)
+            alpha = tl.exp(m_i - m_new)
+            v = tl.load(v_ptr + addr, mask=mask[:, None], other=0.0).to(tl.float32)
+            acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+            l_i = l_i * alpha + tl.sum(p, axis=0)
+            m_i = m_new
+        part = bh * SPLITS + split
+        tl.store(out_ptr + part * D + d, acc)
+        tl.store(max_ptr + part, m_i)
+        tl.store(sum_ptr + part, l_i)
+
+    @triton.jit
+    def _combine_kernel(out_ptr, max_ptr, sum_ptr, o_ptr, D: tl.constexpr, SPLITS: tl.constexpr):
+        bh = tl.program_id(0)
+        s = tl.arange(0, SPLITS)
+        d = tl.arange(0, D)
+        maxes = tl.load(max_ptr + bh * SPLITS + s)  # [SPLITS]; -inf for empty ranges
+        sums = tl.load(sum_ptr + bh * SPLITS + s)
+        top = tl.max(maxes, axis=0)  # finite: the first range is never empty
+        weights = tl.where(sums > 0, tl.exp(maxes - top), 0.0)  # [SPLITS]
+        parts = tl.load(out_ptr + (bh * SPLITS + s)[:, None] * D + d[None, :])  # [SPLITS, D]
+        out = tl.sum(parts * weights[:, None], axis=0) / tl.sum(sums * weights, axis=0)
+        tl.store(o_ptr + bh * D + d, out.to(o_ptr.dtype.element_ty))
+
+    @triton.jit
+    def _matmul_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, blocks_per_split,
+                       HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+                       DOT_FP32: tl.constexpr):
+        """y [M, N] = x [M, K] @ w[N, K].T (* scale[N] + bias[N]), w int8 or x's dtype; program
+        (n, m, s) does one [BLOCK_M, BLOCK_N] tile over the s-th range of K."""
+        pid_n = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        pid_k = tl.program_id(2)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, BLOCK_K)
+        m_mask = rm < M
+        n_mask = rn < N
+        x_rows = x_ptr + rm[:, None] * stride_xm  # [BM, 1]
+        w_cols = w_ptr + rn[None, :] * stride_wn  # [1, BN]: column n of the [K, N] view is row n
+        k_first = pid_k * blocks_per_split * BLOCK_K
+        k_last = tl.minimum(K, k_first + blocks_per_split * BLOCK_K)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(k_first, k_last, BLOCK_K):
+            k = k0 + rk
+            k_mask = k < K
+            x = tl.load(x_rows + k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)  # [BM, BK]
+            w = tl.load(w_cols + k[:, None], mask=k_mask[:, None] & n_mask[None, :], other=0)  # [BK, BN]
+            if DOT_FP32:  # Triton's interpreter mishandles low-precision dots
+                acc += tl.dot(x.to(tl.float32), w.to(tl.float32))
+            else:
+                acc += tl.dot(x, w.to(x.dtype))
+        out_mask = m_mask[:, None] & n_mask[None, :]
+        if SPLIT_K > 1:  # float32 partial sums [SPLIT_K, M, N], added up by _split_k_sum_kernel
+            tl.store(y_ptr + (pid_k * M + rm[:, None]) * N + rn[None, :], acc, mask=out_mask)
+        else:
+            y = acc
+            if HAS_SCALE:
+                y = acc * tl.load(s_ptr + rn, mask=n_mask, other=0.0)[None, :]
+            if HAS_BIAS:
+                y += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+            tl.store(y_ptr + rm[:, None] * N + rn[None, :], y.to(y_ptr.dtype.element_ty), mask=out_mask)
+
+    @triton.jit
+    def _split_k_sum_kernel(part_ptr, s_ptr, b_ptr, y_ptr, total, N, HAS_SCALE: tl.constexpr,
+                            HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+        idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = idx < total
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for split in tl.static_range(SPLIT_K):  # always the same order: deterministic
+            acc += tl.load(part_ptr + split * total + idx, mask=mask, other=0.0)
+        n = idx % N
+        if HAS_SCALE:
+            acc = acc * tl.load(s_ptr + n, mask=mask, other=0.0)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + n, mask=mask, other=0.0).to(tl.float32)
+        tl.store(y_ptr + idx, acc.to(y_ptr.dtype.element_ty), mask=mask)
