@@ -1,0 +1,36 @@
+"""The GPU engine benchmark runs end to end on a CPU with the tiny config (its figures mean
+nothing there; the point is that the script, its prompt and its checks do not rot)."""
+
+from __future__ import annotations
+
+import json
+
+from benchmarks import engine_bench
+
+
+def test_the_seed_prompt_has_the_seed_token_count(qwen_tiktoken):
+    from worker.engine.tokenizer import QwenTokenizer
+
+    ids, slot = engine_bench.seed_prompt(QwenTokenizer.from_file(qwen_tiktoken))
+    assert len(ids) == engine_bench.SEED_PROMPT_TOKENS == 285
+    assert ids[slot - 1] != ids[slot] == ids[slot + 255] != ids[slot + 256]  # <img> 256 x <imgpad> </img>
+
+
+def test_vision_flops_are_counted_from_the_architecture():
+    from worker.engine.model.args import VisionArgs
+
+    flops = engine_bench.vision_flops(VisionArgs())
+    assert 4.1e12 < flops < 4.3e12  # the issue's ~4.15 TFLOP per image, counted exactly
+
+
+def test_the_benchmark_runs_on_a_cpu_with_the_tiny_config(qwen_tiktoken, sample_images, tmp_path):
+    out = tmp_path / "bench.json"
+    code = engine_bench.main(["--tiny", "--device", "cpu", "--quick", "--tokenizer", str(qwen_tiktoken),
+                              "--image", str(sample_images / "demo.jpeg"), "--max-seq-len", "512",
+                              "--decode-tokens", "3", "--skip", "eager,jobs", "--json", str(out)])
+    assert code == 0
+    report = json.loads(out.read_text())
+    names = [row["name"] for row in report["rows"]]
+    assert "TTFT from preprocessed pixels" in names and "decode tok/s, batch 2, 3 new tokens" in names
+    assert any(name.startswith("int8 decode") for name in names)
+    assert report["info"]["correctness"]["greedy steps fast == eager"] == "17/17"
