@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import logging
 import secrets
-import threading
 import time
 from concurrent.futures import Future
 
@@ -49,14 +48,13 @@ import torch
 
 from producer.errors import (
     ConfigError,
-    DeadlineExceeded,
     EngineError,
     EngineUnavailable,
     InvalidRequest,
-    JobCancelled,
     PromptTooLong,
     VlqError,
 )
+from worker.engine.mailbox import ABORT, SUBMIT, Mailbox, aborted, duplicate_request, internal_error
 from worker.engine.runner import ModelRunner
 from worker.engine.scheduler import Scheduler
 from worker.engine.sequence import Sequence
@@ -116,10 +114,7 @@ class TorchEngine:
             cuda_graphs=cuda_graphs,
             lookahead=lookahead,
         )
-        self._inbox: list[tuple[str, object]] = []  # ("submit", Sequence) | ("abort", request_id)
-        self._cond = threading.Condition()
-        self._closed = False
-        self._thread: threading.Thread | None = None
+        self._mailbox = Mailbox("vlq-engine")  # (SUBMIT, Sequence) | (ABORT, request_id)
         if start:
             self.start()
 
@@ -133,94 +128,65 @@ class TorchEngine:
         except VlqError as e:
             future.set_exception(e)
             return future
-        with self._cond:
-            if self._closed:
-                future.set_exception(EngineUnavailable("the engine is closed", request_id=request.request_id))
-                return future
-            self._inbox.append(("submit", seq))
-            self._cond.notify()
+        if not self._mailbox.post(SUBMIT, seq):
+            future.set_exception(EngineUnavailable("the engine is closed", request_id=request.request_id))
         return future
 
     def abort(self, request_id: str) -> None:
         """Stop ``request_id`` (waiting or running); its future raises JobCancelled."""
-        with self._cond:
-            self._inbox.append(("abort", request_id))
-            self._cond.notify()
+        self._mailbox.post(ABORT, request_id)
 
     def close(self) -> None:
         """Stop the scheduler thread; unfinished requests fail with EngineUnavailable."""
-        with self._cond:
-            self._closed = True
-            self._cond.notify()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join()
-        self._fail_everything(EngineUnavailable("the engine was closed before the request finished"))
+        error = EngineUnavailable("the engine was closed before the request finished")
+        for kind, seq in self._mailbox.close():
+            if kind == SUBMIT and not seq.future.done():
+                seq.future.set_exception(error)
+        self._fail_in_flight(error)
 
     # -- the loop -------------------------------------------------------------------------------
 
     def start(self) -> None:
         """Start the scheduler thread."""
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name="vlq-engine", daemon=True)
-            self._thread.start()
+        self._mailbox.start(self.step, self.scheduler.has_work,
+                            lambda e: self._fail_in_flight(internal_error(e)))
 
     def step(self) -> None:
         """One scheduling step: admit or decode, sample, and hand out what finished."""
-        self._take_inbox()
+        self._take_mail()
         self._expire(time.monotonic())
         seqs, is_prefill = self.scheduler.schedule()
         seqs, token_ids = self._run(seqs, is_prefill)
         finished = self.scheduler.postprocess(seqs, token_ids)
-        self._stream(seqs)
+        for seq in seqs:
+            seq.stream()
         for seq in finished:
             self._resolve(seq)
 
     def has_work(self) -> bool:
         """Requests waiting, running, or not yet taken in."""
-        with self._cond:
-            return bool(self._inbox) or self.scheduler.has_work()
-
-    def _loop(self) -> None:
-        while True:
-            with self._cond:
-                while not self._closed and not self._inbox and not self.scheduler.has_work():
-                    self._cond.wait()
-                if self._closed:
-                    return
-            try:
-                self.step()
-            except Exception as e:  # a bug outside the model: fail what is in flight, keep serving
-                log.exception("engine step failed")
-                self._fail_in_flight(EngineError(f"internal engine error: {type(e).__name__}: {e}"))
+        return self._mailbox.has_mail() or self.scheduler.has_work()
 
     # -- step parts -----------------------------------------------------------------------------
 
-    def _take_inbox(self) -> None:
-        with self._cond:
-            inbox, self._inbox = self._inbox, []
-        for kind, item in inbox:
-            if kind == "submit":
+    def _take_mail(self) -> None:
+        for kind, item in self._mailbox.take():
+            if kind == SUBMIT:
                 seq = item
                 if not seq.future.set_running_or_notify_cancel():
                     continue  # cancelled through Future.cancel() before it was taken in
                 if self.scheduler.find(seq.request_id) is not None:
-                    # a redelivered job meeting its own first run: not the request's fault
-                    seq.future.set_exception(EngineError(
-                        f"request {seq.request_id} is already in the engine; request ids must be unique",
-                        request_id=seq.request_id))
+                    seq.future.set_exception(duplicate_request(seq.request_id))
                     continue
                 self.scheduler.add(seq)
             else:
                 seq = self.scheduler.find(item)
                 if seq is not None:
-                    self._finish(seq, JobCancelled(f"request {item} was aborted", request_id=item))
+                    self._finish(seq, aborted(item))
 
     def _expire(self, now: float) -> None:
         for seq in self.scheduler.expired(now):
-            self._finish(seq, DeadlineExceeded(
-                f"request {seq.request_id} passed its deadline after {len(seq.output_ids)} "
-                "answer tokens; allow it more time or ask for fewer max_tokens",
-                request_id=seq.request_id, completion_tokens=len(seq.output_ids)))
+            self._finish(seq, seq.deadline_error())
 
     def _run(self, seqs: list[Sequence], is_prefill: bool) -> tuple[list[Sequence], list[int]]:
         """Model and sampler work; a failure ends only the sequences it touched."""
@@ -269,19 +235,6 @@ class TorchEngine:
                 log.debug("encoding %s ahead of admission failed", seq.request_id, exc_info=True)
                 return
 
-    def _stream(self, seqs: list[Sequence]) -> None:
-        for seq in seqs:
-            if seq.on_delta is None or seq.error is not None:
-                continue
-            delta = seq.take_delta()
-            if not delta:
-                continue
-            try:
-                seq.on_delta(delta)
-            except Exception:
-                log.exception("on_delta of %s failed; streaming stops for it", seq.request_id)
-                seq.on_delta = None
-
     # -- endings --------------------------------------------------------------------------------
 
     def _resolve(self, seq: Sequence) -> None:
@@ -313,14 +266,6 @@ class TorchEngine:
     def _fail_in_flight(self, error: VlqError) -> None:
         for seq in [*self.scheduler.running.values(), *self.scheduler.waiting]:
             self._finish(seq, error)
-
-    def _fail_everything(self, error: VlqError) -> None:
-        with self._cond:
-            inbox, self._inbox = self._inbox, []
-        for kind, item in inbox:
-            if kind == "submit" and not item.future.done():
-                item.future.set_exception(error)
-        self._fail_in_flight(error)
 
     # -- admission ------------------------------------------------------------------------------
 

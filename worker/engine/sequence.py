@@ -18,12 +18,15 @@ a prefix of some stop string is held back until the next token decides.
 from __future__ import annotations
 
 import enum
+import logging
 import time
 from concurrent.futures import Future
 from typing import Protocol
 
-from producer.errors import VlqError
+from producer.errors import DeadlineExceeded, VlqError
 from worker.engine.types import FinishReason, GenerationRequest, GenerationResult
+
+log = logging.getLogger(__name__)
 
 
 class SequenceStatus(enum.Enum):
@@ -154,6 +157,20 @@ class Sequence:
         self._streamed = end
         return delta
 
+    def stream(self) -> None:
+        """Hand the new text (:meth:`take_delta`) to ``on_delta``; a callback that raises is
+        logged and not called again for this request."""
+        if self.on_delta is None or self.error is not None:
+            return
+        delta = self.take_delta()
+        if not delta:
+            return
+        try:
+            self.on_delta(delta)
+        except Exception:
+            log.exception("on_delta of %s failed; streaming stops for it", self.request_id)
+            self.on_delta = None
+
     def _held_back(self) -> int:
         """Length of the longest tail of the text that begins some stop string."""
         held = 0
@@ -178,6 +195,13 @@ class Sequence:
             completion_tokens=len(self.output_ids),
             timings=self.timings_ms(),
         )
+
+    def deadline_error(self) -> DeadlineExceeded:
+        """The error of a request stopped at its deadline."""
+        return DeadlineExceeded(
+            f"request {self.request_id} passed its deadline after {len(self.output_ids)} "
+            "answer tokens; allow it more time or ask for fewer max_tokens",
+            request_id=self.request_id, completion_tokens=len(self.output_ids))
 
     def timings_ms(self) -> dict[str, float]:
         """queued, vision, prefill, decode, ttft and total, in milliseconds."""

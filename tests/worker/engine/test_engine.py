@@ -100,6 +100,17 @@ def test_a_third_request_waits_and_joins_the_step_after_a_slot_frees(make_engine
     assert fc.result().timings["queued"] >= (a.finished_at - c.submitted_at) * 1000 - 0.01
 
 
+def test_a_request_id_already_in_the_engine_is_an_engine_error_not_bad_input(make_engine):
+    engine = make_engine(x_times_first_prompt_id)
+    first = engine.submit(request("same", [2]))
+    second = engine.submit(request("same", [2]))
+    drain(engine)
+    assert first.result(0).text == "xx"
+    with pytest.raises(EngineError, match="already in the engine") as caught:
+        second.result(0)
+    assert caught.value.code == "engine_error"  # a redelivered job may run again later
+
+
 def test_decode_runs_every_slot_with_static_shapes(make_engine):
     engine = make_engine(x_times_first_prompt_id, max_batch_size=3)
     engine.submit(request("a", [3, 9]))

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
 from collections import deque
 from collections.abc import Sequence as Seq
@@ -40,14 +39,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
-from producer.errors import (
-    DeadlineExceeded,
-    EngineError,
-    EngineUnavailable,
-    InvalidRequest,
-    JobCancelled,
-    VlqError,
-)
+from producer.errors import EngineError, EngineUnavailable, VlqError
+from worker.engine.mailbox import ABORT, SUBMIT, Mailbox, aborted, duplicate_request, internal_error
 from worker.engine.sequence import Sequence, SequenceStatus
 from worker.engine.trtllm.requests import EngineLimits, LlmRequestSpec, build_spec, finish_reason, prompt_table
 from worker.engine.types import GenerationRequest, GenerationResult
@@ -285,10 +278,7 @@ class TrtllmEngine:
         self._live: dict[int, _Live] = {}  # executor id -> request
         # Executor ids cancelled by vlq whose final response is pending -> their prompt tables.
         self._draining: dict[int, Any] = {}
-        self._inbox: list[tuple[str, object]] = []
-        self._cond = threading.Condition()
-        self._closed = False
-        self._thread: threading.Thread | None = None
+        self._mailbox = Mailbox("vlq-trtllm-engine")  # (SUBMIT, (Sequence, spec)) | (ABORT, request_id)
         if start:
             self.start()
 
@@ -347,32 +337,19 @@ class TrtllmEngine:
         except VlqError as e:
             future.set_exception(e)
             return future
-        with self._cond:
-            if self._closed:
-                future.set_exception(EngineUnavailable("the engine is closed", request_id=request.request_id))
-                return future
-            self._inbox.append(("submit", (seq, spec)))
-            self._cond.notify()
+        if not self._mailbox.post(SUBMIT, (seq, spec)):
+            future.set_exception(EngineUnavailable("the engine is closed", request_id=request.request_id))
         return future
 
     def abort(self, request_id: str) -> None:
         """Stop ``request_id`` (waiting or running); its future raises JobCancelled."""
-        with self._cond:
-            self._inbox.append(("abort", request_id))
-            self._cond.notify()
+        self._mailbox.post(ABORT, request_id)
 
     def close(self) -> None:
         """Stop the scheduler thread and the executor; unfinished requests fail."""
-        with self._cond:
-            self._closed = True
-            self._cond.notify()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join()
         error = EngineUnavailable("the engine was closed before the request finished")
-        with self._cond:
-            inbox, self._inbox = self._inbox, []
-        for kind, item in inbox:
-            if kind == "submit" and not item[0].future.done():
+        for kind, item in self._mailbox.close():
+            if kind == SUBMIT and not item[0].future.done():
                 item[0].future.set_exception(error)
         self._fail_all(error)
         self.llm.close()
@@ -380,13 +357,16 @@ class TrtllmEngine:
     # -- the loop -------------------------------------------------------------------------------
 
     def start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name="vlq-trtllm-engine", daemon=True)
-            self._thread.start()
+        """Start the scheduler thread."""
+        self._mailbox.start(lambda: self.step(self.poll_interval_s), self._busy,
+                            lambda e: self._fail_all(internal_error(e)))
 
     def has_work(self) -> bool:
-        with self._cond:
-            return bool(self._inbox or self._waiting or self._live or self._draining)
+        """Requests waiting, in the executor, or not yet taken in."""
+        return self._mailbox.has_mail() or self._busy()
+
+    def _busy(self) -> bool:
+        return bool(self._waiting or self._live or self._draining)
 
     @property
     def in_flight(self) -> int:
@@ -395,45 +375,28 @@ class TrtllmEngine:
 
     def step(self, timeout_s: float = 0.0) -> None:
         """Take new work, expire deadlines, admit up to the batch limit, handle responses."""
-        self._take_inbox()
+        self._take_mail()
         self._expire(time.monotonic())
         self._admit()
         if self._live or self._draining:
             self._handle(self.llm.poll(timeout_s))
 
-    def _loop(self) -> None:
-        while True:
-            with self._cond:
-                while not self._closed and not (self._inbox or self._waiting or self._live or self._draining):
-                    self._cond.wait()
-                if self._closed:
-                    return
-            try:
-                self.step(self.poll_interval_s)
-            except Exception as e:
-                log.exception("trtllm engine step failed")
-                self._fail_all(EngineError(f"internal engine error: {type(e).__name__}: {e}"))
-
     # -- step parts -----------------------------------------------------------------------------
 
-    def _take_inbox(self) -> None:
-        with self._cond:
-            inbox, self._inbox = self._inbox, []
-        for kind, item in inbox:
-            if kind == "submit":
+    def _take_mail(self) -> None:
+        for kind, item in self._mailbox.take():
+            if kind == SUBMIT:
                 seq, spec = item
                 if not seq.future.set_running_or_notify_cancel():
-                    continue
+                    continue  # cancelled through Future.cancel() before it was taken in
                 if self._find(seq.request_id) is not None:
-                    seq.future.set_exception(InvalidRequest(
-                        f"request {seq.request_id} is already in the engine; request ids must be unique",
-                        request_id=seq.request_id))
+                    seq.future.set_exception(duplicate_request(seq.request_id))
                     continue
                 self._waiting.append((seq, spec))
             else:
                 seq = self._find(item)
                 if seq is not None:
-                    self._end(seq, JobCancelled(f"request {item} was aborted", request_id=item))
+                    self._end(seq, aborted(item))
 
     def _find(self, request_id: str) -> Sequence | None:
         for seq, _ in self._waiting:
@@ -449,10 +412,7 @@ class TrtllmEngine:
         for seq in seqs:
             deadline = seq.request.deadline
             if deadline is not None and now >= deadline:
-                self._end(seq, DeadlineExceeded(
-                    f"request {seq.request_id} passed its deadline after {len(seq.output_ids)} "
-                    "answer tokens; allow it more time or ask for fewer max_tokens",
-                    request_id=seq.request_id, completion_tokens=len(seq.output_ids)))
+                self._end(seq, seq.deadline_error())
 
     def _admit(self) -> None:
         while self._waiting and self.in_flight < self.max_batch_size:
@@ -496,7 +456,7 @@ class TrtllmEngine:
                 if seq.append_token(token):
                     done = True
                     break
-            self._stream(seq)
+            seq.stream()
             if not done and out.is_final:
                 done = self._ended_by_executor(seq, live.spec, out)
                 if not done:  # settled with an error
@@ -524,18 +484,6 @@ class TrtllmEngine:
             request_id=seq.request_id))
         return False
 
-    def _stream(self, seq: Sequence) -> None:
-        if seq.on_delta is None:
-            return
-        delta = seq.take_delta()
-        if not delta:
-            return
-        try:
-            seq.on_delta(delta)
-        except Exception:
-            log.exception("on_delta of %s failed; streaming stops for it", seq.request_id)
-            seq.on_delta = None
-
     # -- endings --------------------------------------------------------------------------------
 
     def _end(self, seq: Sequence, error: VlqError) -> None:
@@ -557,7 +505,7 @@ class TrtllmEngine:
         if seq.first_token_at is not None:
             seq.decode_s = seq.finished_at - seq.first_token_at
         if error is None:
-            self._stream(seq)
+            seq.stream()
         if seq.future.done():
             return
         if error is not None:

@@ -415,6 +415,17 @@ def test_aborting_a_waiting_and_a_running_request_raises_job_cancelled(make_engi
     assert llm.cancelled == [1] and len(llm.enqueued) == 1
 
 
+def test_a_request_id_already_in_the_engine_is_an_engine_error_not_bad_input(make_engine):
+    engine, _ = make_engine(x_times_first_prompt_id)
+    first = engine.submit(GenerationRequest("same", [2], sampling=greedy()))
+    second = engine.submit(GenerationRequest("same", [2], sampling=greedy()))
+    drain(engine)
+    assert first.result(0).text == "xx"
+    with pytest.raises(EngineError, match="already in the engine") as caught:
+        second.result(0)
+    assert caught.value.code == "engine_error"  # a redelivered job may run again later
+
+
 def test_a_request_past_its_deadline_fails_with_deadline_exceeded_and_frees_its_slot(make_engine):
     import time
 
