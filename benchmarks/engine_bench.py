@@ -19,9 +19,17 @@ and every figure of the GPU-speed issue, each beside its limit and their ratio:
 - peak GPU memory; int8 weight-only decode and its ratio to bf16;
 - prefill and first-decode-step logits of the fast and the eager path against a float32 copy of
   the model (relative errors, greedy agreement);
-- a sweep of the Triton GEMV tiles per weight shape (and of the decode-attention split) against
+- a sweep of the Triton GEMV tiles per decoder-layer weight shape (``[w1 | w2]`` with the gate in
+  its epilogue; ``lm_head`` keeps its built-in tile) and of the decode-attention split against
   cuBLAS, whose winners are used for the run (``--keep-tiles``: reported only; ``--skip sweep``:
-  not run; the built-in table is ``worker.engine.model.kernels.TILES``).
+  not run; the built-in table is ``worker.engine.model.kernels.TILES``);
+- the fused epilogues (gate, split-K sums and the attention combine done by the last program of
+  each tile): bit-for-bit equality with the separate launches on the GPU, repeated (a race would
+  show as a moving answer), each kernel's time both ways, and decode before/after: the engine and
+  the graph replay with the separate launches and the built-in tiles (``--skip fusions``: not run).
+
+``--skip`` takes any of eager, sweep, fusions, vision, ttft, variants (decode without lookahead
+and with cuBLAS), jobs, int8.
 
 Eager is the engine with ``fast_path=False`` (the model's own prefill/decode: per-step cache
 gather, no graphs); fast is the default engine. ``--tiny`` (or ``--device cpu``) runs the same
@@ -40,6 +48,7 @@ import statistics
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -559,9 +568,11 @@ def compare_logits(s: Setup) -> dict:
     return out
 
 
-TILE_CANDIDATES = [(16, 32, 256, 4, 4, 1), (16, 64, 256, 4, 4, 1), (16, 64, 128, 4, 4, 1), (16, 128, 128, 8, 3, 1),
-                   (16, 32, 256, 4, 4, 2), (16, 64, 256, 4, 4, 2), (16, 32, 256, 4, 4, 4), (16, 64, 256, 4, 4, 4),
-                   (16, 16, 256, 4, 4, 4), (16, 32, 512, 4, 3, 4), (16, 32, 256, 4, 4, 8), (16, 64, 128, 4, 4, 8)]
+# With the split-K sums done by the last program of each tile (no second launch), split-K and
+# longer K blocks (int8: the same bytes per stage as bf16 at 256) are worth another look.
+TILE_CANDIDATES = [(16, 32, 256, 4, 4, 1), (16, 64, 256, 4, 4, 1), (16, 32, 256, 4, 4, 2), (16, 32, 256, 4, 4, 4),
+                   (16, 32, 512, 4, 3, 2)]
+SWEEP_LAYERS = ("c_attn", "c_proj", "gate_up", "down")  # lm_head keeps its built-in tile
 ATTENTION_CANDIDATES = [(16, 64, 4), (32, 32, 4), (32, 64, 4), (8, 64, 4), (16, 32, 2), (32, 32, 2), (64, 16, 2)]
 
 
@@ -578,20 +589,27 @@ def sweep_tiles(s: Setup, candidates: list[tuple]) -> list[dict]:
     tile shape, at 1 and 2 rows. The best tiles go into ``kernels.TILES`` for this run."""
     rows = []
     for name, (n, k) in llm_shapes(s.args).items():
-        copies = max(1, math.ceil(256e6 / (n * k * 2)))
+        if name not in SWEEP_LAYERS:
+            continue
+        gated = name == "gate_up"  # decode runs it with the gate in the epilogue
+        copies = max(1, math.ceil(256e6 / (n * k * 2))) if s.clock.cuda else 1  # past L2
         weights = [torch.randn(n, k, device=s.device, dtype=s.dtype) for _ in range(copies)]
         quant = [kernels.quantize_int8(w) for w in weights]
         xs = {m: torch.randn(m, k, device=s.device, dtype=s.dtype) for m in (1, 2)}
         cublas = [n * k * 2 / s.clock.graph_s([lambda w=w, m=m: torch.nn.functional.linear(xs[m], w) for w in weights])
                   / 1e9 for m in (1, 2)]
         for kind, nbytes, calls in (
-                ("bf16", n * k * 2, lambda cfg, m: [lambda w=w: kernels._matmul(xs[m], w, None, None, cfg)
+                ("bf16", n * k * 2, lambda cfg, m: [lambda w=w: kernels._matmul(xs[m], w, None, None, cfg, gated)
                                                     for w in weights]),
-                ("int8", n * k + n * 4, lambda cfg, m: [lambda q=q, sc=sc: kernels._matmul(xs[m], q, sc, None, cfg)
+                ("int8", n * k + n * 4, lambda cfg, m: [lambda q=q, sc=sc: kernels._matmul(xs[m], q, sc, None, cfg,
+                                                                                           gated)
                                                         for q, sc in quant])):
             results = {}
             for cfg in candidates if kernels.triton_ok(xs[1]) else []:
-                results[cfg] = [nbytes / s.clock.graph_s(calls(cfg, m)) / 1e9 for m in (1, 2)]
+                try:
+                    results[cfg] = [nbytes / s.clock.graph_s(calls(cfg, m)) / 1e9 for m in (1, 2)]
+                except Exception as e:  # e.g. out of shared memory: not a candidate here
+                    print(f"   {name} {kind} {cfg}: {type(e).__name__}: {str(e)[:120]}", flush=True)
             if not results:
                 continue
             best = max(results, key=lambda c: sum(results[c]))
@@ -631,6 +649,118 @@ def sweep_attention(s: Setup, candidates: list[tuple]) -> list[dict]:
     return rows
 
 
+@contextmanager
+def separate_launches(tiles: dict, attention: tuple):
+    """The kernels as before the fused epilogues: separate gate, split-K sum and combine
+    launches, with ``tiles`` and ``attention`` (split, block, warps)."""
+    saved = dict(kernels.TILES), (kernels.ATTENTION_SPLITS, kernels.ATTENTION_BLOCK, kernels.ATTENTION_WARPS)
+    kernels.TILES.clear()
+    kernels.TILES.update(tiles)
+    kernels.ATTENTION_SPLITS, kernels.ATTENTION_BLOCK, kernels.ATTENTION_WARPS = attention
+    kernels.FUSED_EPILOGUES = False
+    try:
+        yield
+    finally:
+        kernels.FUSED_EPILOGUES = True
+        kernels.TILES.clear()
+        kernels.TILES.update(saved[0])
+        kernels.ATTENTION_SPLITS, kernels.ATTENTION_BLOCK, kernels.ATTENTION_WARPS = saved[1]
+
+
+def fused_epilogue_checks(s: Setup, repeats: int = 20) -> dict:
+    """On the device: each fused epilogue against the separate launches, bit for bit, and the
+    fused version ``repeats`` times over (a race between a tile's programs would move bits).
+    Uses the tiles of this run, the layer shapes, 1 and 2 rows, bf16 and int8 weights."""
+    out = {}
+    shapes = llm_shapes(s.args)
+    for name in SWEEP_LAYERS:
+        n, k = shapes[name]
+        w = torch.randn(n, k, device=s.device, dtype=s.dtype) / math.sqrt(k)
+        q, sc = kernels.quantize_int8(w)
+        for kind, weight, scale in (("bf16", w, None), ("int8", q, sc)):
+            for m in (1, 2):
+                x = torch.randn(m, k, device=s.device, dtype=s.dtype)
+                gated = name == "gate_up"
+
+                def fused():
+                    return kernels._matmul(x, weight, scale, None, None, gated)
+
+                kernels.FUSED_EPILOGUES = False
+                try:
+                    separate = kernels._matmul(x, weight, scale, None, None)
+                    separate = kernels.silu_mul(separate) if gated else separate
+                finally:
+                    kernels.FUSED_EPILOGUES = True
+                first = fused()
+                moved = sum(not torch.equal(fused(), first) for _ in range(repeats))
+                rel = ((first.float() - separate.float()).norm() / separate.float().norm()).item()
+                out[f"{name} {kind} M={m} {kernels.few_rows_tiles(n, k, weight.element_size())}"] = (
+                    f"equal to separate: {torch.equal(first, separate)} (rel diff {rel:.1e}), "
+                    f"runs that differ: {moved}/{repeats}")
+    llm = s.args.llm
+    k_cache = torch.randn(2, llm.num_heads, 1024, llm.head_dim, device=s.device, dtype=s.dtype)
+    v_cache = torch.randn_like(k_cache)
+    for lengths in ([800], [800, 37], [1, 1000]):
+        b = len(lengths)
+        q = torch.randn(b, llm.num_heads, llm.head_dim, device=s.device, dtype=s.dtype)
+        slots, lens = torch.arange(b, device=s.device), torch.tensor(lengths, device=s.device)
+        kernels.FUSED_EPILOGUES = False
+        try:
+            separate = kernels.decode_attention(q, k_cache, v_cache, slots, lens)
+        finally:
+            kernels.FUSED_EPILOGUES = True
+        first = kernels.decode_attention(q, k_cache, v_cache, slots, lens)
+        moved = sum(not torch.equal(kernels.decode_attention(q, k_cache, v_cache, slots, lens), first)
+                    for _ in range(repeats))
+        rel = ((first.float() - separate.float()).norm() / separate.float().norm()).item()
+        out[f"attention lengths {lengths}"] = (f"equal to separate: {torch.equal(first, separate)} (rel diff "
+                                               f"{rel:.1e}), runs that differ: {moved}/{repeats}")
+    s.clock.sync()
+    return out
+
+
+def fused_epilogue_times(s: Setup, tiles: dict, attention: tuple) -> dict:
+    """us per call, separate launches vs fused, with the built-in tiles for both: the gate of
+    [w1 | w2], MLP c_proj (split-K), decode attention (800 positions); 1 and 2 rows, bf16/int8."""
+    out = {}
+    shapes = llm_shapes(s.args)
+    llm = s.args.llm
+    with separate_launches(tiles, attention):  # same tiles both ways, only the epilogues differ
+        for name in ("gate_up", "down"):
+            n, k = shapes[name]
+            copies = max(1, math.ceil(256e6 / (n * k * 2))) if s.clock.cuda else 1  # past L2
+            weights = [torch.randn(n, k, device=s.device, dtype=s.dtype) for _ in range(copies)]
+            for kind, layers in (("bf16", [(w, None) for w in weights]),
+                                 ("int8", [kernels.quantize_int8(w) for w in weights])):
+                for m in (1, 2):
+                    x = torch.randn(m, k, device=s.device, dtype=s.dtype)
+                    if name == "gate_up":
+                        calls = [lambda w=w, sc=sc: kernels.gated_linear(x, w, sc) if sc is not None
+                                 else kernels.gated_linear(x, w) for w, sc in layers]
+                    else:
+                        calls = [lambda w=w, sc=sc: kernels._matmul(x, w, sc, None, None) for w, sc in layers]
+                    kernels.FUSED_EPILOGUES = False
+                    before = s.clock.graph_s(calls)
+                    kernels.FUSED_EPILOGUES = True
+                    after = s.clock.graph_s(calls)
+                    kernels.FUSED_EPILOGUES = False
+                    out[f"{name} {kind} M={m}"] = (before * 1e6, after * 1e6)
+            del weights
+        k_cache = torch.randn(2, llm.num_heads, 4096, llm.head_dim, device=s.device, dtype=s.dtype)
+        v_cache = torch.randn_like(k_cache)
+        for b in (1, 2):
+            q = torch.randn(b, llm.num_heads, llm.head_dim, device=s.device, dtype=s.dtype)
+            slots, lens = torch.arange(b, device=s.device), torch.full((b,), 800, device=s.device)
+            calls = [lambda: kernels.decode_attention(q, k_cache, v_cache, slots, lens)] * 20
+            kernels.FUSED_EPILOGUES = False
+            before = s.clock.graph_s(calls)
+            kernels.FUSED_EPILOGUES = True
+            after = s.clock.graph_s(calls)
+            kernels.FUSED_EPILOGUES = False
+            out[f"attention B={b} 800 positions"] = (before * 1e6, after * 1e6)
+    return out
+
+
 def int8_kernel_check(s: Setup) -> float:
     """Worst relative error of the int8 kernel against float32 math on each LLM shape."""
     worst = 0.0
@@ -660,7 +790,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decode-tokens", default="128,512")
     parser.add_argument("--job-batches", default="2,4,8")
     parser.add_argument("--jobs-per-slot", type=int, default=6)
-    parser.add_argument("--skip", default="", help="comma list of sections to skip: eager,int8,sweep,jobs")
+    parser.add_argument("--skip", default="",
+                        help="comma list of sections to skip: eager,sweep,fusions,vision,ttft,variants,jobs,int8")
     parser.add_argument("--keep-tiles", action="store_true",
                         help="sweep for information only: keep the built-in tiles for the measurements")
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (debugging)")
@@ -722,10 +853,11 @@ def main(argv: list[str] | None = None) -> int:
     kv_token = kv_bytes_per_token(args, dtype)
     decode_rates: dict[tuple[int, int], float] = {}
 
+    builtin = (dict(kernels.TILES), kernels.ATTENTION_SPLITS, kernels.ATTENTION_BLOCK, kernels.ATTENTION_WARPS)
+    fusions = "fusions" not in skip and kernels.triton_ok(torch.empty(1, device=device))
     if "sweep" not in skip and kernels.triton_ok(torch.empty(1, device=device)):
         with guarded("tile sweep"):
             section("tile sweep: Triton GEMV tiles per weight shape (GB/s = weight bytes / time)")
-            builtin = (dict(kernels.TILES), kernels.ATTENTION_SPLITS, kernels.ATTENTION_BLOCK, kernels.ATTENTION_WARPS)
             report.info["tiles"] = sweep_tiles(s, TILE_CANDIDATES[:3] if a.quick else TILE_CANDIDATES)
             report.info["attention"] = sweep_attention(s, ATTENTION_CANDIDATES[:2] if a.quick else ATTENTION_CANDIDATES)
             if a.keep_tiles:
@@ -738,38 +870,53 @@ def main(argv: list[str] | None = None) -> int:
             attention = (kernels.ATTENTION_SPLITS, kernels.ATTENTION_BLOCK, kernels.ATTENTION_WARPS)
             print(f"  chosen: ATTENTION = {attention}")
 
+    if fusions:
+        with guarded("fusions"):
+            section("fused epilogues on the device: bits against the separate launches, repeated")
+            checks = fused_epilogue_checks(s)
+            for key, value in checks.items():
+                print(f"  {key}: {value}")
+            report.info["fused_checks"] = checks
+            section("fused epilogues: us per call, separate launches -> fused (built-in tiles both ways)")
+            times = fused_epilogue_times(s, builtin[0], builtin[1:])
+            for key, (before, after) in times.items():
+                print(f"  {key}: {before:.1f} -> {after:.1f} us")
+            report.info["fused_times_us"] = times
+
     with guarded("correctness"):
         section("correctness: logits against a float32 copy (bf16 noise: rel err ~1e-2)")
         for key, value in compare_logits(s).items():
             print(f"  {key}: {value}")
             report.info.setdefault("correctness", {})[key] = value
 
-    with guarded("vision"):
-        section("vision tower (eager module; fast = graphs up to 4 images)")
-        flops = vision_flops(args.vision)
-        print(f"  {flops / 1e12:.3f} TFLOP per image")
-        batches = [1, 2, 26]
-        fast_encoder = FastQwenVL(model)
-        fast_encoder.setup_cache(1, 64)
-        eager_vision = measure_vision(s, model.encode_images, batches) if "eager" not in skip else {}
-        fast_vision = measure_vision(s, fast_encoder.encode_images, batches)
-        del fast_encoder
-        for n in batches:
-            report.add(Row(f"vision images/s, batch {n}", eager_vision.get(n), fast_vision[n], "img/s",
-                           VISION_MATMUL_SHARE * matmul / flops if n == 26 else None, "60% of matmul rate",
-                           f"{fast_vision[n] * flops / matmul:.0%} of the matmul rate"))
+    if "vision" not in skip:
+        with guarded("vision"):
+            section("vision tower (eager module; fast = graphs up to 4 images)")
+            flops = vision_flops(args.vision)
+            print(f"  {flops / 1e12:.3f} TFLOP per image")
+            batches = [1, 2, 26]
+            fast_encoder = FastQwenVL(model)
+            fast_encoder.setup_cache(1, 64)
+            eager_vision = measure_vision(s, model.encode_images, batches) if "eager" not in skip else {}
+            fast_vision = measure_vision(s, fast_encoder.encode_images, batches)
+            del fast_encoder
+            for n in batches:
+                report.add(Row(f"vision images/s, batch {n}", eager_vision.get(n), fast_vision[n], "img/s",
+                               VISION_MATMUL_SHARE * matmul / flops if n == 26 else None, "60% of matmul rate",
+                               f"{fast_vision[n] * flops / matmul:.0%} of the matmul rate"))
 
-    with guarded("ttft"):
-        section("time to first token, 1 image, %d tokens (engine thread, max_batch_size 2)" % len(ids))
-        for key, value in ttft_parts(s).items():
-            print(f"  fast path part: {key}: {value:.2f}")
-            report.info.setdefault("ttft_parts", {})[key] = value
-        reset_peak(s)
-        eager_ttft = measure_ttft(s, False) if "eager" not in skip else (None, None, {})
-        fast_ttft = measure_ttft(s, True)
-        report.add(Row("TTFT from preprocessed pixels", eager_ttft[0], fast_ttft[0], "ms", TTFT_LIMIT_MS, "limit",
-                       "engine timings (fast): " + ", ".join(f"{k} {v:.1f}" for k, v in fast_ttft[2].items())))
-        report.add(Row("TTFT from the JPEG (decode + preprocess on the caller)", eager_ttft[1], fast_ttft[1], "ms"))
+    if "ttft" not in skip:
+        with guarded("ttft"):
+            section("time to first token, 1 image, %d tokens (engine thread, max_batch_size 2)" % len(ids))
+            for key, value in ttft_parts(s).items():
+                print(f"  fast path part: {key}: {value:.2f}")
+                report.info.setdefault("ttft_parts", {})[key] = value
+            reset_peak(s)
+            eager_ttft = measure_ttft(s, False) if "eager" not in skip else (None, None, {})
+            fast_ttft = measure_ttft(s, True)
+            report.add(Row("TTFT from preprocessed pixels", eager_ttft[0], fast_ttft[0], "ms", TTFT_LIMIT_MS, "limit",
+                           "engine timings (fast): " + ", ".join(f"{k} {v:.1f}" for k, v in fast_ttft[2].items())))
+            report.add(Row("TTFT from the JPEG (decode + preprocess on the caller)", eager_ttft[1], fast_ttft[1], "ms"))
 
     with guarded("decode"):
         section("decode, forced new tokens (engine.step(), max_batch_size = batch)")
@@ -787,7 +934,18 @@ def main(argv: list[str] | None = None) -> int:
             roofline = batch * bandwidth / (weights + batch * kv_token * (len(ids) + 64))
             report.add(Row(f"decode tok/s, batch {batch}, graph replay only (no engine)", None, rate, "tok/s",
                            roofline, "roofline", f"{rate / roofline:.0%} of roofline"))
-        if clock.cuda:
+        if fusions:
+            with separate_launches(builtin[0], builtin[1:]):
+                for batch in (1, 2):
+                    roofline = batch * bandwidth / (weights + batch * kv_token * (len(ids) + 64))
+                    rate = measure_decode(s, True, batch, 128)
+                    report.add(Row(f"decode tok/s, batch {batch}, 128 new tokens, BEFORE (separate launches, "
+                                   "built-in tiles)", None, rate, "tok/s", roofline, "roofline",
+                                   f"{rate / roofline:.0%} of roofline"))
+                    rate = measure_graph_decode(s, batch, 128)
+                    report.add(Row(f"decode tok/s, batch {batch}, graph replay only, BEFORE", None, rate, "tok/s",
+                                   roofline, "roofline", f"{rate / roofline:.0%} of roofline"))
+        if clock.cuda and "variants" not in skip:
             for batch in (1, 2):
                 rate = measure_decode(s, True, batch, 128, lookahead=False)
                 roofline = batch * bandwidth / (weights + batch * kv_token * (len(ids) + 64))
@@ -837,9 +995,20 @@ def main(argv: list[str] | None = None) -> int:
                                    INT8_SPEEDUP * bf16 if bf16 else None, "1.7 x bf16",
                                    (f"{rate / bf16:.2f} x bf16 fast; " if bf16 else "")
                                    + f"{rate / roofline:.0%} of int8 roofline"))
-            ttft = measure_ttft(s, True)
-            report.add(Row("int8 TTFT from preprocessed pixels", None, ttft[0], "ms", TTFT_LIMIT_MS, "limit",
-                           ", ".join(f"{k} {v:.1f}" for k, v in ttft[2].items())))
+            if fusions:
+                with separate_launches(builtin[0], builtin[1:]):
+                    for batch in (1, 2):
+                        roofline = batch * bandwidth / (int8_weights + batch * kv_token * (len(ids) + 64))
+                        rate = measure_decode(s, True, batch, 128)
+                        bf16 = decode_rates.get((batch, 128))
+                        report.add(Row(f"int8 decode tok/s, batch {batch}, 128 new tokens, BEFORE (separate "
+                                       "launches, built-in tiles)", None, rate, "tok/s", None, "",
+                                       (f"{rate / bf16:.2f} x bf16 fast (after); " if bf16 else "")
+                                       + f"{rate / roofline:.0%} of int8 roofline"))
+            if "ttft" not in skip:
+                ttft = measure_ttft(s, True)
+                report.add(Row("int8 TTFT from preprocessed pixels", None, ttft[0], "ms", TTFT_LIMIT_MS, "limit",
+                               ", ".join(f"{k} {v:.1f}" for k, v in ttft[2].items())))
             if "jobs" not in skip:
                 rate = measure_jobs(s, True, 2, (2 if a.quick else a.jobs_per_slot) * 2)
                 report.add(Row("int8 jobs/s, max_batch_size 2", None, rate, "jobs/s", JOBS_PER_S_TARGET, "target"))

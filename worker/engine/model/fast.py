@@ -4,12 +4,14 @@
 ``setup_cache``, ``prefill``, ``decode``; docs/architecture.md), so the engine takes either.
 What differs from the eager methods of :mod:`.qwen_vl` and :mod:`.decoder`:
 
-- Each decoder layer is ten launches (:mod:`.kernels`): RMSNorm fused with the residual add,
+- A decoding layer is eight launches (:mod:`.kernels`): RMSNorm fused with the residual add,
   ``c_attn``, one kernel for rotary + logn + the KV-cache write, attention (split over the row,
-  then combined), ``c_proj``, RMSNorm + add, the MLP's ``w1`` and ``w2`` as one matrix (views
-  of one tensor, made once), ``w1 * silu(w2)``, ``c_proj``. When decoding, the linear layers
-  are one Triton GEMV kernel (int8 or model-dtype weights, fixed tiles per shape, split-K for
-  the narrow ones); prefill uses cuBLAS (int8: the same Triton kernel with matmul tiles).
+  combined by the last program of each head), ``c_proj``, RMSNorm + add, the MLP's ``w1`` and
+  ``w2`` as one matrix (views of one tensor, made once) with ``w1 * silu(w2)`` in its epilogue,
+  ``c_proj``. The linear layers are one Triton GEMV kernel (int8 or model-dtype weights, fixed
+  tiles per shape, split-K for the narrow ones, the partial sums added by the last program of
+  each tile); prefill uses cuBLAS and a separate gate kernel (int8: the Triton kernel with
+  matmul tiles).
 - Decode attention reads the static cache in place, each row up to its own length read from
   device memory: no per-step gather, no host-side length, so one CUDA graph per batch size
   serves every length. Graphs for batch sizes ``1 .. max_batch_size`` are captured by
@@ -56,6 +58,14 @@ def linear(x: torch.Tensor, layer) -> torch.Tensor:
     if isinstance(layer, Int8Linear):
         return kernels.int8_linear(x, layer.qweight, layer.scale, layer.bias)
     return kernels.dense_linear(x, layer.weight, layer.bias)
+
+
+def gated(x: torch.Tensor, layer) -> torch.Tensor:
+    """``x [M, in]`` through a fused ``[w1 | w2]`` layer (:func:`fused_gate_up`), then the MLP's
+    gate -> ``w1(x) * silu(w2(x))`` ``[M, F]`` (one GEMV when decoding)."""
+    if isinstance(layer, Int8Linear):
+        return kernels.gated_linear(x, layer.qweight, layer.scale, layer.bias)
+    return kernels.gated_linear(x, layer.weight, None, layer.bias)
 
 
 def fused_gate_up(mlp: MLP):
@@ -284,7 +294,7 @@ class FastQwenVL:
                                             layer.k, layer.v, args.num_heads)  # [B, H, D]
                 attn = kernels.decode_attention(q, layer.k, layer.v, slots, lengths, kv_len)  # [B, C]
             h, residual = kernels.rms_norm(residual, layer.ln_2, eps, linear(attn, layer.c_proj))
-            pending = linear(kernels.silu_mul(linear(h, layer.gate_up)), layer.down)  # [M, C]
+            pending = linear(gated(h, layer.gate_up), layer.down)  # [M, C]
         return residual, pending
 
     # -- graphs ----------------------------------------------------------------------------------

@@ -8,15 +8,24 @@ the same arithmetic in the same order of roundings as the eager model in
 can be captured in a CUDA graph.
 
 - :func:`rms_norm`: ``residual (+ add)`` then the decoder's RMSNorm, one pass.
-- :func:`silu_mul`: the MLP's ``w1(x) * silu(w2(x))`` from the fused ``[w1 | w2]`` output.
+- :func:`silu_mul`: the MLP's ``w1(x) * silu(w2(x))`` from the fused ``[w1 | w2]`` output;
+  :func:`gated_linear` computes it straight from ``x`` and the fused weight (for few rows one
+  GEMV whose epilogue applies the gate).
 - :func:`rotary_to_cache`: rotary embedding (per-slot NTK frequencies) and logn scaling of q, k
   from the fused ``c_attn`` output, k and v written straight into the KV cache.
 - :func:`decode_attention`: one query per sequence over its own cache row, reading each row's
-  length from device memory (split over the row, then combined: "flash decoding").
+  length from device memory (split over the row, then combined: "flash decoding"; the last
+  program of each head to finish does the combine).
 - :func:`int8_linear`: ``x @ (q * scale).T + bias`` for int8 per-output-channel weights,
   without materialising the dequantised matrix (a GEMV-shaped kernel when ``x`` has few rows);
   :func:`dense_linear` is the model-dtype linear (for few rows the same Triton GEMV unless
-  :data:`DENSE_GEMV` says cuBLAS).
+  :data:`DENSE_GEMV` says cuBLAS). Split-K partial sums are added by the last program of each
+  output tile to finish, in split order.
+
+"The last program to finish" is picked by an atomic ticket per tile (:func:`_tickets`), which
+that program sets back to zero; the sum it then does always runs in the same order, so answers
+do not depend on which program came last. These kernels must not run at the same time on two
+streams of one device (they share the tickets); the serving path launches them on one.
 """
 
 from __future__ import annotations
@@ -37,8 +46,10 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 # decode_attention splits every cache row into this many ranges (a power of two), so that even
 # one sequence keeps many programs busy; the ranges follow each row's length at run time.
-# (split, block, warps) measured best on an H100 and an H200 for 1-2 rows of ~800 positions.
-ATTENTION_SPLITS = 32
+# (split, block, warps) measured best on an H100 for 1-2 rows of ~800 positions with the combine
+# done by the last program of each head (docs/benchmarks.md; 32 splits was best with a separate
+# combine launch).
+ATTENTION_SPLITS = 16
 ATTENTION_BLOCK = 32
 ATTENTION_WARPS = 2
 
@@ -65,7 +76,8 @@ def few_rows_tiles(n: int, k: int, weight_bytes: int) -> tuple:
 
 # Measured per-shape choices, (N, K, bytes per weight) -> tiles: the best of the GPU benchmark's
 # sweep on an H100 80GB HBM3 (1 and 2 rows) for Qwen-VL-Chat's decoder shapes; an H200 picked
-# the same or neighbours within 3% (docs/benchmarks.md).
+# the same or neighbours within 3% (docs/benchmarks.md). The [w1 | w2] tile is that of the gated
+# GEMV (BLOCK_N rows of both halves); int8 c_proj splits K since the sums need no second launch.
 TILES: dict[tuple[int, int, int], tuple] = {
     (12288, 4096, 2): (16, 32, 256, 4, 4, 1),  # c_attn, bf16
     (4096, 4096, 2): (16, 32, 256, 4, 4, 1),  # attention c_proj
@@ -73,11 +85,34 @@ TILES: dict[tuple[int, int, int], tuple] = {
     (4096, 11008, 2): (16, 32, 256, 4, 4, 2),  # MLP c_proj
     (151936, 4096, 2): (16, 64, 256, 4, 4, 1),  # lm_head
     (12288, 4096, 1): (16, 32, 256, 4, 4, 1),  # the same, int8
-    (4096, 4096, 1): (16, 32, 256, 4, 4, 1),
+    (4096, 4096, 1): (16, 32, 256, 4, 4, 2),
     (22016, 4096, 1): (16, 64, 256, 4, 4, 1),
     (4096, 11008, 1): (16, 32, 256, 4, 4, 2),
     (151936, 4096, 1): (16, 32, 256, 4, 4, 1),
 }
+
+
+# Whether few-row GEMVs and decode attention finish their own reductions (the gate in the
+# [w1 | w2] GEMV, split-K sums, the attention combine: done by the last program of each tile) or
+# leave them to separate launches as before. Both give the same bits; benchmarks time both.
+FUSED_EPILOGUES = True
+
+# One int32 ticket per output tile (or attention head), zero between launches.
+TICKETS = 1 << 15
+_ticket_buffers: dict[torch.device, torch.Tensor] = {}
+
+
+def _tickets(device: torch.device, needed: int) -> torch.Tensor | None:
+    """The device's zeroed ticket buffer, or None when ``needed`` exceeds it or it would be
+    created inside a CUDA graph capture (graphs warm up first, so it exists by then)."""
+    if needed > TICKETS:
+        return None
+    buffer = _ticket_buffers.get(device)
+    if buffer is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        buffer = _ticket_buffers[device] = torch.zeros(TICKETS, dtype=torch.int32, device=device)
+    return buffer
 
 
 def triton_ok(t: torch.Tensor) -> bool:
@@ -121,6 +156,23 @@ def silu_mul(y: torch.Tensor) -> torch.Tensor:
     block = 1024
     _silu_mul_kernel[(m, triton.cdiv(f, block))](y, out, f, y.stride(0), BLOCK=block, num_warps=4)
     return out
+
+
+def gated_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None,
+                 bias: torch.Tensor | None = None, config: tuple | None = None) -> torch.Tensor:
+    """``x [M, K]`` through the fused ``[w1 | w2]`` weight ``[2F, K]`` (int8 with float32
+    ``scale [2F]``, or x's dtype), then the gate: ``w1(x) * silu(w2(x))`` ``[M, F]``.
+
+    The same bits as :func:`silu_mul` of :func:`int8_linear` / :func:`dense_linear`: each half
+    rounded to x's dtype, silu rounded, the product rounded. For few rows on Triton (with
+    :data:`FUSED_EPILOGUES`) it is one GEMV whose programs each read rows ``n`` and ``F + n`` of
+    the weight and apply the gate before the store; ``config`` is the tile of the ``[2F, K]``
+    shape, its ``BLOCK_N`` counting the rows of both halves."""
+    few = triton_ok(x) and x.shape[0] <= FEW_ROWS and FUSED_EPILOGUES
+    if not few or (scale is None and DENSE_GEMV != "triton"):
+        y = int8_linear(x, weight, scale, bias) if scale is not None else dense_linear(x, weight, bias)
+        return silu_mul(y)
+    return _matmul(x, weight, scale, bias, config, gated=True)
 
 
 # -- rotary embedding and the cache write --------------------------------------------------------
@@ -187,12 +239,16 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     part_out = torch.empty(b * h, splits, d, dtype=torch.float32, device=q.device)
     part_max = torch.empty(b * h, splits, dtype=torch.float32, device=q.device)
     part_sum = torch.empty(b * h, splits, dtype=torch.float32, device=q.device)
-    _decode_attention_kernel[(b * h, splits)](
-        q, k_cache, v_cache, slots, lengths, part_out, part_max, part_sum,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        d ** -0.5, H=h, D=d, SPLITS=splits, BLOCK=ATTENTION_BLOCK, num_warps=ATTENTION_WARPS)
     out = torch.empty(b, h * d, dtype=q.dtype, device=q.device)
-    _combine_kernel[(b * h,)](part_out, part_max, part_sum, out, D=d, SPLITS=splits, num_warps=1)
+    tickets = _tickets(q.device, b * h) if FUSED_EPILOGUES else None
+    _decode_attention_kernel[(b * h, splits)](
+        q, k_cache, v_cache, slots, lengths, part_out, part_max, part_sum, out,
+        tickets if tickets is not None else part_max,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        d ** -0.5, H=h, D=d, SPLITS=splits, BLOCK=ATTENTION_BLOCK, COMBINE=tickets is not None,
+        num_warps=ATTENTION_WARPS)
+    if tickets is None:
+        _combine_kernel[(b * h,)](part_out, part_max, part_sum, out, D=d, SPLITS=splits, num_warps=1)
     return out
 
 
@@ -227,24 +283,35 @@ DENSE_GEMV = "triton"
 
 
 def _matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None,
-            config: tuple | None) -> torch.Tensor:
+            config: tuple | None, gated: bool = False) -> torch.Tensor:
+    """``y = x @ weight.T (* scale + bias)``; ``gated``: ``weight`` is ``[w1 | w2]`` and ``y`` the
+    gate ``w1(x) * silu(w2(x))``, half as wide (see :func:`gated_linear`)."""
     m, k = x.shape
-    n = weight.shape[0]
+    rows = weight.shape[0]
+    n = rows // 2 if gated else rows  # output width
     if x.stride(1) != 1:
         x = x.contiguous()
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if config is None:
-        config = few_rows_tiles(n, k, weight.element_size()) if m <= FEW_ROWS else MANY_ROWS_TILES
+        config = few_rows_tiles(rows, k, weight.element_size()) if m <= FEW_ROWS else MANY_ROWS_TILES
     bm, bn, bk, warps, stages, split = config
-    blocks_per_split = triton.cdiv(triton.cdiv(k, bk), split)
-    partial = torch.empty(split, m, n, dtype=torch.float32, device=x.device) if split > 1 else y
+    if gated:
+        bn //= 2  # each program reads bn // 2 rows of each half
     grid = (triton.cdiv(n, bn), triton.cdiv(m, bm), split)
+    tickets = _tickets(x.device, grid[0] * grid[1]) if split > 1 and FUSED_EPILOGUES else None
+    if gated and split > 1 and tickets is None:
+        return silu_mul(_matmul(x, weight, scale, bias, config))
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    blocks_per_split = triton.cdiv(triton.cdiv(k, bk), split)
+    halves = 2 if gated else 1
+    partial = torch.empty(halves * split, m, n, dtype=torch.float32, device=x.device) if split > 1 else y
     _matmul_kernel[grid](
         x, weight, scale if scale is not None else weight, bias if bias is not None else weight,
-        partial, m, n, k, x.stride(0), weight.stride(0), blocks_per_split,
+        y if tickets is not None else partial, partial, tickets if tickets is not None else partial,
+        m, n, k, x.stride(0), weight.stride(0), blocks_per_split,
         HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-        SPLIT_K=split, DOT_FP32=INTERPRET, num_warps=warps, num_stages=stages)
-    if split > 1:
+        SPLIT_K=split, GATED=gated, SUM_HERE=tickets is not None, DOT_FP32=INTERPRET,
+        num_warps=warps, num_stages=stages)
+    if split > 1 and tickets is None:
         block = 1024
         _split_k_sum_kernel[(triton.cdiv(m * n, block),)](
             partial, scale if scale is not None else partial, bias if bias is not None else partial, y, m * n, n,
@@ -339,10 +406,13 @@ if triton is not None:
         tl.store(v_ptr + cache + HALF + i, v2)
 
     @triton.jit
-    def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, slot_ptr, len_ptr, out_ptr, max_ptr, sum_ptr,
-                                 stride_qb, stride_qh, stride_cs, stride_ch, stride_cl, sm_scale,
+    def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, slot_ptr, len_ptr, out_ptr, max_ptr, sum_ptr, o_ptr,
+                                 ticket_ptr, stride_qb, stride_qh, stride_cs, stride_ch, stride_cl, sm_scale,
                                  H: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
-                                 BLOCK: tl.constexpr):
+                                 BLOCK: tl.constexpr, COMBINE: tl.constexpr):
+        """Program (b * H + h, split): one range of row b's positions for head h -> float32
+        partial output, max and sum; with COMBINE the head's last program to finish combines
+        the SPLITS partials into ``o [B, H * D]``."""
         bh = tl.program_id(0)
         split = tl.program_id(1)
         b = bh // H
@@ -376,27 +446,43 @@ if triton is not None:
         tl.store(out_ptr + part * D + d, acc)
         tl.store(max_ptr + part, m_i)
         tl.store(sum_ptr + part, l_i)
+        if COMBINE:
+            tl.debug_barrier()  # every thread's partial stored before the ticket is taken
+            if tl.atomic_add(ticket_ptr + bh, 1, sem="acq_rel") == SPLITS - 1:
+                _combine_head(out_ptr, max_ptr, sum_ptr, o_ptr, bh, D, SPLITS)
+                tl.store(ticket_ptr + bh, 0)  # ready for the next launch
 
     @triton.jit
-    def _combine_kernel(out_ptr, max_ptr, sum_ptr, o_ptr, D: tl.constexpr, SPLITS: tl.constexpr):
-        bh = tl.program_id(0)
+    def _combine_head(out_ptr, max_ptr, sum_ptr, o_ptr, bh, D: tl.constexpr, SPLITS: tl.constexpr):
+        """The SPLITS float32 partials of head ``bh`` -> its output row, in o's dtype (loads
+        through L2: other programs of the same launch may have written them)."""
         s = tl.arange(0, SPLITS)
         d = tl.arange(0, D)
-        maxes = tl.load(max_ptr + bh * SPLITS + s)  # [SPLITS]; -inf for empty ranges
-        sums = tl.load(sum_ptr + bh * SPLITS + s)
+        maxes = tl.load(max_ptr + bh * SPLITS + s, cache_modifier=".cg")  # [SPLITS]; -inf for empty ranges
+        sums = tl.load(sum_ptr + bh * SPLITS + s, cache_modifier=".cg")
         top = tl.max(maxes, axis=0)  # finite: the first range is never empty
         weights = tl.where(sums > 0, tl.exp(maxes - top), 0.0)  # [SPLITS]
-        parts = tl.load(out_ptr + (bh * SPLITS + s)[:, None] * D + d[None, :])  # [SPLITS, D]
+        parts = tl.load(out_ptr + (bh * SPLITS + s)[:, None] * D + d[None, :], cache_modifier=".cg")  # [SPLITS, D]
         out = tl.sum(parts * weights[:, None], axis=0) / tl.sum(sums * weights, axis=0)
         tl.store(o_ptr + bh * D + d, out.to(o_ptr.dtype.element_ty))
 
     @triton.jit
-    def _matmul_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, blocks_per_split,
-                       HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                       DOT_FP32: tl.constexpr):
+    def _combine_kernel(out_ptr, max_ptr, sum_ptr, o_ptr, D: tl.constexpr, SPLITS: tl.constexpr):
+        _combine_head(out_ptr, max_ptr, sum_ptr, o_ptr, tl.program_id(0), D, SPLITS)
+
+    @triton.jit
+    def _matmul_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, part_ptr, ticket_ptr, M, N, K, stride_xm, stride_wn,
+                       blocks_per_split, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, GATED: tl.constexpr,
+                       SUM_HERE: tl.constexpr, DOT_FP32: tl.constexpr):
         """y [M, N] = x [M, K] @ w[N, K].T (* scale[N] + bias[N]), w int8 or x's dtype; program
-        (n, m, s) does one [BLOCK_M, BLOCK_N] tile over the s-th range of K."""
+        (n, m, s) does one [BLOCK_M, BLOCK_N] tile over the s-th range of K.
+
+        GATED: w is [w1 | w2] ([2N, K]) and y = w1(x) * silu(w2(x)), each program reading rows
+        n and N + n. SPLIT_K > 1: float32 partial sums [SPLIT_K, M, N] (a second [SPLIT_K, M, N]
+        block for the w2 half) go to part_ptr and, with SUM_HERE, the tile's last program to
+        finish adds them in split order and writes y; without, y_ptr is part_ptr and
+        _split_k_sum_kernel does the rest."""
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
         pid_k = tl.program_id(2)
@@ -407,9 +493,11 @@ if triton is not None:
         n_mask = rn < N
         x_rows = x_ptr + rm[:, None] * stride_xm  # [BM, 1]
         w_cols = w_ptr + rn[None, :] * stride_wn  # [1, BN]: column n of the [K, N] view is row n
+        g_cols = w_cols + N * stride_wn  # the same columns of the w2 half (GATED)
         k_first = pid_k * blocks_per_split * BLOCK_K
         k_last = tl.minimum(K, k_first + blocks_per_split * BLOCK_K)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k0 in range(k_first, k_last, BLOCK_K):
             k = k0 + rk
             k_mask = k < K
@@ -419,16 +507,58 @@ if triton is not None:
                 acc += tl.dot(x.to(tl.float32), w.to(tl.float32))
             else:
                 acc += tl.dot(x, w.to(x.dtype))
+            if GATED:
+                g = tl.load(g_cols + k[:, None], mask=k_mask[:, None] & n_mask[None, :], other=0)  # [BK, BN]
+                if DOT_FP32:
+                    acc_g += tl.dot(x.to(tl.float32), g.to(tl.float32))
+                else:
+                    acc_g += tl.dot(x, g.to(x.dtype))
         out_mask = m_mask[:, None] & n_mask[None, :]
-        if SPLIT_K > 1:  # float32 partial sums [SPLIT_K, M, N], added up by _split_k_sum_kernel
+        if SPLIT_K == 1:
+            _matmul_epilogue(acc, acc_g, s_ptr, b_ptr, y_ptr, rm, rn, N, n_mask, out_mask, HAS_SCALE, HAS_BIAS,
+                             GATED)
+        elif not SUM_HERE:
             tl.store(y_ptr + (pid_k * M + rm[:, None]) * N + rn[None, :], acc, mask=out_mask)
         else:
-            y = acc
+            parts = part_ptr + rm[:, None] * N + rn[None, :]  # [BM, BN] of split 0
+            tl.store(parts + pid_k * M * N, acc, mask=out_mask)
+            if GATED:
+                tl.store(parts + (SPLIT_K + pid_k) * M * N, acc_g, mask=out_mask)
+            tl.debug_barrier()  # every thread's partial stored before the ticket is taken
+            tile = pid_m * tl.num_programs(0) + pid_n
+            if tl.atomic_add(ticket_ptr + tile, 1, sem="acq_rel") == SPLIT_K - 1:
+                total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+                total_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+                for split in tl.static_range(SPLIT_K):  # always the same order: deterministic
+                    total += tl.load(parts + split * M * N, mask=out_mask, other=0.0, cache_modifier=".cg")
+                    if GATED:
+                        total_g += tl.load(parts + (SPLIT_K + split) * M * N, mask=out_mask, other=0.0,
+                                           cache_modifier=".cg")
+                tl.store(ticket_ptr + tile, 0)  # ready for the next launch
+                _matmul_epilogue(total, total_g, s_ptr, b_ptr, y_ptr, rm, rn, N, n_mask, out_mask, HAS_SCALE,
+                                 HAS_BIAS, GATED)
+
+    @triton.jit
+    def _matmul_epilogue(acc, acc_g, s_ptr, b_ptr, y_ptr, rm, rn, N, n_mask, out_mask, HAS_SCALE: tl.constexpr,
+                         HAS_BIAS: tl.constexpr, GATED: tl.constexpr):
+        """float32 sums [BM, BN] -> scaled, biased, rounded y (GATED: a = w1 half, g = w2 half, each
+        rounded to y's dtype, y = a * silu(g) with silu and the product rounded, as silu_mul)."""
+        dtype = y_ptr.dtype.element_ty
+        y = acc
+        if HAS_SCALE:
+            y = acc * tl.load(s_ptr + rn, mask=n_mask, other=0.0)[None, :]
+        if HAS_BIAS:
+            y += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        if GATED:
+            g = acc_g
             if HAS_SCALE:
-                y = acc * tl.load(s_ptr + rn, mask=n_mask, other=0.0)[None, :]
+                g = acc_g * tl.load(s_ptr + N + rn, mask=n_mask, other=0.0)[None, :]
             if HAS_BIAS:
-                y += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-            tl.store(y_ptr + rm[:, None] * N + rn[None, :], y.to(y_ptr.dtype.element_ty), mask=out_mask)
+                g += tl.load(b_ptr + N + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+            g = g.to(dtype).to(tl.float32)
+            gate = (g / (1.0 + tl.exp(-g))).to(dtype)  # silu, rounded as torch rounds it
+            y = y.to(dtype).to(tl.float32) * gate.to(tl.float32)
+        tl.store(y_ptr + rm[:, None] * N + rn[None, :], y.to(dtype), mask=out_mask)
 
     @triton.jit
     def _split_k_sum_kernel(part_ptr, s_ptr, b_ptr, y_ptr, total, N, HAS_SCALE: tl.constexpr,

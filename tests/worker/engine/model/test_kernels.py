@@ -1,11 +1,18 @@
 """The fused kernels' torch versions (what runs on a CPU) against the eager model's pieces.
 
-The Triton versions run on CUDA only; the GPU benchmark compares the whole fast path with the
-eager one there (benchmarks/engine_bench.py).
+The Triton versions run on CUDA; where Triton is installed, their arithmetic is also checked on
+the CPU through Triton's interpreter (triton_interpret_checks.py, in a subprocess). The GPU
+benchmark compares the whole fast path with the eager one on a GPU (benchmarks/engine_bench.py).
 """
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -77,3 +84,25 @@ def test_int8_linear_scales_each_output_channel_once():
     y = kernels.int8_linear(x, q, scale, bias)
     expected = x.double() @ (q.double() * scale.double()[:, None]).T + bias.double()
     assert torch.allclose(y.double(), expected, atol=1e-5)
+
+
+def test_gated_linear_is_the_mlp_gate_of_the_fused_layer():
+    args = LLMArgs(hidden_size=32, num_heads=4, kv_channels=8, intermediate_size=48)
+    mlp = MLP(args)
+    x = randn(3, 32)
+    fused = torch.cat([mlp.w1.weight, mlp.w2.weight])  # [2F, C]
+    gate = kernels.gated_linear(x, fused)
+    assert torch.equal(gate, kernels.silu_mul(x @ fused.T))
+    assert torch.allclose(mlp.c_proj(gate), mlp(x), atol=1e-6)
+    q, scale = kernels.quantize_int8(fused)
+    assert torch.equal(kernels.gated_linear(x, q, scale), kernels.silu_mul(kernels.int8_linear(x, q, scale)))
+
+
+def test_triton_kernels_give_the_separate_launches_bits_under_the_interpreter():
+    pytest.importorskip("triton")
+    repo = Path(__file__).resolve().parents[4]
+    env = {**os.environ, "TRITON_INTERPRET": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, str(Path(__file__).with_name("triton_interpret_checks.py"))],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr

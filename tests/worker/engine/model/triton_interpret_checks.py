@@ -1,0 +1,92 @@
+"""Run by test_kernels.py in a subprocess with ``TRITON_INTERPRET=1``: the Triton kernels on a
+CPU through Triton's interpreter, each fused epilogue against the separate launches it replaces
+(bit for bit) and against plain float math. Exits non-zero on the first mismatch."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from triton.runtime import interpreter  # noqa: E402
+
+# Triton 3.x's interpreter turns a program-id-derived scalar (a 1-element array) into a Python
+# int with int(array), which numpy 2 refuses; read its one element instead.
+_patch_tensor = interpreter._patch_lang_tensor
+
+
+def _patch_lang_tensor(tensor, scope) -> None:
+    _patch_tensor(tensor, scope)
+    scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+
+interpreter._patch_lang_tensor = _patch_lang_tensor
+
+from worker.engine.model import kernels  # noqa: E402
+
+GEN = torch.Generator().manual_seed(0)
+BF16 = torch.bfloat16
+
+
+def randn(*shape: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=GEN)
+
+
+def separate_then_fused(fn):
+    """``fn()`` with the reductions in separate launches, then fused."""
+    kernels.FUSED_EPILOGUES = False
+    try:
+        before = fn()
+    finally:
+        kernels.FUSED_EPILOGUES = True
+    return before, fn()
+
+
+def check_gemv() -> None:
+    # (rows of [w1 | w2], K, tiles): one split, three splits (one of them past K's end), two
+    for rows, k, config in ((96, 64, (16, 32, 32, 4, 1, 1)), (96, 70, (16, 32, 32, 4, 1, 3)),
+                            (64, 128, (16, 16, 32, 4, 1, 2))):
+        for m in (1, 3):
+            x = randn(m, k).to(BF16)
+            w = (randn(rows, k) / k**0.5).to(BF16)
+            q, scale = kernels.quantize_int8(w.float())
+            for bias in (None, (0.1 * randn(rows)).to(BF16)):
+                for weight, sc in ((w, None), (q, scale)):
+                    before, after = separate_then_fused(lambda: kernels._matmul(x, weight, sc, bias, config))
+                    assert torch.equal(before, after), f"split-K sum {rows}x{k} {config} m={m}"
+                    gate = kernels._matmul(x, weight, sc, bias, config, gated=True)
+                    assert torch.equal(gate, kernels.silu_mul(after)), f"gate {rows}x{k} {config} m={m}"
+                    dense = weight.float() * (sc[:, None] if sc is not None else 1)
+                    y = x.float() @ dense.T + (bias.float() if bias is not None else 0)  # [M, rows]
+                    f = rows // 2
+                    expected = y[:, :f] * F.silu(y[:, f:])
+                    err = (gate.float() - expected).norm() / expected.norm()
+                    assert err < 2e-2, f"gate vs float math {err:.3g}"
+
+
+def check_attention() -> None:
+    heads, d, rows, length = 2, 16, 3, 100
+    k_cache, v_cache = randn(rows, heads, length, d).to(BF16), randn(rows, heads, length, d).to(BF16)
+    q = randn(2, heads, d).to(BF16)
+    slots, lengths = torch.tensor([2, 0]), torch.tensor([100, 7])
+    kernels.ATTENTION_SPLITS, kernels.ATTENTION_BLOCK = 8, 16  # row 1: most ranges empty
+    before, after = separate_then_fused(lambda: kernels.decode_attention(q, k_cache, v_cache, slots, lengths))
+    assert torch.equal(before, after), "attention combine"
+    for b in range(2):
+        n = int(lengths[b])
+        expected = F.scaled_dot_product_attention(q[b][:, None].float(), k_cache[slots[b], :, :n].float(),
+                                                  v_cache[slots[b], :, :n].float())[:, 0].reshape(-1)
+        err = (after[b].float() - expected).norm() / expected.norm()
+        assert err < 2e-2, f"attention vs float math {err:.3g}"
+
+
+if __name__ == "__main__":
+    check_gemv()
+    check_attention()
+    tickets = kernels._ticket_buffers[torch.device("cpu")]
+    assert int(tickets.abs().sum()) == 0, "every ticket back at zero"
+    print("triton interpreter checks passed")
+    sys.exit(0)
