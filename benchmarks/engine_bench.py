@@ -16,7 +16,12 @@ and every figure of the GPU-speed issue, each beside its limit and their ratio:
   ``step()`` (and the graph replay alone), against the roofline: weight bytes + KV bytes read per
   step over the measured copy bandwidth;
 - jobs/s for a stream of 1-image 128-token jobs at ``max_batch_size`` 2, 4 and 8;
-- peak GPU memory; int8 weight-only decode and its ratio to bf16;
+- peak GPU memory; int8 weight-only decode and its ratio to bf16, with the int8 decode GEMVs
+  (1-2 rows) on the tensor-core kernel ("dot") or the FMA GEMV, per shape: each shape's output
+  against float64 math, us and GB/s of both kernels and of the FMA GEMV's candidate tiles
+  (:mod:`benchmarks.gemv_bench`); then engine decode with the faster kernel per shape
+  ("chosen", the main int8 rows, also used for int8 TTFT and jobs), with "dot" everywhere and
+  with "fma" everywhere (``--skip gemv``: the built-in choice only);
 - prefill and first-decode-step logits of the fast and the eager path against a float32 copy of
   the model (relative errors, greedy agreement);
 - a sweep of the Triton GEMV tiles per decoder-layer weight shape (``[w1 | w2]`` with the gate in
@@ -29,7 +34,8 @@ and every figure of the GPU-speed issue, each beside its limit and their ratio:
   the graph replay with the separate launches and the built-in tiles (``--skip fusions``: not run).
 
 ``--skip`` takes any of eager, sweep, fusions, vision, ttft, variants (decode without lookahead
-and with cuBLAS), jobs, int8.
+and with cuBLAS), jobs, int8, gemv. Each section's header shows the seconds since the start, and
+``--json`` is rewritten before every section, so a run cut short keeps what it measured.
 
 Eager is the engine with ``fast_path=False`` (the model's own prefill/decode: per-step cache
 gather, no graphs); fast is the default engine. ``--tiny`` (or ``--device cpu``) runs the same
@@ -58,6 +64,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.gemv_bench import gemv_variants, int8_gemv  # noqa: E402
+from benchmarks.gemv_bench import summary_lines as gemv_summary_lines  # noqa: E402
 from worker.engine.engine import TorchEngine  # noqa: E402
 from worker.engine.model import kernels  # noqa: E402
 from worker.engine.model.args import QwenVLArgs, VisionArgs  # noqa: E402
@@ -142,8 +150,14 @@ def ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}"
 
 
+_START = time.perf_counter()
+_on_section: list = []  # called before each section (main saves the figures so far)
+
+
 def section(title: str) -> None:
-    print(f"\n== {title}", flush=True)
+    for hook in _on_section:
+        hook()
+    print(f"\n== {title} [{time.perf_counter() - _START:.0f} s]", flush=True)
 
 
 class guarded:
@@ -791,7 +805,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--job-batches", default="2,4,8")
     parser.add_argument("--jobs-per-slot", type=int, default=6)
     parser.add_argument("--skip", default="",
-                        help="comma list of sections to skip: eager,sweep,fusions,vision,ttft,variants,jobs,int8")
+                        help="comma list of sections to skip: eager,sweep,fusions,vision,ttft,variants,jobs,int8,gemv")
     parser.add_argument("--keep-tiles", action="store_true",
                         help="sweep for information only: keep the built-in tiles for the measurements")
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (debugging)")
@@ -813,13 +827,22 @@ def main(argv: list[str] | None = None) -> int:
     clock = Clock(device)
     report = Report()
 
+    def save() -> None:  # every figure so far: a run cut short still leaves them
+        if a.json:
+            a.json.parent.mkdir(parents=True, exist_ok=True)
+            a.json.write_text(json.dumps({"info": report.info, "rows": [r.__dict__ for r in report.rows],
+                                          "failures": guarded.failures}, indent=1, default=str))
+
+    _on_section[:] = [save]
+
     section("environment")
     env = environment(device)
     for key, value in env.items():
         print(f"  {key}: {value}")
     print(f"  command: python -m benchmarks.engine_bench {' '.join(argv if argv is not None else sys.argv[1:])}")
     print(f"  config: {config if not a.tiny else 'tiny'}; dtype {dtype}; max_seq_len {a.max_seq_len}")
-    print(f"  decode GEMV: {kernels.DENSE_GEMV} (bf16), Triton (int8); attention (split, block, warps) "
+    print(f"  decode GEMV: {kernels.DENSE_GEMV} (bf16), int8 {kernels.INT8_GEMV} "
+          f"({len(kernels.INT8_GEMV_BY_SHAPE)} shapes set apart); attention (split, block, warps) "
           f"{(kernels.ATTENTION_SPLITS, kernels.ATTENTION_BLOCK, kernels.ATTENTION_WARPS)}")
     report.info["environment"] = env
 
@@ -871,7 +894,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  chosen: ATTENTION = {attention}")
 
     if fusions:
-        with guarded("fusions"):
+        with guarded("fusions"), int8_gemv("dot"):  # the tensor-core kernel's epilogues
             section("fused epilogues on the device: bits against the separate launches, repeated")
             checks = fused_epilogue_checks(s)
             for key, value in checks.items():
@@ -984,19 +1007,43 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  int8 kernel vs float32 math, worst relative error: {int8_kernel_check(s):.2e}")
             int8_weights = llm_weight_bytes(model)
             print(f"  LLM weights read per decode step: {int8_weights / 1e9:.3f} GB")
+            # GEMV variants: "chosen" (per shape, from the timings below), all "dot", all "fma"
+            variants = {"chosen": (kernels.INT8_GEMV, dict(kernels.INT8_GEMV_BY_SHAPE), dict(kernels.FMA_TILES))}
+            if "gemv" not in skip and kernels.triton_ok(torch.empty(1, device=device)):
+                with guarded("int8 GEMV variants"):
+                    section("int8 decode GEMVs, tensor cores ('dot') vs FMA, per shape: us per call in a CUDA graph, "
+                            "GB/s of weight bytes, max error in bf16 ulps of float64 math")
+                    result = gemv_variants(llm_shapes(args), device, dtype, clock.graph_s, quick=a.quick)
+                    report.info["gemv_variants"] = {
+                        **result, "choice": {str(k): v for k, v in result["choice"].items()},
+                        "fma_tiles": {str(k): list(v) for k, v in result["fma_tiles"].items()}}
+                    print("\n".join(gemv_summary_lines(result)))
+                    print(f"  worst error, int8, bf16 ulps of float64 math: dot {result['worst_ulp']['dot']:.2f}, "
+                          f"fma (picked tiles) {result['worst_ulp']['fma']:.2f}")
+                    print(f"  chosen: INT8_GEMV_BY_SHAPE = {result['choice']}")
+                    print(f"  chosen: FMA_TILES = {result['fma_tiles']}")
+                    tiles = {**kernels.FMA_TILES, **result["fma_tiles"]}
+                    variants = {"chosen": ("dot", result["choice"], tiles), "all dot": ("dot", {}, tiles),
+                                "all fma": ("fma", {}, tiles)}
+            section("int8 decode (engine; each engine's CUDA graphs hold the GEMV variant it was built with)")
             reset_peak(s)
             for new_tokens in [int(v) for v in a.decode_tokens.split(",")]:
                 for batch in (1, 2):
                     avg_len = len(ids) + new_tokens / 2
                     roofline = batch * bandwidth / (int8_weights + batch * kv_token * avg_len)
-                    rate = measure_decode(s, True, batch, new_tokens)
                     bf16 = decode_rates.get((batch, new_tokens))
-                    report.add(Row(f"int8 decode tok/s, batch {batch}, {new_tokens} new tokens", None, rate, "tok/s",
-                                   INT8_SPEEDUP * bf16 if bf16 else None, "1.7 x bf16",
-                                   (f"{rate / bf16:.2f} x bf16 fast; " if bf16 else "")
-                                   + f"{rate / roofline:.0%} of int8 roofline"))
+                    for label, (default, by_shape, tiles) in variants.items():
+                        with int8_gemv(default, by_shape, tiles):
+                            rate = measure_decode(s, True, batch, new_tokens)
+                        name = f"int8 decode tok/s, batch {batch}, {new_tokens} new tokens"
+                        report.add(Row(name if label == "chosen" else f"{name}, GEMV {label}", None, rate, "tok/s",
+                                       INT8_SPEEDUP * bf16 if bf16 else None, "1.7 x bf16",
+                                       (f"{rate / bf16:.2f} x bf16 fast; " if bf16 else "")
+                                       + f"{rate / roofline:.0%} of int8 roofline"
+                                       + ("; GEMV per shape as chosen above" if len(variants) > 1 and label == "chosen"
+                                          else "")))
             if fusions:
-                with separate_launches(builtin[0], builtin[1:]):
+                with separate_launches(builtin[0], builtin[1:]), int8_gemv("dot"):
                     for batch in (1, 2):
                         roofline = batch * bandwidth / (int8_weights + batch * kv_token * (len(ids) + 64))
                         rate = measure_decode(s, True, batch, 128)
@@ -1005,25 +1052,28 @@ def main(argv: list[str] | None = None) -> int:
                                        "launches, built-in tiles)", None, rate, "tok/s", None, "",
                                        (f"{rate / bf16:.2f} x bf16 fast (after); " if bf16 else "")
                                        + f"{rate / roofline:.0%} of int8 roofline"))
-            if "ttft" not in skip:
-                ttft = measure_ttft(s, True)
-                report.add(Row("int8 TTFT from preprocessed pixels", None, ttft[0], "ms", TTFT_LIMIT_MS, "limit",
-                               ", ".join(f"{k} {v:.1f}" for k, v in ttft[2].items())))
-            if "jobs" not in skip:
-                rate = measure_jobs(s, True, 2, (2 if a.quick else a.jobs_per_slot) * 2)
-                report.add(Row("int8 jobs/s, max_batch_size 2", None, rate, "jobs/s", JOBS_PER_S_TARGET, "target"))
+            with int8_gemv(*variants["chosen"]):
+                if "ttft" not in skip:
+                    ttft = measure_ttft(s, True)
+                    report.add(Row("int8 TTFT from preprocessed pixels", None, ttft[0], "ms", TTFT_LIMIT_MS, "limit",
+                                   ", ".join(f"{k} {v:.1f}" for k, v in ttft[2].items())))
+                if "jobs" not in skip:
+                    rate = measure_jobs(s, True, 2, (2 if a.quick else a.jobs_per_slot) * 2)
+                    report.add(Row("int8 jobs/s, max_batch_size 2", None, rate, "jobs/s", JOBS_PER_S_TARGET,
+                                   "target"))
             report.info["peak_gib_int8"] = peak_gib(s)
 
     section("summary")
+    _on_section.clear()
     print(f"card: {env.get('card')} | torch {env['torch']} | triton {env['triton']} | "
           f"copy {bandwidth / 1e12:.2f} TB/s | bf16 matmul {matmul / 1e12:.0f} TFLOP/s")
     print(report.table())
+    if "gemv_variants" in report.info:
+        print("\nint8 / bf16 decode GEMVs (weights past L2):")
+        print("\n".join(gemv_summary_lines(report.info["gemv_variants"])))
     for failure in guarded.failures:
         print(f"FAILED SECTION {failure}")
-    if a.json:
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(json.dumps({"info": report.info, "rows": [r.__dict__ for r in report.rows]},
-                                     indent=1, default=str))
+    save()
     return 1 if guarded.failures else 0
 
 

@@ -17,7 +17,8 @@ can be captured in a CUDA graph.
   length from device memory (split over the row, then combined: "flash decoding"; the last
   program of each head to finish does the combine).
 - :func:`int8_linear`: ``x @ (q * scale).T + bias`` for int8 per-output-channel weights,
-  without materialising the dequantised matrix (a GEMV-shaped kernel when ``x`` has few rows);
+  without materialising the dequantised matrix (a GEMV-shaped kernel when ``x`` has few rows: on
+  the tensor cores, or for 1-2 rows of the shapes in :data:`INT8_GEMV_BY_SHAPE` an FMA GEMV);
   :func:`dense_linear` is the model-dtype linear (for few rows the same Triton GEMV unless
   :data:`DENSE_GEMV` says cuBLAS). Split-K partial sums are added by the last program of each
   output tile to finish, in split order.
@@ -31,6 +32,7 @@ streams of one device (they share the tickets); the serving path launches them o
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -90,6 +92,82 @@ TILES: dict[tuple[int, int, int], tuple] = {
     (4096, 11008, 1): (16, 32, 256, 4, 4, 2),
     (151936, 4096, 1): (16, 32, 256, 4, 4, 1),
 }
+
+
+# How int8 GEMVs of at most FMA_ROWS rows run: "dot" (_matmul_kernel: the int8 tile converted to
+# bf16 for the tensor cores, BLOCK_M 16 for 1-2 real rows) or "fma" (_gemv_fma_kernel: no tensor
+# cores; each program streams BLOCK_N weight rows along K in 16-byte chunks, converts them to
+# float32 in registers and multiplies by the 1-2 rows of x). INT8_GEMV_BY_SHAPE picks per weight
+# shape and row count; INT8_GEMV is the default for the rest. The two differ only in float32
+# summation order (int8 answers are checked against their dequantised reference, not bf16).
+INT8_GEMV = "dot"
+FMA_ROWS = 2
+# (N, K, rows of x) -> variant. Measured on an H100 80GB HBM3 (docs/benchmarks.md, run 7), us per
+# call dot -> fma at one row: c_attn 21.8 -> 20.7, attention c_proj 9.9 -> 9.6, MLP c_proj 20.6 ->
+# 20.0, lm_head 248 -> 213; [w1 | w2] (37.2 / 37.3) and every two-row GEMV stay on the tensor cores
+# (the FMA kernel pays its conversion and an FMA per weight per row: 5-26% slower at two rows).
+INT8_GEMV_BY_SHAPE: dict[tuple[int, int, int], str] = {
+    (12288, 4096, 1): "fma",
+    (4096, 4096, 1): "fma",
+    (4096, 11008, 1): "fma",
+    (151936, 4096, 1): "fma",
+}
+
+
+def int8_gemv_variant(n: int, k: int, m: int) -> str:
+    """``"dot"`` or ``"fma"``: how ``m`` rows times an int8 ``[n, k]`` weight run (a CUDA graph
+    keeps the kernel chosen when it was captured)."""
+    if m > FMA_ROWS:
+        return "dot"
+    return INT8_GEMV_BY_SHAPE.get((n, k, m), INT8_GEMV)
+
+
+class FmaTile(NamedTuple):
+    """Launch shape of the FMA GEMV (:func:`_gemv_fma`).
+
+    A program reads ``block_n`` weight rows (gated: of each half of ``[w1 | w2]``) over its share
+    of K (``split_k`` shares) in steps of
+    ``block_k`` with ``warps`` warps; a warp streams ``block_k`` bytes of one row at a time (16 per
+    thread at 512 for int8, 256 for bf16). ``acc_2d``: keep a ``[block_n, block_k]`` float32
+    accumulator per row of x and reduce along K once at the end (else each step reduces into
+    ``[block_n]``). ``convert``: int8 -> float32 by the conversion unit (``"i2f"``), by integer
+    operations (``"magic"``: the byte with its sign bit flipped is the mantissa of ``2**23``;
+    taking ``2**23 + 128`` off gives it back exactly), or the same as one byte permute and one
+    subtraction per weight in PTX (``"prmt"``; CUDA only: the interpreter runs ``"magic"``).
+    """
+
+    block_n: int
+    block_k: int
+    warps: int
+    split_k: int = 1
+    acc_2d: bool = False
+    convert: str = "magic"
+
+
+# Measured FMA tiles, (N, K, bytes per weight, rows of x) -> FmaTile: the fastest of the GPU
+# benchmark's candidates on an H100 80GB HBM3 (run 7; all within 0.5 bf16 ulp of float64 math).
+# Fixed per shape like TILES, so the summation order is the same in every process.
+FMA_TILES: dict[tuple[int, int, int, int], FmaTile] = {
+    (12288, 4096, 1, 1): FmaTile(16, 512, 4, 1, False, "prmt"),  # c_attn
+    (12288, 4096, 1, 2): FmaTile(32, 512, 8, 1, False, "prmt"),
+    (4096, 4096, 1, 1): FmaTile(32, 512, 8, 4, False, "prmt"),  # attention c_proj
+    (4096, 4096, 1, 2): FmaTile(16, 512, 4, 4, False, "prmt"),
+    (22016, 4096, 1, 1): FmaTile(8, 512, 4, 1, True, "prmt"),  # [w1 | w2] with the gate (8 rows of each half)
+    (22016, 4096, 1, 2): FmaTile(16, 512, 4, 1, False, "prmt"),
+    (4096, 11008, 1, 1): FmaTile(32, 512, 8, 4, False, "prmt"),  # MLP c_proj
+    (4096, 11008, 1, 2): FmaTile(16, 512, 4, 4, False, "prmt"),
+    (151936, 4096, 1, 1): FmaTile(32, 512, 8, 1, False, "prmt"),  # lm_head
+    (151936, 4096, 1, 2): FmaTile(16, 512, 4, 1, False, "prmt"),
+}
+
+
+def fma_tiles(n: int, k: int, weight_bytes: int, m: int) -> FmaTile:
+    """FMA GEMV tiles for ``m`` rows times an ``[n, k]`` weight of ``weight_bytes`` per element
+    (:data:`FMA_TILES` wins when it has the shape): 16 bytes per thread and row, split-K when
+    the shape is narrow."""
+    if (n, k, weight_bytes, m) in FMA_TILES:
+        return FMA_TILES[(n, k, weight_bytes, m)]
+    return FmaTile(16, 512 if weight_bytes == 1 else 256, 4, 1 if n >= 8192 else 4, False, "prmt")
 
 
 # Whether few-row GEMVs and decode attention finish their own reductions (the gate in the
@@ -291,6 +369,8 @@ def _matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, b
     n = rows // 2 if gated else rows  # output width
     if x.stride(1) != 1:
         x = x.contiguous()
+    if config is None and weight.dtype == torch.int8 and int8_gemv_variant(rows, k, m) == "fma":
+        return _gemv_fma(x, weight, scale, bias, None, gated)
     if config is None:
         config = few_rows_tiles(rows, k, weight.element_size()) if m <= FEW_ROWS else MANY_ROWS_TILES
     bm, bn, bk, warps, stages, split = config
@@ -311,6 +391,45 @@ def _matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, b
         HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
         SPLIT_K=split, GATED=gated, SUM_HERE=tickets is not None, DOT_FP32=INTERPRET,
         num_warps=warps, num_stages=stages)
+    if split > 1 and tickets is None:
+        block = 1024
+        _split_k_sum_kernel[(triton.cdiv(m * n, block),)](
+            partial, scale if scale is not None else partial, bias if bias is not None else partial, y, m * n, n,
+            HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, SPLIT_K=split, BLOCK=block, num_warps=4)
+    return y
+
+
+def _gemv_fma(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None,
+              config: FmaTile | None, gated: bool = False) -> torch.Tensor:
+    """As :func:`_matmul` for ``x`` of 1 or 2 rows, on the FMA GEMV (:data:`INT8_GEMV`): int8 or
+    model-dtype ``weight``; ``config`` overrides :func:`fma_tiles`."""
+    m, k = x.shape
+    if not 1 <= m <= FMA_ROWS:
+        raise ValueError(f"the FMA GEMV takes 1 to {FMA_ROWS} rows, not {m}")
+    rows = weight.shape[0]
+    n = rows // 2 if gated else rows
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    tile = FmaTile(*(config or fma_tiles(rows, k, weight.element_size(), m)))
+    split = tile.split_k
+    grid = (triton.cdiv(n, tile.block_n), split)
+    tickets = _tickets(x.device, grid[0]) if split > 1 and FUSED_EPILOGUES else None
+    if gated and split > 1 and tickets is None:
+        return silu_mul(_gemv_fma(x, weight, scale, bias, config))
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    blocks_per_split = triton.cdiv(triton.cdiv(k, tile.block_k), split)
+    halves = 2 if gated else 1
+    partial = torch.empty(halves * split, m, n, dtype=torch.float32, device=x.device) if split > 1 else y
+    convert = 0 if weight.dtype != torch.int8 else {"i2f": 1, "magic": 2, "prmt": 3}[tile.convert]
+    if convert == 3 and INTERPRET:
+        convert = 2  # no inline PTX in the interpreter: the same arithmetic in Triton operations
+    _gemv_fma_kernel[grid](
+        x, weight, scale if scale is not None else weight, bias if bias is not None else weight,
+        y if tickets is not None else partial, partial, tickets if tickets is not None else partial,
+        n, k, x.stride(0), weight.stride(0), blocks_per_split,
+        HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, ROWS=m, BLOCK_N=tile.block_n,
+        BLOCK_K=tile.block_k, SPLIT_K=split, GATED=gated, SUM_HERE=tickets is not None, ACC_2D=tile.acc_2d,
+        CONVERT=convert, num_warps=tile.warps, num_stages=1)
     if split > 1 and tickets is None:
         block = 1024
         _split_k_sum_kernel[(triton.cdiv(m * n, block),)](
@@ -559,6 +678,123 @@ if triton is not None:
             gate = (g / (1.0 + tl.exp(-g))).to(dtype)  # silu, rounded as torch rounds it
             y = y.to(dtype).to(tl.float32) * gate.to(tl.float32)
         tl.store(y_ptr + rm[:, None] * N + rn[None, :], y.to(dtype), mask=out_mask)
+
+    @triton.jit
+    def _gemv_fma_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, part_ptr, ticket_ptr, N, K, stride_xm, stride_wn,
+                         blocks_per_split, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, ROWS: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, GATED: tl.constexpr,
+                         SUM_HERE: tl.constexpr, ACC_2D: tl.constexpr, CONVERT: tl.constexpr):
+        """y [ROWS, N] = x [ROWS, K] @ w[N, K].T (* scale[N] + bias[N]) without tensor cores, ROWS
+        1 or 2; program (n, s) reads weight rows n*BLOCK_N.. (and, GATED, the same rows of the w2
+        half) over the s-th range of K as [BLOCK_N, BLOCK_K] tiles (K contiguous: 16-byte loads),
+        in float32 (CONVERT: 0 model dtype, 1-3 int8 as FmaTile.convert). Outputs, split-K
+        partials and tickets as _matmul_kernel (M = ROWS)."""
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, BLOCK_K)
+        n_mask = rn < N
+        w_rows = w_ptr + rn[:, None] * stride_wn  # [BN, 1]
+        g_rows = w_rows + N * stride_wn  # the same rows of the w2 half (GATED)
+        k_first = pid_k * blocks_per_split * BLOCK_K
+        k_last = tl.minimum(K, k_first + blocks_per_split * BLOCK_K)
+        if ACC_2D:
+            acc0 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        else:
+            acc0 = tl.zeros([BLOCK_N], dtype=tl.float32)
+        acc1 = acc0  # row 1 (ROWS == 2)
+        acc0_g = acc0  # the w2 half (GATED)
+        acc1_g = acc0
+        for k0 in range(k_first, k_last, BLOCK_K):
+            k = k0 + rk
+            k_mask = k < k_last
+            w_mask = n_mask[:, None] & k_mask[None, :]
+            w = _fma_to_float(tl.load(w_rows + k[None, :], mask=w_mask, other=0), CONVERT)  # [BN, BK] float32
+            g = w
+            if GATED:
+                g = _fma_to_float(tl.load(g_rows + k[None, :], mask=w_mask, other=0), CONVERT)
+            x0 = tl.load(x_ptr + k, mask=k_mask, other=0.0).to(tl.float32)[None, :]  # [1, BK]
+            acc0 = _fma_accumulate(acc0, w * x0, ACC_2D)
+            if GATED:
+                acc0_g = _fma_accumulate(acc0_g, g * x0, ACC_2D)
+            if ROWS == 2:
+                x1 = tl.load(x_ptr + stride_xm + k, mask=k_mask, other=0.0).to(tl.float32)[None, :]
+                acc1 = _fma_accumulate(acc1, w * x1, ACC_2D)
+                if GATED:
+                    acc1_g = _fma_accumulate(acc1_g, g * x1, ACC_2D)
+        if ACC_2D:
+            acc0 = tl.sum(acc0, axis=1)
+            acc1 = tl.sum(acc1, axis=1)
+            acc0_g = tl.sum(acc0_g, axis=1)
+            acc1_g = tl.sum(acc1_g, axis=1)
+        out_mask = n_mask[None, :]  # [1, BN]: one row of y at a time
+        if SPLIT_K == 1:
+            _matmul_epilogue(acc0[None, :], acc0_g[None, :], s_ptr, b_ptr, y_ptr, tl.full([1], 0, tl.int32), rn, N,
+                             n_mask, out_mask, HAS_SCALE, HAS_BIAS, GATED)
+            if ROWS == 2:
+                _matmul_epilogue(acc1[None, :], acc1_g[None, :], s_ptr, b_ptr, y_ptr, tl.full([1], 1, tl.int32), rn,
+                                 N, n_mask, out_mask, HAS_SCALE, HAS_BIAS, GATED)
+        elif not SUM_HERE:
+            tl.store(y_ptr + (pid_k * ROWS) * N + rn, acc0, mask=n_mask)
+            if ROWS == 2:
+                tl.store(y_ptr + (pid_k * ROWS + 1) * N + rn, acc1, mask=n_mask)
+        else:
+            tl.store(part_ptr + (pid_k * ROWS) * N + rn, acc0, mask=n_mask)
+            if ROWS == 2:
+                tl.store(part_ptr + (pid_k * ROWS + 1) * N + rn, acc1, mask=n_mask)
+            if GATED:
+                tl.store(part_ptr + ((SPLIT_K + pid_k) * ROWS) * N + rn, acc0_g, mask=n_mask)
+                if ROWS == 2:
+                    tl.store(part_ptr + ((SPLIT_K + pid_k) * ROWS + 1) * N + rn, acc1_g, mask=n_mask)
+            tl.debug_barrier()  # every thread's partial stored before the ticket is taken
+            if tl.atomic_add(ticket_ptr + pid_n, 1, sem="acq_rel") == SPLIT_K - 1:
+                for row in tl.static_range(ROWS):
+                    total = tl.zeros([BLOCK_N], dtype=tl.float32)
+                    total_g = tl.zeros([BLOCK_N], dtype=tl.float32)
+                    for split in tl.static_range(SPLIT_K):  # always the same order: deterministic
+                        total += tl.load(part_ptr + (split * ROWS + row) * N + rn, mask=n_mask, other=0.0,
+                                         cache_modifier=".cg")
+                        if GATED:
+                            total_g += tl.load(part_ptr + ((SPLIT_K + split) * ROWS + row) * N + rn, mask=n_mask,
+                                               other=0.0, cache_modifier=".cg")
+                    _matmul_epilogue(total[None, :], total_g[None, :], s_ptr, b_ptr, y_ptr,
+                                     tl.full([1], row, tl.int32), rn, N, n_mask, out_mask, HAS_SCALE, HAS_BIAS, GATED)
+                tl.store(ticket_ptr + pid_n, 0)  # ready for the next launch
+
+    @triton.jit
+    def _fma_to_float(w, CONVERT: tl.constexpr):
+        """A weight tile as float32 (CONVERT: see _gemv_fma_kernel). For int8 by integer operations:
+        the byte q, its sign bit flipped (q + 128), is the mantissa of 2**23; taking 2**23 + 128
+        off again gives q exactly."""
+        if CONVERT == 2:
+            bits = w.to(tl.uint8, bitcast=True).to(tl.int32) ^ 0x4B000080
+            out = bits.to(tl.float32, bitcast=True) - 8388736.0
+        elif CONVERT == 3:  # the same: one xor per four bytes, then one byte permute and a subtraction each
+            out = tl.inline_asm_elementwise(
+                """{
+                .reg .b32 t;
+                xor.b32 t, $4, 0x80808080;
+                prmt.b32 $0, t, 0x4B000000, 0x7540;
+                prmt.b32 $1, t, 0x4B000000, 0x7541;
+                prmt.b32 $2, t, 0x4B000000, 0x7542;
+                prmt.b32 $3, t, 0x4B000000, 0x7543;
+                sub.f32 $0, $0, 0f4B000080;
+                sub.f32 $1, $1, 0f4B000080;
+                sub.f32 $2, $2, 0f4B000080;
+                sub.f32 $3, $3, 0f4B000080;
+                }""",
+                "=r,=r,=r,=r,r", [w], dtype=tl.float32, is_pure=True, pack=4)
+        else:
+            out = w.to(tl.float32)
+        return out
+
+    @triton.jit
+    def _fma_accumulate(acc, products, ACC_2D: tl.constexpr):
+        if ACC_2D:
+            out = acc + products
+        else:
+            out = acc + tl.sum(products, axis=1)
+        return out
 
     @triton.jit
     def _split_k_sum_kernel(part_ptr, s_ptr, b_ptr, y_ptr, total, N, HAS_SCALE: tl.constexpr,

@@ -1,6 +1,7 @@
 """Run by test_kernels.py in a subprocess with ``TRITON_INTERPRET=1``: the Triton kernels on a
 CPU through Triton's interpreter, each fused epilogue against the separate launches it replaces
-(bit for bit) and against plain float math. Exits non-zero on the first mismatch."""
+(bit for bit) and against plain float math, and the FMA GEMV against float64 math. Exits
+non-zero on the first mismatch."""
 
 from __future__ import annotations
 
@@ -67,6 +68,47 @@ def check_gemv() -> None:
                     assert err < 2e-2, f"gate vs float math {err:.3g}"
 
 
+def check_fma_gemv() -> None:
+    """The FMA GEMV (1-2 rows, no tensor cores): each tile kind against float64 math within one
+    bf16 unit in the last place, its fused split-K sum and gate against the separate launches,
+    and int8_linear / gated_linear dispatching to it per shape and row count."""
+    tiles = (kernels.FmaTile(16, 32, 4, 1), kernels.FmaTile(16, 32, 4, 3, True, "prmt"),
+             kernels.FmaTile(8, 64, 4, 2, False, "i2f"))
+    for rows, k, tile in ((96, 64, tiles[0]), (96, 70, tiles[1]), (64, 130, tiles[2])):
+        for m in (1, 2):
+            x = randn(m, k).to(BF16)
+            w = (randn(rows, k) / k**0.5).to(BF16)
+            q, scale = kernels.quantize_int8(w.float())
+            q[0, :3] = torch.tensor([-128, 127, -127], dtype=torch.int8)  # the ends of the int8 range
+            for bias in (None, (0.1 * randn(rows)).to(BF16)):
+                for weight, sc in ((q, scale), (w, None)):
+                    before, after = separate_then_fused(lambda: kernels._gemv_fma(x, weight, sc, bias, tile))
+                    assert torch.equal(before, after), f"fma split-K sum {rows}x{k} {tile} m={m}"
+                    gate = kernels._gemv_fma(x, weight, sc, bias, tile, gated=True)
+                    assert torch.equal(gate, kernels.silu_mul(after)), f"fma gate {tile} m={m}"
+                    dense = weight.double() * (sc.double()[:, None] if sc is not None else 1)
+                    y = x.double() @ dense.T + (bias.double() if bias is not None else 0)  # [M, rows]
+                    ulp = torch.exp2(torch.floor(torch.log2(y.abs().clamp_min(1e-30))) - 7)
+                    assert ((after.double() - y).abs() <= ulp + 1e-6).all(), f"fma vs float64 {tile} m={m}"
+    x, w = randn(2, 64).to(BF16), randn(96, 64).to(BF16)
+    q, scale = kernels.quantize_int8(w.float())
+    tile = kernels.FmaTile(16, 32, 4, 2)
+    saved = dict(kernels.FMA_TILES), dict(kernels.INT8_GEMV_BY_SHAPE)
+    kernels.FMA_TILES[(96, 64, 1, 2)] = tile
+    kernels.INT8_GEMV_BY_SHAPE[(96, 64, 2)] = "fma"
+    try:
+        assert torch.equal(kernels.int8_linear(x, q, scale), kernels._gemv_fma(x, q, scale, None, tile))
+        assert torch.equal(kernels.gated_linear(x, q, scale), kernels._gemv_fma(x, q, scale, None, tile, True))
+        three = randn(3, 64).to(BF16)  # more rows than the FMA GEMV takes: the tensor-core kernel
+        assert torch.equal(kernels.int8_linear(three, q, scale),
+                           kernels._matmul(three, q, scale, None, kernels.few_rows_tiles(96, 64, 1)))
+    finally:
+        kernels.FMA_TILES.clear()
+        kernels.FMA_TILES.update(saved[0])
+        kernels.INT8_GEMV_BY_SHAPE.clear()
+        kernels.INT8_GEMV_BY_SHAPE.update(saved[1])
+
+
 def check_attention() -> None:
     heads, d, rows, length = 2, 16, 3, 100
     k_cache, v_cache = randn(rows, heads, length, d).to(BF16), randn(rows, heads, length, d).to(BF16)
@@ -85,6 +127,7 @@ def check_attention() -> None:
 
 if __name__ == "__main__":
     check_gemv()
+    check_fma_gemv()
     check_attention()
     tickets = kernels._ticket_buffers[torch.device("cpu")]
     assert int(tickets.abs().sum()) == 0, "every ticket back at zero"

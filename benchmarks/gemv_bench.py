@@ -1,0 +1,204 @@
+"""Decode GEMVs on the device: the tensor-core ("dot") kernel against the FMA GEMV, per weight shape.
+
+Used by :mod:`benchmarks.engine_bench` (its int8 section). For every LLM weight shape and 1 and 2
+rows of x it
+
+- checks each kernel's output against float64 math on the same int8 weights (error in bf16 units
+  in the last place of the reference: a correctly rounded float32 sum is within 1), and the FMA
+  GEMV's fused split-K sum and gate against its separate launches, bit for bit, and repeated
+  calls against the first (a race would move bits);
+- times each (CUDA graph of calls over copies bigger than L2) as us per call and GB/s of weight
+  bytes, the FMA GEMV with each candidate tile;
+- picks, per shape and row count, the fastest FMA tile that passed and the faster of the two
+  kernels: the tables the engine-level int8 decode variants run with.
+
+bf16 weights get the same timing for one FMA tile (reported only: the bf16 default is unchanged).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from contextlib import contextmanager
+
+import torch
+
+from worker.engine.model import kernels
+from worker.engine.model.kernels import FmaTile
+
+ROWS = (1, 2)
+L2_PAST_BYTES = 256e6  # weight copies rotated per timing: well past the 50 MB L2 of an H100
+ULP_LIMIT = 1.0  # bf16 units in the last place of the float64 result
+
+
+def fma_candidates(n: int, weight_bytes: int) -> list[FmaTile]:
+    """FMA GEMV tiles tried for an ``[n, K]`` weight (``n``: output rows, or one half of a gated
+    ``[w1 | w2]``): 16 bytes per thread and row; narrow shapes split K (4, and 2 for one tile)."""
+    split = 1 if n >= 8192 else 4
+    if weight_bytes == 2:
+        return [FmaTile(16, 256, 4, split, False, "magic")]
+    tiles = [FmaTile(16, 512, 4, split, False, "prmt"), FmaTile(16, 512, 4, split, False, "magic"),
+             FmaTile(16, 512, 4, split, False, "i2f"), FmaTile(16, 512, 4, split, True, "prmt"),
+             FmaTile(8, 512, 4, split, True, "prmt"), FmaTile(32, 512, 8, split, False, "prmt")]
+    if split > 1:
+        tiles.append(FmaTile(16, 512, 4, 2, False, "prmt"))
+    return tiles
+
+
+def ulp_error(y: torch.Tensor, ref: torch.Tensor) -> float:
+    """Largest ``|y - ref|`` in bf16 units in the last place of ``ref`` (float64), with an
+    absolute floor of 1e-5 of ``max |ref|`` for results that cancel to nearly zero."""
+    ref = ref.double()
+    ulp = torch.exp2(torch.floor(torch.log2(ref.abs().clamp_min(1e-30))) - 7)
+    floor = 1e-5 * ref.abs().max()
+    return ((y.double() - ref).abs() / (ulp + floor)).max().item()
+
+
+def reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor | None, chunk: int = 16384) -> torch.Tensor:
+    """``x @ (q * scale).T`` in float64, ``chunk`` weight rows at a time -> ``[M, N]``."""
+    out = []
+    for first in range(0, q.shape[0], chunk):
+        w = q[first:first + chunk].double()
+        if scale is not None:
+            w = w * scale[first:first + chunk].double()[:, None]
+        out.append(x.double() @ w.T)
+    return torch.cat(out, dim=1)
+
+
+@contextmanager
+def int8_gemv(default: str, by_shape: dict | None = None, tiles: dict | None = None):
+    """Run the enclosed code with ``kernels.INT8_GEMV = default`` and the given per-shape tables
+    (``INT8_GEMV_BY_SHAPE``, ``FMA_TILES``); the previous settings come back after."""
+    saved = kernels.INT8_GEMV, dict(kernels.INT8_GEMV_BY_SHAPE), dict(kernels.FMA_TILES)
+    kernels.INT8_GEMV = default
+    kernels.INT8_GEMV_BY_SHAPE.clear()
+    kernels.INT8_GEMV_BY_SHAPE.update(by_shape or {})
+    if tiles is not None:
+        kernels.FMA_TILES.clear()
+        kernels.FMA_TILES.update(tiles)
+    try:
+        yield
+    finally:
+        kernels.INT8_GEMV = saved[0]
+        kernels.INT8_GEMV_BY_SHAPE.clear()
+        kernels.INT8_GEMV_BY_SHAPE.update(saved[1])
+        kernels.FMA_TILES.clear()
+        kernels.FMA_TILES.update(saved[2])
+
+
+def _timed(graph_s: Callable[[list], float], fn, weights: list, x: torch.Tensor) -> float:
+    """Seconds per call of ``fn(x, *weight)`` over the rotating ``weights``."""
+    return graph_s([lambda w=w: fn(x, *w) for w in weights])
+
+
+def _fused_checks(x, q, scale, tile: FmaTile, gated: bool, repeats: int) -> dict:
+    """The FMA GEMV's fused reductions against its separate launches, bit for bit, and repeats."""
+    first = kernels._gemv_fma(x, q, scale, None, tile, gated)
+    moved = sum(not torch.equal(kernels._gemv_fma(x, q, scale, None, tile, gated), first) for _ in range(repeats))
+    out = {"runs that differ": f"{moved}/{repeats}"}
+    if tile.split_k > 1:
+        kernels.FUSED_EPILOGUES = False
+        try:
+            separate = kernels._gemv_fma(x, q, scale, None, tile, gated)
+        finally:
+            kernels.FUSED_EPILOGUES = True
+        out["split-K sum equal to separate launch"] = torch.equal(first, separate)
+    if gated:
+        out["gate equal to silu_mul of the plain GEMV"] = torch.equal(
+            first, kernels.silu_mul(kernels._gemv_fma(x, q, scale, None, tile)))
+    return out
+
+
+def gemv_variants(shapes: dict[str, tuple[int, int]], device: torch.device, dtype: torch.dtype,
+                  graph_s: Callable[[list], float], repeats: int = 10, quick: bool = False) -> dict:
+    """Check and time the int8 (and bf16) decode GEMVs per shape; see the module docstring.
+
+    ``shapes``: layer name -> ``(rows, K)`` of its weight (``gate_up`` is ``[w1 | w2]`` and runs
+    gated, as in decode); ``graph_s(calls)``: seconds per call of ``calls`` in a CUDA graph.
+    Returns ``{"rows": [...], "choice": {(N, K, M): "dot" | "fma"}, "fma_tiles": {(N, K, 1, M):
+    FmaTile}, "worst_ulp": {"dot": ..., "fma": ...}}`` (the worst of the picked FMA tiles)."""
+    rows_out, choice, tiles = [], {}, {}
+    worst = {"dot": 0.0, "fma": 0.0}
+    gen = torch.Generator(device=device).manual_seed(7)
+    for name, (n, k) in shapes.items():
+        gated = name == "gate_up"
+        out_n = n // 2 if gated else n
+        copies = max(1, math.ceil(L2_PAST_BYTES / (n * k))) if device.type == "cuda" else 1
+        for kind in ("int8", "bf16"):
+            weight_bytes = 1 if kind == "int8" else 2
+            layers = []
+            for _ in range(copies if kind == "int8" else max(1, math.ceil(copies / 2))):
+                w = torch.randn(n, k, device=device, dtype=dtype, generator=gen) / math.sqrt(k)
+                layers.append(kernels.quantize_int8(w) if kind == "int8" else (w, None))
+            nbytes = n * k * weight_bytes + (n * 4 if kind == "int8" else 0)
+            dot_tile = kernels.few_rows_tiles(n, k, weight_bytes)
+            candidates = fma_candidates(out_n, weight_bytes)[:2 if quick else None]
+            for m in ROWS:
+                x = torch.randn(m, k, device=device, dtype=dtype, generator=gen)
+                q, scale = layers[0]
+                ref = reference(x, q, scale)
+
+                def dot(x_, w_, s_):
+                    return kernels._matmul(x_, w_, s_, None, dot_tile, gated)
+
+                dot_err = ulp_error(kernels._matmul(x, q, scale, None, dot_tile), ref)
+                dot_s = _timed(graph_s, dot, layers, x)
+                results = {}
+                for tile in candidates:
+                    try:
+                        err = ulp_error(kernels._gemv_fma(x, q, scale, None, tile), ref)
+                        seconds = _timed(graph_s, lambda x_, w_, s_, t=tile: kernels._gemv_fma(x_, w_, s_, None, t,
+                                                                                               gated), layers, x)
+                    except Exception as e:  # a tile that does not compile here is not a candidate
+                        print(f"   {name} {kind} M={m} {tuple(tile)}: {type(e).__name__}: {str(e)[:160]}", flush=True)
+                        continue
+                    results[tile] = (seconds, err)
+                passing = {t: r for t, r in results.items() if r[1] <= ULP_LIMIT}
+                best = min(passing, key=lambda t: passing[t][0]) if passing else None
+                row = {"layer": name, "N": n, "K": k, "weights": kind, "M": m, "gated": gated,
+                       "dot_tile": dot_tile, "dot_us": dot_s * 1e6, "dot_GBps": nbytes / dot_s / 1e9,
+                       "dot_max_ulp": dot_err,
+                       "fma": [{"tile": tuple(t), "us": r[0] * 1e6, "GBps": nbytes / r[0] / 1e9, "max_ulp": r[1],
+                                "passed": r[1] <= ULP_LIMIT} for t, r in results.items()]}
+                if best is not None:
+                    best_s = passing[best][0]
+                    row.update(fma_best=tuple(best), fma_us=best_s * 1e6, fma_GBps=nbytes / best_s / 1e9,
+                               fma_max_ulp=passing[best][1], faster="fma" if best_s < dot_s else "dot")
+                    if kind == "int8":
+                        row["checks"] = _fused_checks(x, q, scale, best, gated, repeats)
+                        tiles[(n, k, 1, m)] = best
+                        choice[(n, k, m)] = row["faster"]
+                if kind == "int8":
+                    worst["dot"] = max(worst["dot"], dot_err)
+                    if best is not None:
+                        worst["fma"] = max(worst["fma"], passing[best][1])
+                rows_out.append(row)
+                _print_row(row)
+            del layers
+    return {"rows": rows_out, "choice": choice, "fma_tiles": tiles, "worst_ulp": worst}
+
+
+def _print_row(row: dict) -> None:
+    head = (f"   {row['layer']} [{row['N']}x{row['K']}] {row['weights']} M={row['M']}: dot {row['dot_us']:.1f} us "
+            f"({row['dot_GBps']:,.0f} GB/s, {row['dot_max_ulp']:.2f} ulp)")
+    if "fma_best" not in row:
+        print(head + "; no FMA tile passed", flush=True)
+        return
+    others = sorted((f for f in row["fma"] if tuple(f["tile"]) != row["fma_best"]), key=lambda f: f["us"])
+    print(head + f"; fma {row['fma_best']} {row['fma_us']:.1f} us ({row['fma_GBps']:,.0f} GB/s, "
+          f"{row['fma_max_ulp']:.2f} ulp) -> {row['faster']}"
+          + (f"; checks {row['checks']}" if "checks" in row else "")
+          + "".join(f"\n      {tuple(f['tile'])}: {f['us']:.1f} us {f['GBps']:,.0f} GB/s {f['max_ulp']:.2f} ulp"
+                    + ("" if f["passed"] else " FAILED") for f in others), flush=True)
+
+
+def summary_lines(result: dict) -> list[str]:
+    """A short table: per shape and M, dot vs the best FMA tile (us, GB/s) and the pick."""
+    lines = ["| layer | weights | M | dot us (GB/s) | fma us (GB/s) | fma tile | max ulp dot / fma | faster |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        fma = f"{r['fma_us']:.1f} ({r['fma_GBps']:,.0f})" if "fma_best" in r else "-"
+        lines.append(f"| {r['layer']} | {r['weights']} | {r['M']} | {r['dot_us']:.1f} ({r['dot_GBps']:,.0f}) | {fma} | "
+                     f"{r.get('fma_best', '-')} | {r['dot_max_ulp']:.2f} / {r.get('fma_max_ulp', float('nan')):.2f} | "
+                     f"{r.get('faster', 'dot')} |")
+    return lines

@@ -1,0 +1,47 @@
+"""The GEMV benchmark's pieces that run anywhere: its reference, its error unit, its candidate
+tiles and the switch between kernel variants (the timings themselves need a GPU)."""
+
+from __future__ import annotations
+
+import torch
+
+from benchmarks import gemv_bench
+from worker.engine.model import kernels
+
+GEN = torch.Generator().manual_seed(0)
+
+
+def test_reference_is_the_dequantised_product_chunk_by_chunk():
+    x, w = torch.randn(2, 24, generator=GEN), torch.randn(10, 24, generator=GEN)
+    q, scale = kernels.quantize_int8(w)
+    expected = x.double() @ (q.double() * scale.double()[:, None]).T
+    assert torch.allclose(gemv_bench.reference(x, q, scale, chunk=3), expected, rtol=0, atol=1e-12)
+    assert torch.allclose(gemv_bench.reference(x, w, None, chunk=4), x.double() @ w.double().T, atol=1e-12)
+
+
+def test_ulp_error_counts_bf16_units_of_the_reference():
+    ref = torch.tensor([[1.0, -3.0, 2.5]], dtype=torch.float64)
+    assert gemv_bench.ulp_error(ref.to(torch.bfloat16), ref) == 0
+    one_ulp_off = ref + torch.tensor([[2.0**-7, 0.0, 0.0]], dtype=torch.float64)  # bf16 ulp at 1.0
+    assert 0.99 < gemv_bench.ulp_error(one_ulp_off, ref) <= 1.0  # (a floor of 1e-5 max|ref| for zeros)
+    assert gemv_bench.ulp_error(ref * 1.05, ref) > 5  # 5% is far outside rounding
+
+
+def test_fma_candidates_split_k_only_for_narrow_shapes():
+    wide, narrow = gemv_bench.fma_candidates(12288, 1), gemv_bench.fma_candidates(4096, 1)
+    assert {t.split_k for t in wide} == {1}
+    assert {t.split_k for t in narrow} == {2, 4}
+    assert {t.convert for t in wide} == {"prmt", "magic", "i2f"}
+    assert all(t.block_k == 256 for t in gemv_bench.fma_candidates(4096, 2))  # bf16: 16 bytes per thread too
+
+
+def test_int8_gemv_switches_the_variant_and_restores_the_tables():
+    tile = kernels.FmaTile(8, 512, 4, 2)
+    before = kernels.INT8_GEMV, dict(kernels.INT8_GEMV_BY_SHAPE), dict(kernels.FMA_TILES)
+    with gemv_bench.int8_gemv("fma", {(64, 32, 1): "dot"}, {(64, 32, 1, 2): tile}):
+        assert kernels.int8_gemv_variant(64, 32, 1) == "dot"
+        assert kernels.int8_gemv_variant(64, 32, 2) == "fma"
+        assert kernels.int8_gemv_variant(64, 32, 3) == "dot"  # more rows than the FMA GEMV takes
+        assert kernels.fma_tiles(64, 32, 1, 2) == tile
+        assert kernels.fma_tiles(64, 32, 1, 1) != tile
+    assert (kernels.INT8_GEMV, kernels.INT8_GEMV_BY_SHAPE, kernels.FMA_TILES) == before
