@@ -33,13 +33,8 @@ and every figure of the GPU-speed issue, each beside its limit and their ratio:
   show as a moving answer), each kernel's time both ways, and decode before/after: the engine and
   the graph replay with the separate launches and the built-in tiles (``--skip fusions``: not run).
 
-- the L2 prefetch of each GEMV's weight start by the small decode kernels before it
-  (``kernels.PREFETCH_BYTES``) and programmatic dependent launch (``kernels.PDL``): decode (engine
-  and graph replay), bf16 and int8, per setting of ``PDL_VARIANTS``, and whether the logits of 4
-  decode steps are the same bits as with the first (``--skip pdl``: not run).
-
 ``--skip`` takes any of eager, sweep, fusions, vision, ttft, variants (decode without lookahead
-and with cuBLAS), jobs, int8, gemv, pdl. Each section's header shows the seconds since the start, and
+and with cuBLAS), jobs, int8, gemv. Each section's header shows the seconds since the start, and
 ``--json`` is rewritten before every section, so a run cut short keeps what it measured.
 
 Eager is the engine with ``fast_path=False`` (the model's own prefill/decode: per-step cache
@@ -511,68 +506,6 @@ def measure_graph_decode(s: Setup, batch: int, steps: int) -> float:
     return batch * steps / seconds
 
 
-# (kernels.PDL, kernels.PREFETCH_BYTES, kernels.PREFETCH_GRANULE) per label; the first is the
-# reference for the bits.
-MB = 1 << 20
-PDL_VARIANTS = {"no L2 prefetch": (False, 0, 32), "prefetch 4 MB": (False, 4 * MB, 32),
-                "prefetch 8 MB": (False, 8 * MB, 32), "prefetch 16 MB": (False, 16 * MB, 32),
-                "prefetch 8 MB, 128-byte hints": (False, 8 * MB, 128), "PDL + prefetch 8 MB": (True, 8 * MB, 32)}
-
-
-@contextmanager
-def pdl_setting(pdl: bool, prefetch_bytes: int, granule: int):
-    """Run the enclosed code with ``kernels.PDL``, ``PREFETCH_BYTES`` and ``PREFETCH_GRANULE`` set."""
-    saved = kernels.PDL, kernels.PREFETCH_BYTES, kernels.PREFETCH_GRANULE
-    kernels.PDL, kernels.PREFETCH_BYTES, kernels.PREFETCH_GRANULE = pdl, prefetch_bytes, granule
-    try:
-        yield
-    finally:
-        kernels.PDL, kernels.PREFETCH_BYTES, kernels.PREFETCH_GRANULE = saved
-
-
-def decode_logits(s: Setup, batch: int, steps: int = 4) -> torch.Tensor:
-    """float32 logits ``[steps, batch, V]`` of the fast path's first decode steps (graph replays,
-    greedy tokens fed back) after prefilling the seed prompt into every row."""
-    fast = FastQwenVL(s.model)
-    fast.setup_cache(batch, s.max_seq_len)
-    for slot in range(batch):
-        fast.prefill(torch.tensor(s.ids[:-1], device=s.device), slot)
-    tokens = torch.full((batch,), s.ids[-1], device=s.device)
-    positions = torch.full((batch,), len(s.ids) - 1, device=s.device)
-    slots = torch.arange(batch, device=s.device)
-    out = []
-    for _ in range(steps):
-        logits = fast.decode(tokens, positions, slots).clone()
-        out.append(logits)
-        tokens, positions = logits.argmax(-1), positions + 1
-    return torch.stack(out)
-
-
-def pdl_rows(s: Setup, report: Report, kind: str, weights: int, bf16: dict | None = None) -> dict:
-    """Decode at batch 1 and 2 (128 tokens, engine and graph replay) per :data:`PDL_VARIANTS`
-    -> engine tok/s by (label, batch); ``bf16``: such a result, for the int8 / bf16 ratios."""
-    rates = {}
-    kv_token = kv_bytes_per_token(s.args, s.dtype)
-    reference = {}
-    for label, setting in PDL_VARIANTS.items():
-        with pdl_setting(*setting):
-            for batch in (1, 2):
-                logits = decode_logits(s, batch)
-                reference.setdefault(batch, logits)
-                same = "same bits as the first" if torch.equal(logits, reference[batch]) else \
-                    f"DIFFERENT from the first (max |d| {(logits - reference[batch]).abs().max().item():.3g})"
-                roofline = batch * s.bandwidth / (weights + batch * kv_token * (len(s.ids) + 64))
-                engine = rates[(label, batch)] = measure_decode(s, True, batch, 128)
-                graph = measure_graph_decode(s, batch, 128)
-                base = (bf16 or {}).get((label, batch))
-                vs = f"{engine / base:.2f} x bf16 with the same setting; " if base else ""
-                report.add(Row(f"{kind} decode tok/s, batch {batch}, 128 tokens, {label} (engine / graph)", None,
-                               engine, "tok/s", roofline, "roofline",
-                               f"{vs}graph replay {graph:.1f} ({graph / roofline:.0%}); logits {same}"))
-                print(f"  {kind} b{batch} {label}: engine {engine:.1f}, graph {graph:.1f} tok/s; {same}")
-    return rates
-
-
 def measure_jobs(s: Setup, fast: bool, batch: int, jobs: int, new_tokens: int = 128) -> float:
     """jobs/s for ``jobs`` 1-image forced-``new_tokens`` jobs submitted at once (engine thread)."""
     engine = make_engine(s, fast, batch, start=True)
@@ -872,7 +805,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--job-batches", default="2,4,8")
     parser.add_argument("--jobs-per-slot", type=int, default=6)
     parser.add_argument("--skip", default="",
-                        help="comma list of sections to skip: eager,sweep,fusions,vision,ttft,variants,jobs,int8,gemv,pdl")
+                        help="comma list of sections to skip: eager,sweep,fusions,vision,ttft,variants,jobs,int8,gemv")
     parser.add_argument("--keep-tiles", action="store_true",
                         help="sweep for information only: keep the built-in tiles for the measurements")
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (debugging)")
@@ -908,8 +841,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {key}: {value}")
     print(f"  command: python -m benchmarks.engine_bench {' '.join(argv if argv is not None else sys.argv[1:])}")
     print(f"  config: {config if not a.tiny else 'tiny'}; dtype {dtype}; max_seq_len {a.max_seq_len}")
-    print(f"  programmatic dependent launch: {kernels.use_pdl(torch.empty(1, device=device))}; L2 prefetch by the "
-          f"small decode kernels: {kernels.PREFETCH_BYTES / 2**20:g} MB per GEMV weight")
     print(f"  decode GEMV: {kernels.DENSE_GEMV} (bf16), int8 {kernels.INT8_GEMV} "
           f"({len(kernels.INT8_GEMV_BY_SHAPE)} shapes set apart); attention (split, block, warps) "
           f"{(kernels.ATTENTION_SPLITS, kernels.ATTENTION_BLOCK, kernels.ATTENTION_WARPS)}")
@@ -944,7 +875,6 @@ def main(argv: list[str] | None = None) -> int:
     report.info.update(params=n_params, llm_weight_bytes=weights, prompt_tokens=len(ids))
     kv_token = kv_bytes_per_token(args, dtype)
     decode_rates: dict[tuple[int, int], float] = {}
-    pdl_bf16: dict = {}
 
     builtin = (dict(kernels.TILES), kernels.ATTENTION_SPLITS, kernels.ATTENTION_BLOCK, kernels.ATTENTION_WARPS)
     fusions = "fusions" not in skip and kernels.triton_ok(torch.empty(1, device=device))
@@ -1055,11 +985,6 @@ def main(argv: list[str] | None = None) -> int:
                 kernels.DENSE_GEMV = "triton"
         report.info["peak_gib_ttft_decode"] = peak_gib(s)
 
-    if clock.cuda and "pdl" not in skip:
-        with guarded("pdl"):
-            section("bf16 decode: L2 prefetch of the next weight, programmatic dependent launch")
-            pdl_bf16 = pdl_rows(s, report, "bf16", weights)
-
     if "jobs" not in skip:
         with guarded("jobs"):
             section("jobs/s: stream of 1-image 128-token jobs (engine thread)")
@@ -1127,10 +1052,6 @@ def main(argv: list[str] | None = None) -> int:
                                        "launches, built-in tiles)", None, rate, "tok/s", None, "",
                                        (f"{rate / bf16:.2f} x bf16 fast (after); " if bf16 else "")
                                        + f"{rate / roofline:.0%} of int8 roofline"))
-            if clock.cuda and "pdl" not in skip:
-                with guarded("int8 pdl"), int8_gemv(*variants["chosen"]):
-                    section("int8 decode: L2 prefetch of the next weight, programmatic dependent launch")
-                    pdl_rows(s, report, "int8", int8_weights, pdl_bf16)
             with int8_gemv(*variants["chosen"]):
                 if "ttft" not in skip:
                     ttft = measure_ttft(s, True)

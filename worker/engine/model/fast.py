@@ -60,11 +60,6 @@ def linear(x: torch.Tensor, layer) -> torch.Tensor:
     return kernels.dense_linear(x, layer.weight, layer.bias)
 
 
-def weight_of(layer) -> torch.Tensor:
-    """The weight tensor a GEMV through ``layer`` streams (int8 ``qweight`` or ``weight``)."""
-    return layer.qweight if isinstance(layer, Int8Linear) else layer.weight
-
-
 def gated(x: torch.Tensor, layer) -> torch.Tensor:
     """``x [M, in]`` through a fused ``[w1 | w2]`` layer (:func:`fused_gate_up`), then the MLP's
     gate -> ``w1(x) * silu(w2(x))`` ``[M, F]`` (one GEMV when decoding)."""
@@ -133,9 +128,6 @@ class _LayerRefs:
     down: object
     k: torch.Tensor  # [rows, H, max_seq_len, D]
     v: torch.Tensor
-
-    def __post_init__(self) -> None:  # the weights the decode step warms L2 with, in GEMV order
-        self.c_attn_w, self.c_proj_w, self.gate_up_w = (weight_of(x) for x in (self.c_attn, self.c_proj, self.gate_up))
 
 
 class FastQwenVL:
@@ -273,8 +265,7 @@ class FastQwenVL:
         decoder = self.model.transformer
         x = decoder.wte(tokens)  # [B, C]
         residual, pending = self._layers_forward(x, positions, slots, kv_len=kv_len)
-        hidden, _ = kernels.rms_norm(residual, decoder.ln_f.weight, self.args.llm.layer_norm_eps, pending,
-                                     prefetch=weight_of(self.model.lm_head))
+        hidden, _ = kernels.rms_norm(residual, decoder.ln_f.weight, self.args.llm.layer_norm_eps, pending)
         return linear(hidden, self.model.lm_head).float()  # [B, V]
 
     def _layers_forward(self, x: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, *,
@@ -290,9 +281,7 @@ class FastQwenVL:
         m = x.shape[0]
         residual, pending = x, None
         for layer in self._layers:
-            # decoding: the small kernels warm L2 with the start of the next GEMV's weight
-            warm = (None, None, None) if prefill else (layer.c_attn_w, layer.c_proj_w, layer.gate_up_w)
-            h, residual = kernels.rms_norm(residual, layer.ln_1, eps, pending, prefetch=warm[0])  # [M, C]
+            h, residual = kernels.rms_norm(residual, layer.ln_1, eps, pending)  # [M, C]
             qkv = linear(h, layer.c_attn)  # [M, 3C]
             if prefill:
                 q, k, v = kernels.rotary_to_cache(qkv, positions, slots, decoder.slot_inv_freq, logn,
@@ -302,9 +291,9 @@ class FastQwenVL:
                 attn = out[0].transpose(0, 1).reshape(m, -1)  # [T, C]
             else:
                 q = kernels.rotary_to_cache(qkv, positions, slots, decoder.slot_inv_freq, logn,
-                                            layer.k, layer.v, args.num_heads, prefetch=warm[1])  # [B, H, D]
+                                            layer.k, layer.v, args.num_heads)  # [B, H, D]
                 attn = kernels.decode_attention(q, layer.k, layer.v, slots, lengths, kv_len)  # [B, C]
-            h, residual = kernels.rms_norm(residual, layer.ln_2, eps, linear(attn, layer.c_proj), prefetch=warm[2])
+            h, residual = kernels.rms_norm(residual, layer.ln_2, eps, linear(attn, layer.c_proj))
             pending = linear(gated(h, layer.gate_up), layer.down)  # [M, C]
         return residual, pending
 

@@ -23,13 +23,6 @@ can be captured in a CUDA graph.
   :data:`DENSE_GEMV` says cuBLAS). Split-K partial sums are added by the last program of each
   output tile to finish, in split order.
 
-The small decode kernels (:func:`rms_norm`, :func:`rotary_to_cache`) can warm L2 with the start
-of the next GEMV's weight (``prefetch=``, :data:`PREFETCH_BYTES`): they are latency-bound, so
-the memory would otherwise idle while they run. With :data:`PDL` (Hopper and newer) the decode
-kernels launch with programmatic dependent launch: a kernel may be scheduled while the one before
-it is finishing and waits for its writes (``griddepcontrol.wait``) before it reads or writes
-anything. Neither changes the arithmetic.
-
 "The last program to finish" is picked by an atomic ticket per tile (:func:`_tickets`), which
 that program sets back to zero; the sum it then does always runs in the same order, so answers
 do not depend on which program came last. These kernels must not run at the same time on two
@@ -182,37 +175,6 @@ def fma_tiles(n: int, k: int, weight_bytes: int, m: int) -> FmaTile:
 # leave them to separate launches as before. Both give the same bits; benchmarks time both.
 FUSED_EPILOGUES = True
 
-# Programmatic dependent launch for the decode kernels (rms_norm, rotary_to_cache,
-# decode_attention, the GEMVs) where the GPU has it (compute capability 9.0+) and Triton can
-# launch it; each such kernel waits for the previous kernel's writes before touching activations.
-PDL = False
-# While the small decode kernels run (rms_norm, rotary_to_cache: a few programs, memory idle),
-# PREFETCH_PROGRAMS extra programs of theirs ask L2 for the first PREFETCH_BYTES of the weight
-# the next GEMV reads (``prefetch=``), one hint per PREFETCH_GRANULE bytes; that GEMV then finds
-# them in L2. A hint reads nothing back and writes nothing: answers are unchanged. Off (0): measured
-# no faster on an H100 (docs/benchmarks.md).
-PREFETCH_BYTES = 0
-PREFETCH_PROGRAMS = 128
-PREFETCH_GRANULE = 32
-_pdl_devices: dict[torch.device, bool] = {}
-
-
-def use_pdl(t: torch.Tensor) -> bool:
-    """Whether kernels on ``t``'s device launch with programmatic dependent launch (:data:`PDL`)."""
-    if not PDL or INTERPRET or triton is None or not t.is_cuda:
-        return False
-    ok = _pdl_devices.get(t.device)
-    if ok is None:
-        ok = _pdl_devices[t.device] = (torch.cuda.get_device_capability(t.device)[0] >= 9
-                                       and hasattr(tl.extra.cuda, "gdc_wait"))
-    return ok
-
-
-def _pdl_launch(pdl: bool) -> dict:
-    """The launch option of a kernel taking ``USE_PDL`` (none when off: older Tritons lack it)."""
-    return {"launch_pdl": True} if pdl else {}
-
-
 # One int32 ticket per output tile (or attention head), zero between launches.
 TICKETS = 1 << 15
 _ticket_buffers: dict[torch.device, torch.Tensor] = {}
@@ -239,11 +201,10 @@ def triton_ok(t: torch.Tensor) -> bool:
 # -- RMSNorm with the residual add ---------------------------------------------------------------
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, add: torch.Tensor | None = None,
-             prefetch: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             add: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``x [M, C]`` (+ ``add [M, C]``, rounded to x's dtype like the eager residual add) ->
-    ``(rms_norm(sum) * weight, sum)``, both ``[M, C]`` in x's dtype. ``prefetch``: a contiguous
-    weight whose start extra programs ask L2 for (:data:`PREFETCH_BYTES`)."""
+    ``(rms_norm(sum) * weight, sum)``, both ``[M, C]`` in x's dtype."""
     if not triton_ok(x):
         if add is not None:
             x = x + add
@@ -253,24 +214,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, add: torch.Tenso
     m, c = x.shape
     out = torch.empty(m, c, dtype=x.dtype, device=x.device)
     total = torch.empty(m, c, dtype=x.dtype, device=x.device) if add is not None else x
-    pdl = use_pdl(x)
-    warm, warm_bytes = _prefetch_target(prefetch)
-    helpers = PREFETCH_PROGRAMS if warm_bytes else 0
-    _rms_norm_kernel[(m + helpers,)](
-        x, add if add is not None else x, total, weight, out, m, c, eps,
-        x.stride(0), add.stride(0) if add is not None else 0, warm if warm is not None else x, warm_bytes, helpers,
-        HAS_ADD=add is not None, BLOCK=triton.next_power_of_2(c), GRANULE=PREFETCH_GRANULE, USE_PDL=pdl,
-        num_warps=8 if c >= 2048 else 4, **_pdl_launch(pdl))
+    _rms_norm_kernel[(m,)](
+        x, add if add is not None else x, total, weight, out, c, eps,
+        x.stride(0), add.stride(0) if add is not None else 0,
+        HAS_ADD=add is not None, BLOCK=triton.next_power_of_2(c), num_warps=8 if c >= 2048 else 4)
     return out, total
-
-
-def _prefetch_target(weight: torch.Tensor | None) -> tuple[torch.Tensor | None, int]:
-    """``(weight, bytes to warm)`` for a kernel's ``prefetch=``; ``(None, 0)`` when there is none."""
-    if weight is None or PREFETCH_BYTES <= 0 or INTERPRET or not weight.is_cuda:
-        return None, 0
-    if not weight.is_contiguous():
-        raise ValueError("prefetch needs a contiguous weight")
-    return weight, min(PREFETCH_BYTES, weight.numel() * weight.element_size())
 
 
 # -- the MLP's gate ------------------------------------------------------------------------------
@@ -310,8 +258,7 @@ def gated_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | No
 
 def rotary_to_cache(qkv: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
                     inv_freq: torch.Tensor, logn: torch.Tensor | None,
-                    k_cache: torch.Tensor, v_cache: torch.Tensor, heads: int, return_kv: bool = False,
-                    prefetch: torch.Tensor | None = None):
+                    k_cache: torch.Tensor, v_cache: torch.Tensor, heads: int, return_kv: bool = False):
     """Rotate and write one layer's keys and values into the cache; return the queries.
 
     qkv: ``[M, 3 * heads * D]`` (c_attn's output); token ``m`` sits at ``positions[m]`` of cache
@@ -338,16 +285,11 @@ def rotary_to_cache(qkv: torch.Tensor, positions: torch.Tensor, slots: torch.Ten
     q_out = torch.empty(m, heads, d, dtype=qkv.dtype, device=qkv.device)
     k_out = torch.empty_like(q_out) if return_kv else q_out
     v_out = torch.empty_like(q_out) if return_kv else q_out
-    warm, warm_bytes = _prefetch_target(prefetch)
-    helper_rows = triton.cdiv(PREFETCH_PROGRAMS, heads) if warm_bytes else 0
-    pdl = use_pdl(qkv)
-    _rotary_kernel[(m + helper_rows, heads)](
+    _rotary_kernel[(m, heads)](
         qkv, positions, slots, inv_freq, logn if logn is not None else inv_freq, k_cache, v_cache,
-        q_out, k_out, v_out, m, qkv.stride(0), heads * d, inv_freq.stride(0),
+        q_out, k_out, v_out, qkv.stride(0), heads * d, inv_freq.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        warm if warm is not None else qkv, warm_bytes, helper_rows * heads,
-        HAS_LOGN=logn is not None, RETURN_KV=return_kv, D=d, HALF=d // 2, GRANULE=PREFETCH_GRANULE, USE_PDL=pdl,
-        num_warps=1 if d <= 64 else 2, **_pdl_launch(pdl))
+        HAS_LOGN=logn is not None, RETURN_KV=return_kv, D=d, HALF=d // 2, num_warps=1 if d <= 64 else 2)
     return (q_out, k_out, v_out) if return_kv else q_out
 
 
@@ -382,7 +324,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         tickets if tickets is not None else part_max,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         d ** -0.5, H=h, D=d, SPLITS=splits, BLOCK=ATTENTION_BLOCK, COMBINE=tickets is not None,
-        USE_PDL=use_pdl(q), num_warps=ATTENTION_WARPS, **_pdl_launch(use_pdl(q)))
+        num_warps=ATTENTION_WARPS)
     if tickets is None:
         _combine_kernel[(b * h,)](part_out, part_max, part_sum, out, D=d, SPLITS=splits, num_warps=1)
     return out
@@ -442,14 +384,13 @@ def _matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, b
     blocks_per_split = triton.cdiv(triton.cdiv(k, bk), split)
     halves = 2 if gated else 1
     partial = torch.empty(halves * split, m, n, dtype=torch.float32, device=x.device) if split > 1 else y
-    pdl = use_pdl(x) and m <= FEW_ROWS
     _matmul_kernel[grid](
         x, weight, scale if scale is not None else weight, bias if bias is not None else weight,
         y if tickets is not None else partial, partial, tickets if tickets is not None else partial,
         m, n, k, x.stride(0), weight.stride(0), blocks_per_split,
         HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-        SPLIT_K=split, GATED=gated, SUM_HERE=tickets is not None, DOT_FP32=INTERPRET, USE_PDL=pdl,
-        num_warps=warps, num_stages=stages, **_pdl_launch(pdl))
+        SPLIT_K=split, GATED=gated, SUM_HERE=tickets is not None, DOT_FP32=INTERPRET,
+        num_warps=warps, num_stages=stages)
     if split > 1 and tickets is None:
         block = 1024
         _split_k_sum_kernel[(triton.cdiv(m * n, block),)](
@@ -482,14 +423,13 @@ def _gemv_fma(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None,
     convert = 0 if weight.dtype != torch.int8 else {"i2f": 1, "magic": 2, "prmt": 3}[tile.convert]
     if convert == 3 and INTERPRET:
         convert = 2  # no inline PTX in the interpreter: the same arithmetic in Triton operations
-    pdl = use_pdl(x)
     _gemv_fma_kernel[grid](
         x, weight, scale if scale is not None else weight, bias if bias is not None else weight,
         y if tickets is not None else partial, partial, tickets if tickets is not None else partial,
         n, k, x.stride(0), weight.stride(0), blocks_per_split,
         HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, ROWS=m, BLOCK_N=tile.block_n,
         BLOCK_K=tile.block_k, SPLIT_K=split, GATED=gated, SUM_HERE=tickets is not None, ACC_2D=tile.acc_2d,
-        CONVERT=convert, USE_PDL=pdl, num_warps=tile.warps, num_stages=1, **_pdl_launch(pdl))
+        CONVERT=convert, num_warps=tile.warps, num_stages=1)
     if split > 1 and tickets is None:
         block = 1024
         _split_k_sum_kernel[(triton.cdiv(m * n, block),)](
@@ -513,56 +453,22 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 if triton is not None:
 
     @triton.jit
-    def _wait_for_previous_kernel(USE_PDL: tl.constexpr):
-        """Under programmatic dependent launch: wait until the previous kernel in the stream has
-        finished and its writes are visible, then let the next kernel be scheduled (its own wait
-        keeps it from reading ours too early). Everything before this call may read weights only."""
-        if USE_PDL:
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
-
-    @triton.jit
-    def _prefetch_share(ptr, nbytes, program, programs, GRANULE: tl.constexpr, BLOCK: tl.constexpr):
-        """Program ``program`` of ``programs``: L2 hints, one per GRANULE bytes, for its share of
-        the first ``nbytes`` bytes at ``ptr``."""
-        base = ptr.to(tl.pointer_type(tl.int8))
-        hints = tl.cdiv(nbytes, GRANULE)
-        per = tl.cdiv(hints, programs)
-        first = program * per
-        last = tl.minimum(first + per, hints)
-        for i in range(first, last, BLOCK):
-            hint = tl.minimum(i + tl.arange(0, BLOCK), last - 1)
-            _prefetch_l2(base + hint.to(tl.int64) * GRANULE)
-
-    @triton.jit
-    def _prefetch_l2(ptrs):
-        tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // $0", "=r,l", [ptrs], dtype=tl.int32, is_pure=False,
-                                  pack=1)
-
-    @triton.jit
-    def _rms_norm_kernel(x_ptr, add_ptr, total_ptr, w_ptr, out_ptr, M, C, eps, stride_x, stride_add,
-                         warm_ptr, warm_bytes, helpers, HAS_ADD: tl.constexpr, BLOCK: tl.constexpr,
-                         GRANULE: tl.constexpr, USE_PDL: tl.constexpr):
-        """Programs 0..M-1: one row each; programs M.. (``helpers`` of them): L2 hints for
-        ``warm_bytes`` of ``warm_ptr``."""
+    def _rms_norm_kernel(x_ptr, add_ptr, total_ptr, w_ptr, out_ptr, C, eps, stride_x, stride_add,
+                         HAS_ADD: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0)
-        if row >= M:
-            _prefetch_share(warm_ptr, warm_bytes, row - M, helpers, GRANULE, BLOCK)
-        else:
-            cols = tl.arange(0, BLOCK)
-            mask = cols < C
-            _wait_for_previous_kernel(USE_PDL)
-            x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
-            if HAS_ADD:
-                a = tl.load(add_ptr + row * stride_add + cols, mask=mask, other=0.0)
-                x = (x.to(tl.float32) + a.to(tl.float32)).to(x.dtype)  # the eager residual add's rounding
-                tl.store(total_ptr + row * C + cols, x, mask=mask)
-            xf = x.to(tl.float32)
-            var = tl.sum(xf * xf, axis=0) / C
-            normed = (xf * tl.math.rsqrt(var + eps)).to(x.dtype)
-            w = tl.load(w_ptr + cols, mask=mask, other=0.0)
-            out = normed.to(tl.float32) * w.to(tl.float32)
-            tl.store(out_ptr + row * C + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < C
+        x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+        if HAS_ADD:
+            a = tl.load(add_ptr + row * stride_add + cols, mask=mask, other=0.0)
+            x = (x.to(tl.float32) + a.to(tl.float32)).to(x.dtype)  # the eager residual add's rounding
+            tl.store(total_ptr + row * C + cols, x, mask=mask)
+        xf = x.to(tl.float32)
+        var = tl.sum(xf * xf, axis=0) / C
+        normed = (xf * tl.math.rsqrt(var + eps)).to(x.dtype)
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+        out = normed.to(tl.float32) * w.to(tl.float32)
+        tl.store(out_ptr + row * C + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _silu_mul_kernel(y_ptr, out_ptr, width, stride_y, BLOCK: tl.constexpr):
@@ -577,59 +483,52 @@ if triton is not None:
 
     @triton.jit
     def _rotary_kernel(qkv_ptr, pos_ptr, slot_ptr, freq_ptr, logn_ptr, k_ptr, v_ptr, q_ptr, k_out_ptr, v_out_ptr,
-                       M, stride_qkv, C, stride_freq, stride_cs, stride_ch, stride_cl, warm_ptr, warm_bytes, helpers,
-                       HAS_LOGN: tl.constexpr, RETURN_KV: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr,
-                       GRANULE: tl.constexpr, USE_PDL: tl.constexpr):
-        """Program (m, h): token m's head h; programs (M.., h) give L2 hints for ``warm_bytes`` of
-        ``warm_ptr`` (``helpers`` of them)."""
+                       stride_qkv, C, stride_freq, stride_cs, stride_ch, stride_cl,
+                       HAS_LOGN: tl.constexpr, RETURN_KV: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr):
         m = tl.program_id(0)
         h = tl.program_id(1)
-        if m >= M:
-            _prefetch_share(warm_ptr, warm_bytes, (m - M) * tl.num_programs(1) + h, helpers, GRANULE, 4 * HALF)
-        else:
-            _wait_for_previous_kernel(USE_PDL)
-            pos = tl.load(pos_ptr + m)
-            slot = tl.load(slot_ptr + m)
-            i = tl.arange(0, HALF)
-            freqs = pos.to(tl.float32) * tl.load(freq_ptr + slot * stride_freq + i)  # [HALF]
-            cos = tl.cos(freqs)
-            sin = tl.sin(freqs)
-            base = qkv_ptr + m * stride_qkv + h * D
-            q1 = tl.load(base + i).to(tl.float32)
-            q2 = tl.load(base + HALF + i).to(tl.float32)
-            k1 = tl.load(base + C + i).to(tl.float32)
-            k2 = tl.load(base + C + HALF + i).to(tl.float32)
-            v1 = tl.load(base + 2 * C + i)
-            v2 = tl.load(base + 2 * C + HALF + i)
-            dtype = v1.dtype
-            # (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), rounded to the model dtype
-            qa = (q1 * cos - q2 * sin).to(dtype)
-            qb = (q2 * cos + q1 * sin).to(dtype)
-            ka = (k1 * cos - k2 * sin).to(dtype)
-            kb = (k2 * cos + k1 * sin).to(dtype)
-            if HAS_LOGN:
-                scale = tl.load(logn_ptr + pos).to(dtype).to(tl.float32)
-                qa = (qa.to(tl.float32) * scale).to(dtype)
-                qb = (qb.to(tl.float32) * scale).to(dtype)
-            row = (m * (C // D) + h) * D
-            tl.store(q_ptr + row + i, qa)
-            tl.store(q_ptr + row + HALF + i, qb)
-            if RETURN_KV:
-                tl.store(k_out_ptr + row + i, ka)
-                tl.store(k_out_ptr + row + HALF + i, kb)
-                tl.store(v_out_ptr + row + i, v1)
-                tl.store(v_out_ptr + row + HALF + i, v2)
-            cache = slot * stride_cs + h * stride_ch + pos * stride_cl
-            tl.store(k_ptr + cache + i, ka)
-            tl.store(k_ptr + cache + HALF + i, kb)
-            tl.store(v_ptr + cache + i, v1)
-            tl.store(v_ptr + cache + HALF + i, v2)
+        pos = tl.load(pos_ptr + m)
+        slot = tl.load(slot_ptr + m)
+        i = tl.arange(0, HALF)
+        freqs = pos.to(tl.float32) * tl.load(freq_ptr + slot * stride_freq + i)  # [HALF]
+        cos = tl.cos(freqs)
+        sin = tl.sin(freqs)
+        base = qkv_ptr + m * stride_qkv + h * D
+        q1 = tl.load(base + i).to(tl.float32)
+        q2 = tl.load(base + HALF + i).to(tl.float32)
+        k1 = tl.load(base + C + i).to(tl.float32)
+        k2 = tl.load(base + C + HALF + i).to(tl.float32)
+        v1 = tl.load(base + 2 * C + i)
+        v2 = tl.load(base + 2 * C + HALF + i)
+        dtype = v1.dtype
+        # (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), rounded to the model dtype
+        qa = (q1 * cos - q2 * sin).to(dtype)
+        qb = (q2 * cos + q1 * sin).to(dtype)
+        ka = (k1 * cos - k2 * sin).to(dtype)
+        kb = (k2 * cos + k1 * sin).to(dtype)
+        if HAS_LOGN:
+            scale = tl.load(logn_ptr + pos).to(dtype).to(tl.float32)
+            qa = (qa.to(tl.float32) * scale).to(dtype)
+            qb = (qb.to(tl.float32) * scale).to(dtype)
+        row = (m * (C // D) + h) * D
+        tl.store(q_ptr + row + i, qa)
+        tl.store(q_ptr + row + HALF + i, qb)
+        if RETURN_KV:
+            tl.store(k_out_ptr + row + i, ka)
+            tl.store(k_out_ptr + row + HALF + i, kb)
+            tl.store(v_out_ptr + row + i, v1)
+            tl.store(v_out_ptr + row + HALF + i, v2)
+        cache = slot * stride_cs + h * stride_ch + pos * stride_cl
+        tl.store(k_ptr + cache + i, ka)
+        tl.store(k_ptr + cache + HALF + i, kb)
+        tl.store(v_ptr + cache + i, v1)
+        tl.store(v_ptr + cache + HALF + i, v2)
 
     @triton.jit
     def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, slot_ptr, len_ptr, out_ptr, max_ptr, sum_ptr, o_ptr,
                                  ticket_ptr, stride_qb, stride_qh, stride_cs, stride_ch, stride_cl, sm_scale,
                                  H: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
-                                 BLOCK: tl.constexpr, COMBINE: tl.constexpr, USE_PDL: tl.constexpr):
+                                 BLOCK: tl.constexpr, COMBINE: tl.constexpr):
         """Program (b * H + h, split): one range of row b's positions for head h -> float32
         partial output, max and sum; with COMBINE the head's last program to finish combines
         the SPLITS partials into ``o [B, H * D]``."""
@@ -637,7 +536,6 @@ if triton is not None:
         split = tl.program_id(1)
         b = bh // H
         h = bh % H
-        _wait_for_previous_kernel(USE_PDL)
         slot = tl.load(slot_ptr + b)
         length = tl.load(len_ptr + b).to(tl.int32)
         per_split = tl.cdiv(tl.cdiv(length, SPLITS), BLOCK) * BLOCK
@@ -695,7 +593,7 @@ if triton is not None:
     def _matmul_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, part_ptr, ticket_ptr, M, N, K, stride_xm, stride_wn,
                        blocks_per_split, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, GATED: tl.constexpr,
-                       SUM_HERE: tl.constexpr, DOT_FP32: tl.constexpr, USE_PDL: tl.constexpr):
+                       SUM_HERE: tl.constexpr, DOT_FP32: tl.constexpr):
         """y [M, N] = x [M, K] @ w[N, K].T (* scale[N] + bias[N]), w int8 or x's dtype; program
         (n, m, s) does one [BLOCK_M, BLOCK_N] tile over the s-th range of K.
 
@@ -717,7 +615,6 @@ if triton is not None:
         g_cols = w_cols + N * stride_wn  # the same columns of the w2 half (GATED)
         k_first = pid_k * blocks_per_split * BLOCK_K
         k_last = tl.minimum(K, k_first + blocks_per_split * BLOCK_K)
-        _wait_for_previous_kernel(USE_PDL)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k0 in range(k_first, k_last, BLOCK_K):
@@ -786,8 +683,7 @@ if triton is not None:
     def _gemv_fma_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, part_ptr, ticket_ptr, N, K, stride_xm, stride_wn,
                          blocks_per_split, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, ROWS: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, GATED: tl.constexpr,
-                         SUM_HERE: tl.constexpr, ACC_2D: tl.constexpr, CONVERT: tl.constexpr,
-                         USE_PDL: tl.constexpr):
+                         SUM_HERE: tl.constexpr, ACC_2D: tl.constexpr, CONVERT: tl.constexpr):
         """y [ROWS, N] = x [ROWS, K] @ w[N, K].T (* scale[N] + bias[N]) without tensor cores, ROWS
         1 or 2; program (n, s) reads weight rows n*BLOCK_N.. (and, GATED, the same rows of the w2
         half) over the s-th range of K as [BLOCK_N, BLOCK_K] tiles (K contiguous: 16-byte loads),
@@ -802,7 +698,6 @@ if triton is not None:
         g_rows = w_rows + N * stride_wn  # the same rows of the w2 half (GATED)
         k_first = pid_k * blocks_per_split * BLOCK_K
         k_last = tl.minimum(K, k_first + blocks_per_split * BLOCK_K)
-        _wait_for_previous_kernel(USE_PDL)
         if ACC_2D:
             acc0 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         else:
