@@ -13,6 +13,10 @@ rows of x it
   kernels: the tables the engine-level int8 decode variants run with.
 
 bf16 weights get the same timing for one FMA tile (reported only: the bf16 default is unchanged).
+
+Run alone, ``python -m benchmarks.gemv_bench`` prints that comparison for the real architecture's
+shapes; ``--dot-sweep`` instead times the int8 tensor-core GEMV with wider tiles than the
+built-in ones (:func:`dot_sweep`; docs/benchmarks.md, run 10).
 """
 
 from __future__ import annotations
@@ -202,3 +206,90 @@ def summary_lines(result: dict) -> list[str]:
                      f"{r.get('fma_best', '-')} | {r['dot_max_ulp']:.2f} / {r.get('fma_max_ulp', float('nan')):.2f} | "
                      f"{r.get('faster', 'dot')} |")
     return lines
+
+
+def dot_candidates(n: int) -> list[tuple]:
+    """Tensor-core GEMV tiles ``(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, split_k)`` tried for an
+    int8 ``[n, K]`` weight by :func:`dot_sweep`: wider K blocks, more warps and deeper pipelines
+    (more weight bytes in flight per program) than the built-in tiles; wide shapes split K 1 or 2,
+    narrow ones 2 or 4."""
+    shapes = [(16, 32, 256, 4, 4), (16, 32, 512, 4, 4), (16, 32, 512, 8, 4), (16, 64, 512, 8, 4),
+              (16, 32, 1024, 8, 3), (16, 64, 256, 8, 6), (16, 32, 256, 4, 6), (16, 128, 256, 8, 4),
+              (16, 64, 512, 4, 3)]
+    splits = (1, 2) if n >= 8192 else (2, 4)
+    return [(*shape, split) for split in splits for shape in shapes]
+
+
+def dot_sweep(shapes: dict[str, tuple[int, int]], device: torch.device, dtype: torch.dtype,
+              graph_s: Callable[[list], float]) -> dict:
+    """The int8 tensor-core GEMV with each :func:`dot_candidates` tile, per layer shape (``lm_head``
+    left out) and 1 and 2 rows: us per call, GB/s and error against float64 math -> rows, and
+    the fastest passing tile per shape by the sum of its 1- and 2-row times."""
+    rows, best = [], {}
+    gen = torch.Generator(device=device).manual_seed(11)
+    for name, (n, k) in shapes.items():
+        if name == "lm_head":
+            continue
+        gated = name == "gate_up"
+        copies = max(1, math.ceil(L2_PAST_BYTES / (n * k))) if device.type == "cuda" else 1
+        layers = [kernels.quantize_int8(torch.randn(n, k, device=device, dtype=dtype, generator=gen) / math.sqrt(k))
+                  for _ in range(copies)]
+        nbytes = n * k + n * 4
+        xs = {m: torch.randn(m, k, device=device, dtype=dtype, generator=gen) for m in ROWS}
+        refs = {m: reference(xs[m], *layers[0]) for m in ROWS}
+        totals = {}
+        for tile in dot_candidates(n // 2 if gated else n):
+            try:
+                errs = [ulp_error(kernels._matmul(xs[m], *layers[0], None, tile), refs[m]) for m in ROWS]
+                seconds = [_timed(graph_s, lambda x_, w_, s_, t=tile: kernels._matmul(x_, w_, s_, None, t, gated),
+                                  layers, xs[m]) for m in ROWS]
+            except Exception as e:  # out of shared memory and the like: not a candidate here
+                print(f"   {name} {tile}: {type(e).__name__}: {str(e)[:120]}", flush=True)
+                continue
+            passed = max(errs) <= ULP_LIMIT
+            rows.append({"layer": name, "N": n, "K": k, "tile": tile, "us": [s * 1e6 for s in seconds],
+                         "GBps": [nbytes / s / 1e9 for s in seconds], "max_ulp": max(errs), "passed": passed})
+            if passed:
+                totals[tile] = seconds
+            print(f"   {name} [{n}x{k}] {tile}: " + ", ".join(
+                f"M={m} {s * 1e6:.1f} us ({nbytes / s / 1e9:,.0f} GB/s)" for m, s in zip(ROWS, seconds))
+                + f", {max(errs):.2f} ulp" + ("" if passed else " FAILED"), flush=True)
+        if totals:
+            for m_index, m in enumerate(ROWS):
+                pick = min(totals, key=lambda t: totals[t][m_index])
+                best[(n, k, m)] = pick
+                print(f"   {name} M={m}: best {pick} {totals[pick][m_index] * 1e6:.1f} us "
+                      f"({nbytes / totals[pick][m_index] / 1e9:,.0f} GB/s); built-in "
+                      f"{kernels.few_rows_tiles(n, k, 1)}", flush=True)
+        del layers
+    return {"rows": rows, "best": best}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m benchmarks.gemv_bench [--dot-sweep]``: the dot / FMA comparison of
+    :func:`gemv_variants`, or the int8 tensor-core tile sweep of :func:`dot_sweep`, for the real
+    architecture's shapes (config.json as the engine benchmark finds it) on this machine's GPU."""
+    import argparse
+
+    from benchmarks.engine_bench import SHARED, DEVICE_DIR, Clock, environment, first_existing, llm_shapes
+    from worker.engine.model.args import QwenVLArgs
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dot-sweep", action="store_true", help="sweep the int8 tensor-core GEMV tiles instead")
+    a = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    for key, value in environment(device).items():
+        print(f"  {key}: {value}")
+    args = QwenVLArgs.from_hf_config(first_existing(DEVICE_DIR / "config.json", SHARED / "qwen-vl" / "config.json"))
+    clock = Clock(device)
+    if a.dot_sweep:
+        result = dot_sweep(llm_shapes(args), device, dtype, clock.graph_s)
+        print("best: " + ", ".join(f"{k}: {v}" for k, v in result["best"].items()))
+    else:
+        print("\n".join(summary_lines(gemv_variants(llm_shapes(args), device, dtype, clock.graph_s))))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -45,3 +45,12 @@ def test_int8_gemv_switches_the_variant_and_restores_the_tables():
         assert kernels.fma_tiles(64, 32, 1, 2) == tile
         assert kernels.fma_tiles(64, 32, 1, 1) != tile
     assert (kernels.INT8_GEMV, kernels.INT8_GEMV_BY_SHAPE, kernels.FMA_TILES) == before
+
+
+def test_dot_candidates_split_k_by_width_and_keep_gate_halves_on_the_tensor_cores():
+    wide, narrow = gemv_bench.dot_candidates(12288), gemv_bench.dot_candidates(4096)
+    assert {t[5] for t in wide} == {1, 2}
+    assert {t[5] for t in narrow} == {2, 4}
+    assert len(set(wide)) == len(wide)
+    # a gated tile gives each half BLOCK_N // 2 rows: tl.dot needs at least 16
+    assert all(t[1] // 2 >= 16 and t[0] == 16 for t in wide + narrow)
