@@ -16,7 +16,7 @@ bf16 weights get the same timing for one FMA tile (reported only: the bf16 defau
 
 Run alone, ``python -m benchmarks.gemv_bench`` prints that comparison for the real architecture's
 shapes; ``--dot-sweep`` instead times the int8 tensor-core GEMV with wider tiles than the
-built-in ones (:func:`dot_sweep`; docs/benchmarks.md, run 10).
+built-in ones (:func:`dot_sweep`; docs/benchmarks.md, runs 10 and 12).
 """
 
 from __future__ import annotations
@@ -211,11 +211,14 @@ def summary_lines(result: dict) -> list[str]:
 def dot_candidates(n: int) -> list[tuple]:
     """Tensor-core GEMV tiles ``(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, split_k)`` tried for an
     int8 ``[n, K]`` weight by :func:`dot_sweep`: wider K blocks, more warps and deeper pipelines
-    (more weight bytes in flight per program) than the built-in tiles; wide shapes split K 1 or 2,
-    narrow ones 2 or 4."""
+    (more weight bytes in flight per program), or fewer stages and warps (more programs per
+    multiprocessor), than the built-in tiles; wide shapes split K 1 or 2, narrow ones 2 or 4."""
     shapes = [(16, 32, 256, 4, 4), (16, 32, 512, 4, 4), (16, 32, 512, 8, 4), (16, 64, 512, 8, 4),
               (16, 32, 1024, 8, 3), (16, 64, 256, 8, 6), (16, 32, 256, 4, 6), (16, 128, 256, 8, 4),
-              (16, 64, 512, 4, 3)]
+              (16, 64, 512, 4, 3),
+              # fewer stages or warps: less shared memory per program, more programs per SM
+              (16, 64, 256, 4, 4), (16, 64, 256, 4, 3), (16, 64, 256, 4, 2), (16, 32, 256, 4, 3),
+              (16, 32, 256, 2, 3), (16, 64, 128, 4, 4), (16, 64, 256, 2, 4)]
     splits = (1, 2) if n >= 8192 else (2, 4)
     return [(*shape, split) for split in splits for shape in shapes]
 

@@ -1,0 +1,121 @@
+"""Where a decode step's GPU time goes, kernel by kernel: a profile of the fast path's graph replays.
+
+    python -m benchmarks.decode_profile [--steps 10] [--batches 1,2] [--json FILE]
+
+Builds the real Qwen-VL-Chat architecture (``config.json`` as :mod:`benchmarks.engine_bench`
+finds it) with random bf16 weights, prefills the seed's 1-image prompt into each cache row and
+profiles ``--steps`` decode graph replays per batch size, bf16 then int8 (``torch.profiler``,
+CUDA activity). Per kernel (name and launch grid, so the GEMVs of different shapes stay apart) it
+prints launches and microseconds per step; per step the time from the first kernel's start to the last one's end, the sum of
+kernel durations and the idle time between kernels. Kernel durations under the profiler are the
+GPU's own; the span includes the profiler's small per-kernel overhead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.engine_bench import (  # noqa: E402
+    DEVICE_DIR, SHARED, environment, first_existing, random_model, seed_prompt)
+from worker.engine.model.args import QwenVLArgs  # noqa: E402
+from worker.engine.model.fast import FastQwenVL  # noqa: E402
+from worker.engine.model.quant import quantize_llm  # noqa: E402
+from worker.engine.tokenizer import QwenTokenizer  # noqa: E402
+
+
+def kernel_events(trace: dict) -> list[dict]:
+    """The GPU kernels of a Chrome trace, in start order: name, grid, start and duration (us)."""
+    events = [e for e in trace.get("traceEvents", []) if e.get("cat") == "kernel" and "dur" in e]
+    events.sort(key=lambda e: e["ts"])
+    return [{"name": e["name"], "grid": tuple(e.get("args", {}).get("grid", ())), "ts": float(e["ts"]),
+             "dur": float(e["dur"])} for e in events]
+
+
+def summarize(kernels: list[dict], steps: int) -> dict:
+    """Per (name, grid): launches and us per step, mean us per launch; the step's span, busy and
+    idle time (us per step)."""
+    groups: dict[tuple, list[float]] = defaultdict(list)
+    for k in kernels:
+        groups[(k["name"], k["grid"])].append(k["dur"])
+    span = kernels[-1]["ts"] + kernels[-1]["dur"] - kernels[0]["ts"]
+    busy = sum(k["dur"] for k in kernels)
+    rows = sorted(({"name": name, "grid": list(grid), "per_step": len(d) / steps, "us_per_launch": sum(d) / len(d),
+                    "us_per_step": sum(d) / steps} for (name, grid), d in groups.items()),
+                  key=lambda r: -r["us_per_step"])
+    return {"span_us": span / steps, "busy_us": busy / steps, "idle_us": (span - busy) / steps,
+            "launches_per_step": len(kernels) / steps, "kernels": rows}
+
+
+def profile_decode(fast: FastQwenVL, ids: list[int], batch: int, steps: int, device: torch.device) -> dict:
+    """Profile ``steps`` decode replays of ``batch`` rows after prefilling ``ids[:-1]`` into each."""
+    fast.setup_cache(batch, 2048)
+    for slot in range(batch):
+        fast.prefill(torch.tensor(ids[:-1], device=device), slot)
+    tokens = torch.full((batch,), ids[-1], device=device)
+    positions = torch.full((batch,), len(ids) - 1, device=device)
+    slots = torch.arange(batch, device=device)
+    for _ in range(3):  # warm: the graphs exist since setup_cache
+        fast.decode(tokens, positions, slots)
+        positions += 1
+    torch.cuda.synchronize(device)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):  # the same position each time: the same work, nothing else launched
+            fast.decode(tokens, positions, slots)
+        torch.cuda.synchronize(device)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(path))
+        trace = json.loads(path.read_text())
+    return summarize(kernel_events(trace), steps)
+
+
+def print_summary(label: str, result: dict) -> None:
+    print(f"\n== {label}: span {result['span_us']:.0f} us per step, kernels {result['busy_us']:.0f} us, "
+          f"idle between kernels {result['idle_us']:.0f} us, {result['launches_per_step']:.0f} launches")
+    for r in result["kernels"]:
+        print(f"  {r['us_per_step']:8.1f} us/step  {r['per_step']:5.1f} x {r['us_per_launch']:7.2f} us  "
+              f"{r['name'][:60]} grid {tuple(r['grid'])}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--batches", default="1,2")
+    parser.add_argument("--json", type=Path, default=None)
+    a = parser.parse_args(argv)
+    device = torch.device("cuda")
+    for key, value in environment(device).items():
+        print(f"  {key}: {value}")
+    args = QwenVLArgs.from_hf_config(first_existing(DEVICE_DIR / "config.json", SHARED / "qwen-vl" / "config.json"))
+    tok = QwenTokenizer.from_file(first_existing(DEVICE_DIR / "qwen.tiktoken", SHARED / "qwen-vl" / "qwen.tiktoken"))
+    ids, _ = seed_prompt(tok)
+    model = random_model(args, device, torch.bfloat16)
+    out = {}
+    for kind in ("bf16", "int8"):
+        if kind == "int8":
+            quantize_llm(model)
+            torch.cuda.empty_cache()
+        for batch in [int(b) for b in a.batches.split(",")]:
+            fast = FastQwenVL(model)
+            result = profile_decode(fast, ids, batch, a.steps, device)
+            out[f"{kind} b{batch}"] = result
+            print_summary(f"{kind} decode, batch {batch}", result)
+            del fast
+            torch.cuda.empty_cache()
+    if a.json:
+        a.json.write_text(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
