@@ -37,13 +37,17 @@ ULP_LIMIT = 1.0  # bf16 units in the last place of the float64 result
 
 def fma_candidates(n: int, weight_bytes: int) -> list[FmaTile]:
     """FMA GEMV tiles tried for an ``[n, K]`` weight (``n``: output rows, or one half of a gated
-    ``[w1 | w2]``): 16 bytes per thread and row; narrow shapes split K (4, and 2 for one tile)."""
+    ``[w1 | w2]``): 16 or 32 bytes per thread and row; narrow shapes split K (4, and 2 for one
+    tile)."""
     split = 1 if n >= 8192 else 4
     if weight_bytes == 2:
         return [FmaTile(16, 256, 4, split, False, "magic")]
     tiles = [FmaTile(16, 512, 4, split, False, "prmt"), FmaTile(16, 512, 4, split, False, "magic"),
              FmaTile(16, 512, 4, split, False, "i2f"), FmaTile(16, 512, 4, split, True, "prmt"),
-             FmaTile(8, 512, 4, split, True, "prmt"), FmaTile(32, 512, 8, split, False, "prmt")]
+             FmaTile(8, 512, 4, split, True, "prmt"), FmaTile(32, 512, 8, split, False, "prmt"),
+             # 32 bytes per thread and row: twice the weight bytes in flight per program
+             FmaTile(16, 1024, 4, split, False, "prmt"), FmaTile(8, 1024, 4, split, False, "prmt"),
+             FmaTile(32, 1024, 8, split, False, "prmt")]
     if split > 1:
         tiles.append(FmaTile(16, 512, 4, 2, False, "prmt"))
     return tiles
