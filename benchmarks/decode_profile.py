@@ -1,6 +1,6 @@
 """Where a decode step's GPU time goes, kernel by kernel: a profile of the fast path's graph replays.
 
-    python -m benchmarks.decode_profile [--steps 10] [--batches 1,2] [--json FILE]
+    python -m benchmarks.decode_profile [--steps 10] [--batches 1,2] [--separate-rotary] [--json FILE]
 
 Builds the real Qwen-VL-Chat architecture (``config.json`` as :mod:`benchmarks.engine_bench`
 finds it) with random bf16 weights, prefills the seed's 1-image prompt into each cache row and
@@ -8,7 +8,9 @@ profiles ``--steps`` decode graph replays per batch size, bf16 then int8 (``torc
 CUDA activity). Per kernel (name and launch grid, so the GEMVs of different shapes stay apart) it
 prints launches and microseconds per step; per step the time from the first kernel's start to the last one's end, the sum of
 kernel durations and the idle time between kernels. Kernel durations under the profiler are the
-GPU's own; the span includes the profiler's small per-kernel overhead.
+GPU's own; the span includes the profiler's small per-kernel overhead. ``--separate-rotary``
+profiles each case a second time with rotary and attention as two launches
+(``kernels.FUSED_ROTARY = False``), for a before/after in the same run.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.engine_bench import (  # noqa: E402
     DEVICE_DIR, SHARED, environment, first_existing, random_model, seed_prompt)
+from worker.engine.model import kernels  # noqa: E402
 from worker.engine.model.args import QwenVLArgs  # noqa: E402
 from worker.engine.model.fast import FastQwenVL  # noqa: E402
 from worker.engine.model.quant import quantize_llm  # noqa: E402
@@ -91,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--batches", default="1,2")
+    parser.add_argument("--separate-rotary", action="store_true",
+                        help="also profile with rotary and attention as two launches")
     parser.add_argument("--json", type=Path, default=None)
     a = parser.parse_args(argv)
     device = torch.device("cuda")
@@ -106,12 +111,18 @@ def main(argv: list[str] | None = None) -> int:
             quantize_llm(model)
             torch.cuda.empty_cache()
         for batch in [int(b) for b in a.batches.split(",")]:
-            fast = FastQwenVL(model)
-            result = profile_decode(fast, ids, batch, a.steps, device)
-            out[f"{kind} b{batch}"] = result
-            print_summary(f"{kind} decode, batch {batch}", result)
-            del fast
-            torch.cuda.empty_cache()
+            for fused in (True, False) if a.separate_rotary else (True,):
+                kernels.FUSED_ROTARY = fused
+                try:
+                    fast = FastQwenVL(model)  # its graphs hold the kernels chosen now
+                    result = profile_decode(fast, ids, batch, a.steps, device)
+                finally:
+                    kernels.FUSED_ROTARY = True
+                label = f"{kind} decode, batch {batch}" + ("" if fused else ", rotary and attention apart")
+                out[label] = result
+                print_summary(label, result)
+                del fast
+                torch.cuda.empty_cache()
     if a.json:
         a.json.write_text(json.dumps(out, indent=1))
     return 0

@@ -69,6 +69,7 @@ from benchmarks.gemv_bench import summary_lines as gemv_summary_lines  # noqa: E
 from worker.engine.engine import TorchEngine  # noqa: E402
 from worker.engine.model import kernels  # noqa: E402
 from worker.engine.model.args import QwenVLArgs, VisionArgs  # noqa: E402
+from worker.engine.model.decoder import rotary_inv_freq  # noqa: E402
 from worker.engine.model.fast import FastQwenVL  # noqa: E402
 from worker.engine.model.preprocess import preprocess_image  # noqa: E402
 from worker.engine.model.quant import Int8Linear, quantize_llm  # noqa: E402
@@ -729,6 +730,25 @@ def fused_epilogue_checks(s: Setup, repeats: int = 20) -> dict:
         rel = ((first.float() - separate.float()).norm() / separate.float().norm()).item()
         out[f"attention lengths {lengths}"] = (f"equal to separate: {torch.equal(first, separate)} (rel diff "
                                                f"{rel:.1e}), runs that differ: {moved}/{repeats}")
+    heads, d = llm.num_heads, llm.head_dim
+    inv_freq = torch.stack([rotary_inv_freq(d, llm.rotary_emb_base, alpha, s.device) for alpha in (1.0, 1.7)])
+    logn = 1 + 0.05 * torch.rand(k_cache.shape[2], device=s.device)  # query scales, as the model's logn
+    for positions in ([799], [799, 36], [0, 999]):
+        b = len(positions)
+        qkv = torch.randn(b, 3 * heads * d, device=s.device, dtype=s.dtype)
+        slots, pos = torch.arange(b, device=s.device), torch.tensor(positions, device=s.device)
+        sep_k, sep_v = k_cache.clone(), v_cache.clone()
+        q = kernels.rotary_to_cache(qkv, pos, slots, inv_freq, logn, sep_k, sep_v, heads)
+        separate = kernels.decode_attention(q, sep_k, sep_v, slots, pos + 1)
+        fused_k, fused_v = k_cache.clone(), v_cache.clone()
+        first = kernels.rotary_attention(qkv, pos, slots, inv_freq, logn, fused_k, fused_v, heads)
+        same_cache = torch.equal(fused_k, sep_k) and torch.equal(fused_v, sep_v)
+        moved = sum(not torch.equal(kernels.rotary_attention(qkv, pos, slots, inv_freq, logn, fused_k, fused_v,
+                                                             heads), first) for _ in range(repeats))
+        rel = ((first.float() - separate.float()).norm() / separate.float().norm()).item()
+        out[f"rotary + attention, positions {positions}"] = (
+            f"equal to rotary_to_cache + decode_attention: {torch.equal(first, separate)} (rel diff {rel:.1e}), "
+            f"same cache: {same_cache}, runs that differ: {moved}/{repeats}")
     s.clock.sync()
     return out
 

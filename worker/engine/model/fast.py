@@ -4,8 +4,8 @@
 ``setup_cache``, ``prefill``, ``decode``; docs/architecture.md), so the engine takes either.
 What differs from the eager methods of :mod:`.qwen_vl` and :mod:`.decoder`:
 
-- A decoding layer is eight launches (:mod:`.kernels`): RMSNorm fused with the residual add,
-  ``c_attn``, one kernel for rotary + logn + the KV-cache write, attention (split over the row,
+- A decoding layer is seven launches (:mod:`.kernels`): RMSNorm fused with the residual add,
+  ``c_attn``, one kernel for rotary + logn + the KV-cache write + attention (split over the row,
   combined by the last program of each head), ``c_proj``, RMSNorm + add, the MLP's ``w1`` and
   ``w2`` as one matrix (views of one tensor, made once) with ``w1 * silu(w2)`` in its epilogue,
   ``c_proj``. The linear layers are one Triton GEMV kernel (int8 or model-dtype weights, fixed
@@ -277,8 +277,9 @@ class FastQwenVL:
         args = self.args.llm
         eps = args.layer_norm_eps
         logn = decoder.logn if args.use_logn_attn else None
-        lengths = positions + 1  # [M]: each token sees its row up to itself
         m = x.shape[0]
+        # each token sees its row up to itself; only the two-launch decode attention reads it
+        lengths = None if prefill or kernels.fuses_rotary(x) else positions + 1  # [M]
         residual, pending = x, None
         for layer in self._layers:
             h, residual = kernels.rms_norm(residual, layer.ln_1, eps, pending)  # [M, C]
@@ -290,9 +291,8 @@ class FastQwenVL:
                                                      v.transpose(0, 1)[None], is_causal=True)  # [1, H, T, D]
                 attn = out[0].transpose(0, 1).reshape(m, -1)  # [T, C]
             else:
-                q = kernels.rotary_to_cache(qkv, positions, slots, decoder.slot_inv_freq, logn,
-                                            layer.k, layer.v, args.num_heads)  # [B, H, D]
-                attn = kernels.decode_attention(q, layer.k, layer.v, slots, lengths, kv_len)  # [B, C]
+                attn = kernels.rotary_attention(qkv, positions, slots, decoder.slot_inv_freq, logn,
+                                                layer.k, layer.v, args.num_heads, kv_len, lengths)  # [B, C]
             h, residual = kernels.rms_norm(residual, layer.ln_2, eps, linear(attn, layer.c_proj))
             pending = linear(gated(h, layer.gate_up), layer.down)  # [M, C]
         return residual, pending

@@ -16,6 +16,9 @@ can be captured in a CUDA graph.
 - :func:`decode_attention`: one query per sequence over its own cache row, reading each row's
   length from device memory (split over the row, then combined: "flash decoding"; the last
   program of each head to finish does the combine).
+  :func:`rotary_attention` is both in one launch for decoding: every program rotates its own
+  copy of the query, and the program whose range holds the new position writes the new key and
+  value into the cache and uses them from its registers.
 - :func:`int8_linear`: ``x @ (q * scale).T + bias`` for int8 per-output-channel weights,
   without materialising the dequantised matrix (a GEMV-shaped kernel when ``x`` has few rows: on
   the tensor cores, or for 1-2 rows of the shapes in :data:`INT8_GEMV_BY_SHAPE` an FMA GEMV);
@@ -175,6 +178,10 @@ def fma_tiles(n: int, k: int, weight_bytes: int, m: int) -> FmaTile:
 # leave them to separate launches as before. Both give the same bits; benchmarks time both.
 FUSED_EPILOGUES = True
 
+# Whether decoding runs rotary + cache write + attention as one launch (rotary_attention) or as
+# rotary_to_cache then decode_attention; the same bits either way (benchmarks time both).
+FUSED_ROTARY = True
+
 # One int32 ticket per output tile (or attention head), zero between launches.
 TICKETS = 1 << 15
 _ticket_buffers: dict[torch.device, torch.Tensor] = {}
@@ -327,6 +334,41 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         num_warps=ATTENTION_WARPS)
     if tickets is None:
         _combine_kernel[(b * h,)](part_out, part_max, part_sum, out, D=d, SPLITS=splits, num_warps=1)
+    return out
+
+
+def fuses_rotary(t: torch.Tensor) -> bool:
+    """Whether :func:`rotary_attention` on ``t``'s device is one launch (else it needs ``lengths``)."""
+    return triton_ok(t) and FUSED_EPILOGUES and FUSED_ROTARY
+
+
+def rotary_attention(qkv: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, inv_freq: torch.Tensor,
+                     logn: torch.Tensor | None, k_cache: torch.Tensor, v_cache: torch.Tensor, heads: int,
+                     kv_len: int | None = None, lengths: torch.Tensor | None = None) -> torch.Tensor:
+    """One decoding token per sequence: :func:`rotary_to_cache` then :func:`decode_attention`.
+
+    qkv: ``[B, 3 * heads * D]``; row ``b``'s new token sits at ``positions[b]`` of cache row
+    ``slots[b]`` and attends to positions ``0 .. positions[b]``. Returns ``[B, heads * D]``.
+    ``lengths``: ``positions + 1`` if the caller has it (the two-launch path reads it).
+    On Triton (with :data:`FUSED_EPILOGUES` and :data:`FUSED_ROTARY`) one launch with the same
+    arithmetic, so the same bits, as the two kernels; otherwise the two."""
+    b = qkv.shape[0]
+    d = k_cache.shape[-1]
+    tickets = _tickets(qkv.device, b * heads) if fuses_rotary(qkv) else None
+    if tickets is None:
+        q = rotary_to_cache(qkv, positions, slots, inv_freq, logn, k_cache, v_cache, heads)
+        return decode_attention(q, k_cache, v_cache, slots, positions + 1 if lengths is None else lengths, kv_len)
+    splits = ATTENTION_SPLITS
+    part_out = torch.empty(b * heads, splits, d, dtype=torch.float32, device=qkv.device)
+    part_max = torch.empty(b * heads, splits, dtype=torch.float32, device=qkv.device)
+    part_sum = torch.empty(b * heads, splits, dtype=torch.float32, device=qkv.device)
+    out = torch.empty(b, heads * d, dtype=qkv.dtype, device=qkv.device)
+    _rotary_attention_kernel[(b * heads, splits)](
+        qkv, positions, slots, inv_freq, logn if logn is not None else inv_freq, k_cache, v_cache,
+        part_out, part_max, part_sum, out, tickets, qkv.stride(0), heads * d, inv_freq.stride(0),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), d ** -0.5,
+        H=heads, D=d, HALF=d // 2, SPLITS=splits, BLOCK=ATTENTION_BLOCK, HAS_LOGN=logn is not None,
+        num_warps=ATTENTION_WARPS)
     return out
 
 
@@ -570,6 +612,79 @@ if triton is not None:
             if tl.atomic_add(ticket_ptr + bh, 1, sem="acq_rel") == SPLITS - 1:
                 _combine_head(out_ptr, max_ptr, sum_ptr, o_ptr, bh, D, SPLITS)
                 tl.store(ticket_ptr + bh, 0)  # ready for the next launch
+
+    @triton.jit
+    def _rotary_attention_kernel(qkv_ptr, pos_ptr, slot_ptr, freq_ptr, logn_ptr, k_ptr, v_ptr, out_ptr, max_ptr,
+                                 sum_ptr, o_ptr, ticket_ptr, stride_qkv, C, stride_freq, stride_cs, stride_ch,
+                                 stride_cl, sm_scale, H: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr,
+                                 SPLITS: tl.constexpr, BLOCK: tl.constexpr, HAS_LOGN: tl.constexpr):
+        """Program (b * H + h, split): _rotary_kernel's arithmetic for token b's head h (each
+        program its own copy), then _decode_attention_kernel's over one range of positions
+        ``0 .. pos``; the range holding ``pos`` takes the new key and value from registers and
+        writes them into the cache (no other program reads that position)."""
+        bh = tl.program_id(0)
+        split = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        pos = tl.load(pos_ptr + b)
+        slot = tl.load(slot_ptr + b)
+        length = pos.to(tl.int32) + 1
+        per_split = tl.cdiv(tl.cdiv(length, SPLITS), BLOCK) * BLOCK
+        start = split * per_split
+        end = tl.minimum(start + per_split, length)
+        # rotary, element d paired with d +- HALF: the same expressions as _rotary_kernel's halves
+        d = tl.arange(0, D)
+        first_half = d < HALF
+        partner = (d + HALF) % D
+        freqs = pos.to(tl.float32) * tl.load(freq_ptr + slot * stride_freq + d % HALF)  # [D]
+        cos = tl.cos(freqs)
+        sin = tl.sin(freqs)
+        base = qkv_ptr + b * stride_qkv + h * D
+        q_own = tl.load(base + d).to(tl.float32)
+        q_other = tl.load(base + partner).to(tl.float32)
+        k_own = tl.load(base + C + d).to(tl.float32)
+        k_other = tl.load(base + C + partner).to(tl.float32)
+        v_new = tl.load(base + 2 * C + d)
+        dtype = v_new.dtype
+        q = tl.where(first_half, q_own * cos - q_other * sin, q_own * cos + q_other * sin).to(dtype)
+        k_new = tl.where(first_half, k_own * cos - k_other * sin, k_own * cos + k_other * sin).to(dtype)
+        if HAS_LOGN:
+            scale = tl.load(logn_ptr + pos).to(dtype).to(tl.float32)
+            q = (q.to(tl.float32) * scale).to(dtype)
+        row = slot * stride_cs + h * stride_ch
+        mine = (pos >= start) & (pos < end)
+        tl.store(k_ptr + row + pos * stride_cl + d, k_new, mask=mine & (d < D))
+        tl.store(v_ptr + row + pos * stride_cl + d, v_new, mask=mine & (d < D))
+        # attention, as _decode_attention_kernel
+        q = q.to(tl.float32) * sm_scale  # [D]
+        m_i = tl.full([], float("-inf"), tl.float32)
+        l_i = tl.full([], 0.0, tl.float32)
+        acc = tl.zeros([D], dtype=tl.float32)
+        for first in range(start, end, BLOCK):
+            offs = first + tl.arange(0, BLOCK)
+            mask = offs < end
+            new = (offs == pos)[:, None]  # [BLOCK, 1]: the row the cache does not hold yet
+            addr = row + offs[:, None] * stride_cl + d[None, :]  # [BLOCK, D]
+            k = tl.load(k_ptr + addr, mask=mask[:, None], other=0.0)
+            k = tl.where(new, k_new[None, :], k).to(tl.float32)
+            scores = tl.sum(k * q[None, :], axis=1)  # [BLOCK]
+            scores = tl.where(mask, scores, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(scores, axis=0))
+            p = tl.exp(scores - m_new)
+            alpha = tl.exp(m_i - m_new)
+            v = tl.load(v_ptr + addr, mask=mask[:, None], other=0.0)
+            v = tl.where(new, v_new[None, :], v).to(tl.float32)
+            acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+            l_i = l_i * alpha + tl.sum(p, axis=0)
+            m_i = m_new
+        part = bh * SPLITS + split
+        tl.store(out_ptr + part * D + d, acc)
+        tl.store(max_ptr + part, m_i)
+        tl.store(sum_ptr + part, l_i)
+        tl.debug_barrier()  # every thread's partial stored before the ticket is taken
+        if tl.atomic_add(ticket_ptr + bh, 1, sem="acq_rel") == SPLITS - 1:
+            _combine_head(out_ptr, max_ptr, sum_ptr, o_ptr, bh, D, SPLITS)
+            tl.store(ticket_ptr + bh, 0)  # ready for the next launch
 
     @triton.jit
     def _combine_head(out_ptr, max_ptr, sum_ptr, o_ptr, bh, D: tl.constexpr, SPLITS: tl.constexpr):

@@ -125,10 +125,32 @@ def check_attention() -> None:
         assert err < 2e-2, f"attention vs float math {err:.3g}"
 
 
+def check_rotary_attention() -> None:
+    """The one-launch rotary + cache write + attention against rotary_to_cache then
+    decode_attention: the same output bits and the same cache afterwards."""
+    heads, d, rows, length = 2, 16, 3, 100
+    inv_freq = torch.stack([1.0 / (10000 ** (torch.arange(0, d, 2).float() / d)) * a for a in (1.0, 0.7, 1.3)])
+    logn = 1 + 0.05 * torch.rand(length, generator=GEN)
+    kernels.ATTENTION_SPLITS, kernels.ATTENTION_BLOCK = 8, 16
+    for positions, slots in (([99, 6], [2, 0]), ([0], [1]), ([47, 15], [0, 1])):
+        positions, slots = torch.tensor(positions), torch.tensor(slots)
+        qkv = randn(len(positions), 3 * heads * d).to(BF16)
+        for scales in (logn, None):
+            k_cache, v_cache = randn(rows, heads, length, d).to(BF16), randn(rows, heads, length, d).to(BF16)
+            separate_k, separate_v = k_cache.clone(), v_cache.clone()
+            q = kernels.rotary_to_cache(qkv, positions, slots, inv_freq, scales, separate_k, separate_v, heads)
+            separate = kernels.decode_attention(q, separate_k, separate_v, slots, positions + 1)
+            fused = kernels.rotary_attention(qkv, positions, slots, inv_freq, scales, k_cache, v_cache, heads)
+            where = f"positions {positions.tolist()} logn {scales is not None}"
+            assert torch.equal(fused, separate), f"rotary attention output, {where}"
+            assert torch.equal(k_cache, separate_k) and torch.equal(v_cache, separate_v), f"cache, {where}"
+
+
 if __name__ == "__main__":
     check_gemv()
     check_fma_gemv()
     check_attention()
+    check_rotary_attention()
     tickets = kernels._ticket_buffers[torch.device("cpu")]
     assert int(tickets.abs().sum()) == 0, "every ticket back at zero"
     print("triton interpreter checks passed")
