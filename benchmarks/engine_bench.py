@@ -588,7 +588,8 @@ def compare_logits(s: Setup) -> dict:
 TILE_CANDIDATES = [(16, 32, 256, 4, 4, 1), (16, 64, 256, 4, 4, 1), (16, 32, 256, 4, 4, 2), (16, 32, 256, 4, 4, 4),
                    (16, 32, 512, 4, 3, 2)]
 SWEEP_LAYERS = ("c_attn", "c_proj", "gate_up", "down")  # lm_head keeps its built-in tile
-ATTENTION_CANDIDATES = [(16, 64, 4), (32, 32, 4), (32, 64, 4), (8, 64, 4), (16, 32, 2), (32, 32, 2), (64, 16, 2)]
+ATTENTION_CANDIDATES = [(16, 64, 4), (32, 32, 4), (32, 64, 4), (8, 64, 4), (16, 32, 2), (32, 32, 2), (64, 16, 2),
+                        (8, 32, 2), (16, 16, 2), (16, 32, 4), (32, 16, 2), (16, 16, 1)]
 
 
 def llm_shapes(args: QwenVLArgs) -> dict[str, tuple[int, int]]:
@@ -640,24 +641,32 @@ def sweep_tiles(s: Setup, candidates: list[tuple]) -> list[dict]:
 
 
 def sweep_attention(s: Setup, candidates: list[tuple]) -> list[dict]:
-    """Decode attention (split, block, warps) at 1 and 2 rows of 800 positions; the best is kept."""
+    """Decode attention as decoding runs it (rotary, cache write and attention in one launch:
+    ``kernels.rotary_attention``), per (split, block, warps), at 1 and 2 rows of 350 and 800
+    positions; the best by the sum of the four times is kept."""
     llm = s.args.llm
+    heads, d = llm.num_heads, llm.head_dim
     rows, totals = [], {}
-    k_cache = torch.randn(2, llm.num_heads, 4096, llm.head_dim, device=s.device, dtype=s.dtype)
+    k_cache = torch.randn(2, heads, 4096, d, device=s.device, dtype=s.dtype)
     v_cache = torch.randn_like(k_cache)
+    inv_freq = torch.stack([rotary_inv_freq(d, llm.rotary_emb_base, 1.0, s.device)] * 2)
+    logn = torch.ones(4096, device=s.device)
     for cfg in candidates:
         kernels.ATTENTION_SPLITS, kernels.ATTENTION_BLOCK, kernels.ATTENTION_WARPS = cfg
-        total = 0.0
+        times = []
         for batch in (1, 2):
-            q = torch.randn(batch, llm.num_heads, llm.head_dim, device=s.device, dtype=s.dtype)
+            qkv = torch.randn(batch, 3 * heads * d, device=s.device, dtype=s.dtype)
             slots = torch.arange(batch, device=s.device)
-            lengths = torch.full((batch,), 800, device=s.device)
-            t = s.clock.graph_s([lambda: kernels.decode_attention(q, k_cache, v_cache, slots, lengths)] * 20)
-            kv = 2 * batch * llm.num_heads * 800 * llm.head_dim * 2
-            rows.append({"config": cfg, "B": batch, "us": t * 1e6, "GBps": kv / t / 1e9})
-            total += t
-        totals[cfg] = total
-        print(f"   attention {cfg}: B=1 {rows[-2]['us']:.1f} us, B=2 {rows[-1]['us']:.1f} us", flush=True)
+            for length in (350, 800):
+                positions = torch.full((batch,), length - 1, device=s.device)
+                t = s.clock.graph_s([lambda: kernels.rotary_attention(qkv, positions, slots, inv_freq, logn, k_cache,
+                                                                      v_cache, heads)] * 20)
+                kv = 2 * batch * heads * length * d * 2
+                rows.append({"config": cfg, "B": batch, "length": length, "us": t * 1e6, "GBps": kv / t / 1e9})
+                times.append(t)
+        totals[cfg] = sum(times)
+        print(f"   attention {cfg}: " + ", ".join(f"B={r['B']} L={r['length']} {r['us']:.1f} us" for r in rows[-4:]),
+              flush=True)
     best = min(totals, key=totals.get)
     kernels.ATTENTION_SPLITS, kernels.ATTENTION_BLOCK, kernels.ATTENTION_WARPS = best
     print(f"   attention: keeping {best}")

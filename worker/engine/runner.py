@@ -116,6 +116,12 @@ class ModelRunner:
             self._host_rows = self._host_rows.pin_memory()
             self._host_ids = self._host_ids.pin_memory()
         self._host_rows_np = self._host_rows.numpy()  # element writes through numpy are cheap
+        # A prompt's ids go to the device from here without a stream sync (a plain torch.tensor(...,
+        # device=...) would wait for the vision work just queued); prefill ends in a sync, so the
+        # buffer is free again by the next one.
+        self._host_prompt = torch.zeros(max_seq_len, dtype=torch.long)
+        if self.device.type == "cuda":
+            self._host_prompt = self._host_prompt.pin_memory()
         self._sampler_rows: tuple | None = None
         # Lookahead: launch the next decode step from the sampled ids still on the device, before
         # the host reads them (default: when decode replays CUDA graphs, i.e. is launch-cheap).
@@ -145,7 +151,7 @@ class ModelRunner:
         if cuda:
             marks[1].record(stream)
         vision_host = time.monotonic() - t0
-        ids = torch.tensor(seq.request.prompt_ids, dtype=torch.long, device=self.device)  # [T]
+        ids = self._prompt_on_device(seq.request.prompt_ids)  # [T]
         logits = self.model.prefill(ids, seq.slot, image_features=features,
                                     image_slots=tuple(seq.request.image_slots))  # [V]
         self._prefill_logits[seq.slot] = logits
@@ -156,6 +162,15 @@ class ModelRunner:
         vision = marks[0].elapsed_time(marks[1]) / 1000 if cuda else vision_host
         seq.vision_s += vision
         seq.prefill_s += max(0.0, total - vision)
+
+    def _prompt_on_device(self, prompt_ids: Seq[int]) -> torch.Tensor:
+        """``prompt_ids`` as an int64 device tensor ``[T]``, copied asynchronously on CUDA."""
+        length = len(prompt_ids)
+        if length > self._host_prompt.shape[0]:
+            return torch.tensor(prompt_ids, dtype=torch.long, device=self.device)  # the model refuses it
+        host = self._host_prompt[:length]
+        host.numpy()[:] = prompt_ids
+        return host.to(self.device, non_blocking=True) if self.device.type == "cuda" else host.clone()
 
     @torch.inference_mode()
     def decode(self, seqs: Seq[Sequence]) -> None:

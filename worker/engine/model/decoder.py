@@ -222,10 +222,10 @@ class QwenDecoder(nn.Module):
         for start in image_slots:
             if not 0 <= start <= length - image_tokens:
                 raise ValueError(f"image slot {start} does not fit {image_tokens} features into {length} tokens")
-        starts = torch.as_tensor(list(image_slots), device=x.device)
-        index = (starts[:, None] + torch.arange(image_tokens, device=x.device)).flatten()  # [N*256]
-        features = image_features.reshape(-1, x.shape[-1]).to(x.dtype)  # [N*256, C]
-        return x.index_copy(1, index, features[None])
+        # slice copies, not an index tensor: building one on a GPU would wait for queued work
+        for start, feats in zip(image_slots, image_features):
+            x[0, start:start + image_tokens] = feats.to(x.dtype)  # [256, C]
+        return x
 
     # -- forward paths ---------------------------------------------------------------------------
 
