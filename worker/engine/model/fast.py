@@ -10,7 +10,7 @@ What differs from the eager methods of :mod:`.qwen_vl` and :mod:`.decoder`:
   ``w2`` as one matrix (views of one tensor, made once) with ``w1 * silu(w2)`` in its epilogue,
   ``c_proj``. The linear layers are one Triton GEMV kernel (int8 or model-dtype weights, fixed
   tiles per shape, split-K for the narrow ones, the partial sums added by the last program of
-  each tile; int8 at one row on some shapes: the FMA GEMV, ``kernels.INT8_GEMV_BY_SHAPE``);
+  each tile; int8 at one row: the FMA GEMV, ``kernels.INT8_GEMV_BY_SHAPE``);
   prefill uses cuBLAS and a separate gate kernel (int8: the Triton kernel with matmul tiles).
 - Decode attention reads the static cache in place, each row up to its own length read from
   device memory: no per-step gather, no host-side length, so one CUDA graph per batch size

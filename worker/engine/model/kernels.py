@@ -105,13 +105,15 @@ TILES: dict[tuple[int, int, int], tuple] = {
 # summation order (int8 answers are checked against their dequantised reference, not bf16).
 INT8_GEMV = "dot"
 FMA_ROWS = 2
-# (N, K, rows of x) -> variant. Measured on an H100 80GB HBM3 (docs/benchmarks.md, run 7), us per
-# call dot -> fma at one row: c_attn 21.8 -> 20.7, attention c_proj 9.9 -> 9.6, MLP c_proj 20.6 ->
-# 20.0, lm_head 248 -> 213; [w1 | w2] (37.2 / 37.3) and every two-row GEMV stay on the tensor cores
-# (the FMA kernel pays its conversion and an FMA per weight per row: 5-26% slower at two rows).
+# (N, K, rows of x) -> variant. Measured on H100 80GB HBM3s (docs/benchmarks.md, runs 7, 13, 16), us
+# per call dot -> fma at one row: c_attn 21.5 -> 20.6, attention c_proj 9.9 -> 9.3, MLP c_proj 20.2
+# -> 20.0, lm_head 246 -> 210, [w1 | w2] 38.3 -> 36.7 (32 bytes per thread and row; run 7's
+# 16-byte tiles tied); every two-row GEMV stays on the tensor cores (the FMA kernel pays its
+# conversion and an FMA per weight per row: 5-26% slower at two rows).
 INT8_GEMV_BY_SHAPE: dict[tuple[int, int, int], str] = {
     (12288, 4096, 1): "fma",
     (4096, 4096, 1): "fma",
+    (22016, 4096, 1): "fma",
     (4096, 11008, 1): "fma",
     (151936, 4096, 1): "fma",
 }
@@ -148,14 +150,15 @@ class FmaTile(NamedTuple):
 
 
 # Measured FMA tiles, (N, K, bytes per weight, rows of x) -> FmaTile: the fastest of the GPU
-# benchmark's candidates on an H100 80GB HBM3 (run 7; all within 0.5 bf16 ulp of float64 math).
-# Fixed per shape like TILES, so the summation order is the same in every process.
+# benchmark's candidates on H100 80GB HBM3s (run 7; at one row [w1 | w2]: the pick of runs 13, 15
+# and 16, c_attn: of runs 13 and 16, within 0.5 us of run 15's; all within 0.5 bf16 ulp of float64
+# math). Fixed per shape like TILES, so the summation order is the same in every process.
 FMA_TILES: dict[tuple[int, int, int, int], FmaTile] = {
-    (12288, 4096, 1, 1): FmaTile(16, 512, 4, 1, False, "prmt"),  # c_attn
+    (12288, 4096, 1, 1): FmaTile(32, 512, 8, 1, False, "prmt"),  # c_attn
     (12288, 4096, 1, 2): FmaTile(32, 512, 8, 1, False, "prmt"),
     (4096, 4096, 1, 1): FmaTile(32, 512, 8, 4, False, "prmt"),  # attention c_proj
     (4096, 4096, 1, 2): FmaTile(16, 512, 4, 4, False, "prmt"),
-    (22016, 4096, 1, 1): FmaTile(8, 512, 4, 1, True, "prmt"),  # [w1 | w2] with the gate (8 rows of each half)
+    (22016, 4096, 1, 1): FmaTile(8, 1024, 4, 1, False, "prmt"),  # [w1 | w2] with the gate (8 rows of each half)
     (22016, 4096, 1, 2): FmaTile(16, 512, 4, 1, False, "prmt"),
     (4096, 11008, 1, 1): FmaTile(32, 512, 8, 4, False, "prmt"),  # MLP c_proj
     (4096, 11008, 1, 2): FmaTile(16, 512, 4, 4, False, "prmt"),
