@@ -655,7 +655,7 @@ if triton is not None:
             scale = tl.load(logn_ptr + pos).to(dtype).to(tl.float32)
             q = (q.to(tl.float32) * scale).to(dtype)
         row = slot * stride_cs + h * stride_ch
-        mine = (pos >= start) & (pos < end)
+        mine = (pos >= start) & (pos < end)  # "& (d < D)" below: this scalar as a [D] mask
         tl.store(k_ptr + row + pos * stride_cl + d, k_new, mask=mine & (d < D))
         tl.store(v_ptr + row + pos * stride_cl + d, v_new, mask=mine & (d < D))
         # attention, as _decode_attention_kernel
