@@ -16,7 +16,7 @@ from typing import Any
 import anyio
 from fastapi import APIRouter, Query, Request
 
-from producer.api.context import ApiContext, get_ctx, read_json_object
+from producer.api.context import ApiContext, get_ctx, list_page, read_json_object
 from producer.batches import Batches, BatchObject
 from producer.errors import InvalidRequest, VlqError
 
@@ -105,14 +105,7 @@ async def list_batches(
 ) -> dict[str, Any]:
     ctx = get_ctx(request)
     batches, has_more = await ctx.run(ctx.batches.list, after=after, limit=limit)
-    data = [_dump(b) for b in batches]
-    return {
-        "object": "list",
-        "data": data,
-        "first_id": data[0]["id"] if data else None,
-        "last_id": data[-1]["id"] if data else None,
-        "has_more": has_more,
-    }
+    return list_page([_dump(b) for b in batches], has_more)
 
 
 @router.get("/v1/batches/{batch_id}", summary="A batch: status, request_counts, output and error files")

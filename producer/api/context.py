@@ -81,6 +81,17 @@ def get_ctx(request: Request) -> ApiContext:
     return request.app.state.vlq
 
 
+def list_page(data: list[dict[str, Any]], has_more: bool) -> dict[str, Any]:
+    """One page of a listing in OpenAI's envelope (``object: list``, first/last ids, has_more)."""
+    return {
+        "object": "list",
+        "data": data,
+        "first_id": data[0]["id"] if data else None,
+        "last_id": data[-1]["id"] if data else None,
+        "has_more": has_more,
+    }
+
+
 async def read_json_object(request: Request) -> dict[str, Any]:
     """The request's body as a JSON object, or a 400 ``invalid_request`` saying what is wrong."""
     raw = await request.body()

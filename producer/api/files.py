@@ -8,7 +8,7 @@ from typing import Any, Literal
 from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from fastapi.responses import StreamingResponse
 
-from producer.api.context import get_ctx
+from producer.api.context import get_ctx, list_page
 from producer.errors import InvalidRequest
 from producer.files import READ_CHUNK, UPLOAD_PURPOSES
 
@@ -54,14 +54,7 @@ async def list_files(
 ) -> dict[str, Any]:
     ctx = get_ctx(request)
     files, has_more = await ctx.run(ctx.files.list, purpose=purpose, after=after, limit=limit, order=order)
-    data = [f.model_dump() for f in files]
-    return {
-        "object": "list",
-        "data": data,
-        "first_id": data[0]["id"] if data else None,
-        "last_id": data[-1]["id"] if data else None,
-        "has_more": has_more,
-    }
+    return list_page([f.model_dump() for f in files], has_more)
 
 
 @router.get("/v1/files/{file_id}", summary="A file's metadata")

@@ -589,23 +589,44 @@ if triton is not None:
         d = tl.arange(0, D)
         q = tl.load(q_ptr + b * stride_qb + h * stride_qh + d).to(tl.float32) * sm_scale  # [D]
         row = slot * stride_cs + h * stride_ch
+        acc, m_i, l_i = _attend_range(q, k_ptr, v_ptr, row, start, end, d, stride_cl, -1, q, q, False, BLOCK)
+        _finish_range(acc, m_i, l_i, out_ptr, max_ptr, sum_ptr, o_ptr, ticket_ptr, bh, split, d, D, SPLITS, COMBINE)
+
+    @triton.jit
+    def _attend_range(q, k_ptr, v_ptr, row, start, end, d, stride_cl, new_pos, k_new, v_new,
+                      HAS_NEW: tl.constexpr, BLOCK: tl.constexpr):
+        """The scaled float32 query ``q [D]`` over cache positions ``start .. end - 1`` at ``row``
+        -> (unnormalised output [D], running max, running sum), BLOCK positions at a time. HAS_NEW:
+        position ``new_pos`` takes ``k_new`` / ``v_new`` (model dtype, [D]) instead of the cache."""
         m_i = tl.full([], float("-inf"), tl.float32)
         l_i = tl.full([], 0.0, tl.float32)
-        acc = tl.zeros([D], dtype=tl.float32)
+        acc = tl.zeros(d.shape, dtype=tl.float32)
         for first in range(start, end, BLOCK):
             offs = first + tl.arange(0, BLOCK)
             mask = offs < end
             addr = row + offs[:, None] * stride_cl + d[None, :]  # [BLOCK, D]
-            k = tl.load(k_ptr + addr, mask=mask[:, None], other=0.0).to(tl.float32)
-            scores = tl.sum(k * q[None, :], axis=1)  # [BLOCK]
+            new = (offs == new_pos)[:, None]  # [BLOCK, 1]: the row the cache does not hold yet (HAS_NEW)
+            k = tl.load(k_ptr + addr, mask=mask[:, None], other=0.0)
+            if HAS_NEW:
+                k = tl.where(new, k_new[None, :], k)
+            scores = tl.sum(k.to(tl.float32) * q[None, :], axis=1)  # [BLOCK]
             scores = tl.where(mask, scores, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(scores, axis=0))
             p = tl.exp(scores - m_new)
             alpha = tl.exp(m_i - m_new)
-            v = tl.load(v_ptr + addr, mask=mask[:, None], other=0.0).to(tl.float32)
-            acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+            v = tl.load(v_ptr + addr, mask=mask[:, None], other=0.0)
+            if HAS_NEW:
+                v = tl.where(new, v_new[None, :], v)
+            acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
             l_i = l_i * alpha + tl.sum(p, axis=0)
             m_i = m_new
+        return acc, m_i, l_i
+
+    @triton.jit
+    def _finish_range(acc, m_i, l_i, out_ptr, max_ptr, sum_ptr, o_ptr, ticket_ptr, bh, split, d,
+                      D: tl.constexpr, SPLITS: tl.constexpr, COMBINE: tl.constexpr):
+        """Store one range's float32 partials; with COMBINE the head's last program to finish
+        (an atomic ticket) combines its SPLITS partials into ``o``."""
         part = bh * SPLITS + split
         tl.store(out_ptr + part * D + d, acc)
         tl.store(max_ptr + part, m_i)
@@ -658,36 +679,9 @@ if triton is not None:
         mine = (pos >= start) & (pos < end)  # "& (d < D)" below: this scalar as a [D] mask
         tl.store(k_ptr + row + pos * stride_cl + d, k_new, mask=mine & (d < D))
         tl.store(v_ptr + row + pos * stride_cl + d, v_new, mask=mine & (d < D))
-        # attention, as _decode_attention_kernel
-        q = q.to(tl.float32) * sm_scale  # [D]
-        m_i = tl.full([], float("-inf"), tl.float32)
-        l_i = tl.full([], 0.0, tl.float32)
-        acc = tl.zeros([D], dtype=tl.float32)
-        for first in range(start, end, BLOCK):
-            offs = first + tl.arange(0, BLOCK)
-            mask = offs < end
-            new = (offs == pos)[:, None]  # [BLOCK, 1]: the row the cache does not hold yet
-            addr = row + offs[:, None] * stride_cl + d[None, :]  # [BLOCK, D]
-            k = tl.load(k_ptr + addr, mask=mask[:, None], other=0.0)
-            k = tl.where(new, k_new[None, :], k).to(tl.float32)
-            scores = tl.sum(k * q[None, :], axis=1)  # [BLOCK]
-            scores = tl.where(mask, scores, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(scores, axis=0))
-            p = tl.exp(scores - m_new)
-            alpha = tl.exp(m_i - m_new)
-            v = tl.load(v_ptr + addr, mask=mask[:, None], other=0.0)
-            v = tl.where(new, v_new[None, :], v).to(tl.float32)
-            acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
-            l_i = l_i * alpha + tl.sum(p, axis=0)
-            m_i = m_new
-        part = bh * SPLITS + split
-        tl.store(out_ptr + part * D + d, acc)
-        tl.store(max_ptr + part, m_i)
-        tl.store(sum_ptr + part, l_i)
-        tl.debug_barrier()  # every thread's partial stored before the ticket is taken
-        if tl.atomic_add(ticket_ptr + bh, 1, sem="acq_rel") == SPLITS - 1:
-            _combine_head(out_ptr, max_ptr, sum_ptr, o_ptr, bh, D, SPLITS)
-            tl.store(ticket_ptr + bh, 0)  # ready for the next launch
+        acc, m_i, l_i = _attend_range(q.to(tl.float32) * sm_scale, k_ptr, v_ptr, row, start, end, d, stride_cl, pos,
+                                      k_new, v_new, True, BLOCK)
+        _finish_range(acc, m_i, l_i, out_ptr, max_ptr, sum_ptr, o_ptr, ticket_ptr, bh, split, d, D, SPLITS, True)
 
     @triton.jit
     def _combine_head(out_ptr, max_ptr, sum_ptr, o_ptr, bh, D: tl.constexpr, SPLITS: tl.constexpr):
