@@ -691,6 +691,15 @@ def separate_launches(tiles: dict, attention: tuple):
         kernels.ATTENTION_SPLITS, kernels.ATTENTION_BLOCK, kernels.ATTENTION_WARPS = saved[1]
 
 
+def bits_report(fused, separate: torch.Tensor, repeats: int, against: str = "separate") -> str:
+    """``fused()`` against ``separate`` bit for bit, and ``repeats`` more calls against its first
+    answer (a race between a tile's programs would move bits)."""
+    first = fused()
+    moved = sum(not torch.equal(fused(), first) for _ in range(repeats))
+    rel = ((first.float() - separate.float()).norm() / separate.float().norm()).item()
+    return f"equal to {against}: {torch.equal(first, separate)} (rel diff {rel:.1e}), runs that differ: {moved}/{repeats}"
+
+
 def fused_epilogue_checks(s: Setup, repeats: int = 20) -> dict:
     """On the device: each fused epilogue against the separate launches, bit for bit, and the
     fused version ``repeats`` times over (a race between a tile's programs would move bits).
@@ -715,12 +724,8 @@ def fused_epilogue_checks(s: Setup, repeats: int = 20) -> dict:
                     separate = kernels.silu_mul(separate) if gated else separate
                 finally:
                     kernels.FUSED_EPILOGUES = True
-                first = fused()
-                moved = sum(not torch.equal(fused(), first) for _ in range(repeats))
-                rel = ((first.float() - separate.float()).norm() / separate.float().norm()).item()
-                out[f"{name} {kind} M={m} {kernels.few_rows_tiles(n, k, weight.element_size())}"] = (
-                    f"equal to separate: {torch.equal(first, separate)} (rel diff {rel:.1e}), "
-                    f"runs that differ: {moved}/{repeats}")
+                out[f"{name} {kind} M={m} {kernels.few_rows_tiles(n, k, weight.element_size())}"] = bits_report(
+                    fused, separate, repeats)
     llm = s.args.llm
     k_cache = torch.randn(2, llm.num_heads, 1024, llm.head_dim, device=s.device, dtype=s.dtype)
     v_cache = torch.randn_like(k_cache)
@@ -733,12 +738,8 @@ def fused_epilogue_checks(s: Setup, repeats: int = 20) -> dict:
             separate = kernels.decode_attention(q, k_cache, v_cache, slots, lens)
         finally:
             kernels.FUSED_EPILOGUES = True
-        first = kernels.decode_attention(q, k_cache, v_cache, slots, lens)
-        moved = sum(not torch.equal(kernels.decode_attention(q, k_cache, v_cache, slots, lens), first)
-                    for _ in range(repeats))
-        rel = ((first.float() - separate.float()).norm() / separate.float().norm()).item()
-        out[f"attention lengths {lengths}"] = (f"equal to separate: {torch.equal(first, separate)} (rel diff "
-                                               f"{rel:.1e}), runs that differ: {moved}/{repeats}")
+        out[f"attention lengths {lengths}"] = bits_report(
+            lambda: kernels.decode_attention(q, k_cache, v_cache, slots, lens), separate, repeats)
     heads, d = llm.num_heads, llm.head_dim
     inv_freq = torch.stack([rotary_inv_freq(d, llm.rotary_emb_base, alpha, s.device) for alpha in (1.0, 1.7)])
     logn = 1 + 0.05 * torch.rand(k_cache.shape[2], device=s.device)  # query scales, as the model's logn
@@ -750,14 +751,10 @@ def fused_epilogue_checks(s: Setup, repeats: int = 20) -> dict:
         q = kernels.rotary_to_cache(qkv, pos, slots, inv_freq, logn, sep_k, sep_v, heads)
         separate = kernels.decode_attention(q, sep_k, sep_v, slots, pos + 1)
         fused_k, fused_v = k_cache.clone(), v_cache.clone()
-        first = kernels.rotary_attention(qkv, pos, slots, inv_freq, logn, fused_k, fused_v, heads)
-        same_cache = torch.equal(fused_k, sep_k) and torch.equal(fused_v, sep_v)
-        moved = sum(not torch.equal(kernels.rotary_attention(qkv, pos, slots, inv_freq, logn, fused_k, fused_v,
-                                                             heads), first) for _ in range(repeats))
-        rel = ((first.float() - separate.float()).norm() / separate.float().norm()).item()
-        out[f"rotary + attention, positions {positions}"] = (
-            f"equal to rotary_to_cache + decode_attention: {torch.equal(first, separate)} (rel diff {rel:.1e}), "
-            f"same cache: {same_cache}, runs that differ: {moved}/{repeats}")
+        report = bits_report(lambda: kernels.rotary_attention(qkv, pos, slots, inv_freq, logn, fused_k, fused_v, heads),
+                             separate, repeats, "rotary_to_cache + decode_attention")
+        same_cache = torch.equal(fused_k, sep_k) and torch.equal(fused_v, sep_v)  # every run writes the same
+        out[f"rotary + attention, positions {positions}"] = f"{report}, same cache: {same_cache}"
     s.clock.sync()
     return out
 

@@ -34,3 +34,16 @@ def test_the_benchmark_runs_on_a_cpu_with_the_tiny_config(qwen_tiktoken, sample_
     assert "TTFT from preprocessed pixels" in names and "decode tok/s, batch 2, 3 new tokens" in names
     assert any(name.startswith("int8 decode") for name in names)
     assert report["info"]["correctness"]["greedy steps fast == eager"] == "17/17"
+
+
+def test_bits_report_tells_equal_bits_and_runs_that_moved():
+    import torch
+
+    from benchmarks.engine_bench import bits_report
+
+    base = torch.tensor([1.0, 2.0, 3.0])
+    assert bits_report(lambda: base.clone(), base, 3) == \
+        "equal to separate: True (rel diff 0.0e+00), runs that differ: 0/3"
+    calls = iter(range(1, 10))  # every call answers differently, the first unlike the reference
+    moving = bits_report(lambda: base + next(calls), base, 2, "the reference")
+    assert moving.startswith("equal to the reference: False") and moving.endswith("runs that differ: 2/2")
