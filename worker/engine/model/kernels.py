@@ -178,7 +178,9 @@ def fma_tiles(n: int, k: int, weight_bytes: int, m: int) -> FmaTile:
 
 # Whether few-row GEMVs and decode attention finish their own reductions (the gate in the
 # [w1 | w2] GEMV, split-K sums, the attention combine: done by the last program of each tile) or
-# leave them to separate launches as before. Both give the same bits; benchmarks time both.
+# leave them to separate launches as before. The GEMVs give the same bits either way; the
+# attention kernel compiled with and without its combine may round a float32 partial differently
+# (seen on the GPU: one bf16 unit in one element, docs/benchmarks.md). Benchmarks time both.
 FUSED_EPILOGUES = True
 
 # Whether decoding runs rotary + cache write + attention as one launch (rotary_attention) or as
