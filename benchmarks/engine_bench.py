@@ -681,11 +681,10 @@ def separate_launches(tiles: dict, attention: tuple):
     kernels.TILES.clear()
     kernels.TILES.update(tiles)
     kernels.ATTENTION_SPLITS, kernels.ATTENTION_BLOCK, kernels.ATTENTION_WARPS = attention
-    kernels.FUSED_EPILOGUES = False
     try:
-        yield
+        with kernels.fused_epilogues(False):
+            yield
     finally:
-        kernels.FUSED_EPILOGUES = True
         kernels.TILES.clear()
         kernels.TILES.update(saved[0])
         kernels.ATTENTION_SPLITS, kernels.ATTENTION_BLOCK, kernels.ATTENTION_WARPS = saved[1]
@@ -718,12 +717,9 @@ def fused_epilogue_checks(s: Setup, repeats: int = 20) -> dict:
                 def fused():
                     return kernels._matmul(x, weight, scale, None, None, gated)
 
-                kernels.FUSED_EPILOGUES = False
-                try:
+                with kernels.fused_epilogues(False):
                     separate = kernels._matmul(x, weight, scale, None, None)
                     separate = kernels.silu_mul(separate) if gated else separate
-                finally:
-                    kernels.FUSED_EPILOGUES = True
                 out[f"{name} {kind} M={m} {kernels.few_rows_tiles(n, k, weight.element_size())}"] = bits_report(
                     fused, separate, repeats)
     llm = s.args.llm
@@ -733,11 +729,8 @@ def fused_epilogue_checks(s: Setup, repeats: int = 20) -> dict:
         b = len(lengths)
         q = torch.randn(b, llm.num_heads, llm.head_dim, device=s.device, dtype=s.dtype)
         slots, lens = torch.arange(b, device=s.device), torch.tensor(lengths, device=s.device)
-        kernels.FUSED_EPILOGUES = False
-        try:
+        with kernels.fused_epilogues(False):
             separate = kernels.decode_attention(q, k_cache, v_cache, slots, lens)
-        finally:
-            kernels.FUSED_EPILOGUES = True
         out[f"attention lengths {lengths}"] = bits_report(
             lambda: kernels.decode_attention(q, k_cache, v_cache, slots, lens), separate, repeats)
     heads, d = llm.num_heads, llm.head_dim
@@ -757,6 +750,15 @@ def fused_epilogue_checks(s: Setup, repeats: int = 20) -> dict:
         out[f"rotary + attention, positions {positions}"] = f"{report}, same cache: {same_cache}"
     s.clock.sync()
     return out
+
+
+def separate_then_fused_us(clock: Clock, calls: list) -> tuple[float, float]:
+    """us per call of ``calls`` (one CUDA graph) with the separate launches, then fused."""
+    with kernels.fused_epilogues(False):
+        before = clock.graph_s(calls)
+    with kernels.fused_epilogues(True):
+        after = clock.graph_s(calls)
+    return before * 1e6, after * 1e6
 
 
 def fused_epilogue_times(s: Setup, tiles: dict, attention: tuple) -> dict:
@@ -779,12 +781,7 @@ def fused_epilogue_times(s: Setup, tiles: dict, attention: tuple) -> dict:
                                  else kernels.gated_linear(x, w) for w, sc in layers]
                     else:
                         calls = [lambda w=w, sc=sc: kernels._matmul(x, w, sc, None, None) for w, sc in layers]
-                    kernels.FUSED_EPILOGUES = False
-                    before = s.clock.graph_s(calls)
-                    kernels.FUSED_EPILOGUES = True
-                    after = s.clock.graph_s(calls)
-                    kernels.FUSED_EPILOGUES = False
-                    out[f"{name} {kind} M={m}"] = (before * 1e6, after * 1e6)
+                    out[f"{name} {kind} M={m}"] = separate_then_fused_us(s.clock, calls)
             del weights
         k_cache = torch.randn(2, llm.num_heads, 4096, llm.head_dim, device=s.device, dtype=s.dtype)
         v_cache = torch.randn_like(k_cache)
@@ -792,12 +789,7 @@ def fused_epilogue_times(s: Setup, tiles: dict, attention: tuple) -> dict:
             q = torch.randn(b, llm.num_heads, llm.head_dim, device=s.device, dtype=s.dtype)
             slots, lens = torch.arange(b, device=s.device), torch.full((b,), 800, device=s.device)
             calls = [lambda: kernels.decode_attention(q, k_cache, v_cache, slots, lens)] * 20
-            kernels.FUSED_EPILOGUES = False
-            before = s.clock.graph_s(calls)
-            kernels.FUSED_EPILOGUES = True
-            after = s.clock.graph_s(calls)
-            kernels.FUSED_EPILOGUES = False
-            out[f"attention B={b} 800 positions"] = (before * 1e6, after * 1e6)
+            out[f"attention B={b} 800 positions"] = separate_then_fused_us(s.clock, calls)
     return out
 
 

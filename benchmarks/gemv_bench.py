@@ -105,11 +105,8 @@ def _fused_checks(x, q, scale, tile: FmaTile, gated: bool, repeats: int) -> dict
     moved = sum(not torch.equal(kernels._gemv_fma(x, q, scale, None, tile, gated), first) for _ in range(repeats))
     out = {"runs that differ": f"{moved}/{repeats}"}
     if tile.split_k > 1:
-        kernels.FUSED_EPILOGUES = False
-        try:
+        with kernels.fused_epilogues(False):
             separate = kernels._gemv_fma(x, q, scale, None, tile, gated)
-        finally:
-            kernels.FUSED_EPILOGUES = True
         out["split-K sum equal to separate launch"] = torch.equal(first, separate)
     if gated:
         out["gate equal to silu_mul of the plain GEMV"] = torch.equal(

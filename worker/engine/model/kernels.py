@@ -35,6 +35,7 @@ streams of one device (they share the tickets); the serving path launches them o
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
@@ -183,6 +184,20 @@ def fma_tiles(n: int, k: int, weight_bytes: int, m: int) -> FmaTile:
 # (seen on the GPU: one bf16 unit in one element, docs/benchmarks.md). Benchmarks time both.
 FUSED_EPILOGUES = True
 
+
+
+@contextmanager
+def fused_epilogues(on: bool):
+    """Run the enclosed calls with :data:`FUSED_EPILOGUES` set to ``on`` (benchmarks and checks
+    compare both ways); the previous setting comes back after."""
+    global FUSED_EPILOGUES
+    saved, FUSED_EPILOGUES = FUSED_EPILOGUES, on
+    try:
+        yield
+    finally:
+        FUSED_EPILOGUES = saved
+
+
 # Whether decoding runs rotary + cache write + attention as one launch (rotary_attention) or as
 # rotary_to_cache then decode_attention; the same bits either way (benchmarks time both).
 FUSED_ROTARY = True
@@ -326,10 +341,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         out = F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=visible[:, None, None, :])
         return out.reshape(b, h * d)  # [B, 1, H, D] order is [B, H, 1, D]: one query, same thing
     splits = ATTENTION_SPLITS
-    part_out = torch.empty(b * h, splits, d, dtype=torch.float32, device=q.device)
-    part_max = torch.empty(b * h, splits, dtype=torch.float32, device=q.device)
-    part_sum = torch.empty(b * h, splits, dtype=torch.float32, device=q.device)
-    out = torch.empty(b, h * d, dtype=q.dtype, device=q.device)
+    part_out, part_max, part_sum, out = _attention_buffers(b, h, d, splits, q)
     tickets = _tickets(q.device, b * h) if FUSED_EPILOGUES else None
     _decode_attention_kernel[(b * h, splits)](
         q, k_cache, v_cache, slots, lengths, part_out, part_max, part_sum, out,
@@ -340,6 +352,16 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if tickets is None:
         _combine_kernel[(b * h,)](part_out, part_max, part_sum, out, D=d, SPLITS=splits, num_warps=1)
     return out
+
+
+def _attention_buffers(b: int, heads: int, d: int, splits: int, like: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Split attention's float32 partial outputs ``[B*H, splits, D]``, maxima and sums
+    ``[B*H, splits]``, and its output ``[B, H*D]`` in ``like``'s dtype."""
+    rows, device = b * heads, like.device
+    return (torch.empty(rows, splits, d, dtype=torch.float32, device=device),
+            torch.empty(rows, splits, dtype=torch.float32, device=device),
+            torch.empty(rows, splits, dtype=torch.float32, device=device),
+            torch.empty(b, heads * d, dtype=like.dtype, device=device))
 
 
 def fuses_rotary(t: torch.Tensor) -> bool:
@@ -364,10 +386,7 @@ def rotary_attention(qkv: torch.Tensor, positions: torch.Tensor, slots: torch.Te
         q = rotary_to_cache(qkv, positions, slots, inv_freq, logn, k_cache, v_cache, heads)
         return decode_attention(q, k_cache, v_cache, slots, positions + 1 if lengths is None else lengths, kv_len)
     splits = ATTENTION_SPLITS
-    part_out = torch.empty(b * heads, splits, d, dtype=torch.float32, device=qkv.device)
-    part_max = torch.empty(b * heads, splits, dtype=torch.float32, device=qkv.device)
-    part_sum = torch.empty(b * heads, splits, dtype=torch.float32, device=qkv.device)
-    out = torch.empty(b, heads * d, dtype=qkv.dtype, device=qkv.device)
+    part_out, part_max, part_sum, out = _attention_buffers(b, heads, d, splits, qkv)
     _rotary_attention_kernel[(b * heads, splits)](
         qkv, positions, slots, inv_freq, logn if logn is not None else inv_freq, k_cache, v_cache,
         part_out, part_max, part_sum, out, tickets, qkv.stride(0), heads * d, inv_freq.stride(0),
@@ -427,10 +446,8 @@ def _matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, b
     tickets = _tickets(x.device, grid[0] * grid[1]) if split > 1 and FUSED_EPILOGUES else None
     if gated and split > 1 and tickets is None:
         return silu_mul(_matmul(x, weight, scale, bias, config))
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    y, partial = _gemv_outputs(x, n, split, gated)
     blocks_per_split = triton.cdiv(triton.cdiv(k, bk), split)
-    halves = 2 if gated else 1
-    partial = torch.empty(halves * split, m, n, dtype=torch.float32, device=x.device) if split > 1 else y
     _matmul_kernel[grid](
         x, weight, scale if scale is not None else weight, bias if bias is not None else weight,
         y if tickets is not None else partial, partial, tickets if tickets is not None else partial,
@@ -439,10 +456,7 @@ def _matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, b
         SPLIT_K=split, GATED=gated, SUM_HERE=tickets is not None, DOT_FP32=INTERPRET,
         num_warps=warps, num_stages=stages)
     if split > 1 and tickets is None:
-        block = 1024
-        _split_k_sum_kernel[(triton.cdiv(m * n, block),)](
-            partial, scale if scale is not None else partial, bias if bias is not None else partial, y, m * n, n,
-            HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, SPLIT_K=split, BLOCK=block, num_warps=4)
+        _sum_splits(partial, scale, bias, y, split)
     return y
 
 
@@ -463,10 +477,8 @@ def _gemv_fma(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None,
     tickets = _tickets(x.device, grid[0]) if split > 1 and FUSED_EPILOGUES else None
     if gated and split > 1 and tickets is None:
         return silu_mul(_gemv_fma(x, weight, scale, bias, config))
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    y, partial = _gemv_outputs(x, n, split, gated)
     blocks_per_split = triton.cdiv(triton.cdiv(k, tile.block_k), split)
-    halves = 2 if gated else 1
-    partial = torch.empty(halves * split, m, n, dtype=torch.float32, device=x.device) if split > 1 else y
     convert = 0 if weight.dtype != torch.int8 else {"i2f": 1, "magic": 2, "prmt": 3}[tile.convert]
     if convert == 3 and INTERPRET:
         convert = 2  # no inline PTX in the interpreter: the same arithmetic in Triton operations
@@ -478,11 +490,28 @@ def _gemv_fma(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None,
         BLOCK_K=tile.block_k, SPLIT_K=split, GATED=gated, SUM_HERE=tickets is not None, ACC_2D=tile.acc_2d,
         CONVERT=convert, num_warps=tile.warps, num_stages=1)
     if split > 1 and tickets is None:
-        block = 1024
-        _split_k_sum_kernel[(triton.cdiv(m * n, block),)](
-            partial, scale if scale is not None else partial, bias if bias is not None else partial, y, m * n, n,
-            HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, SPLIT_K=split, BLOCK=block, num_warps=4)
+        _sum_splits(partial, scale, bias, y, split)
     return y
+
+
+def _gemv_outputs(x: torch.Tensor, n: int, split: int, gated: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """A GEMV's output ``y [M, n]`` and, split over K, its float32 partial sums
+    ``[halves * split, M, n]`` (``y`` itself when not split)."""
+    m = x.shape[0]
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if split == 1:
+        return y, y
+    return y, torch.empty((2 if gated else 1) * split, m, n, dtype=torch.float32, device=x.device)
+
+
+def _sum_splits(partial: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None, y: torch.Tensor,
+                split: int) -> None:
+    """The separate launch adding ``split`` partial sums in order (scaled, biased) into ``y``."""
+    total, n = y.numel(), y.shape[1]
+    block = 1024
+    _split_k_sum_kernel[(triton.cdiv(total, block),)](
+        partial, scale if scale is not None else partial, bias if bias is not None else partial, y, total, n,
+        HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, SPLIT_K=split, BLOCK=block, num_warps=4)
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

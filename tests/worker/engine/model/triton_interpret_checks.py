@@ -38,58 +38,57 @@ def randn(*shape: int) -> torch.Tensor:
 
 def separate_then_fused(fn):
     """``fn()`` with the reductions in separate launches, then fused."""
-    kernels.FUSED_EPILOGUES = False
-    try:
+    with kernels.fused_epilogues(False):
         before = fn()
-    finally:
-        kernels.FUSED_EPILOGUES = True
     return before, fn()
+
+
+def gemv_cases(shapes, rows_of_x):
+    """For each ``(rows, K, tiles)`` and row count: bf16 x, then bf16 and int8 weights (the int8
+    ones with the ends of the int8 range in row 0), without and with a bias ->
+    ``(rows, k, tiles, m, x, weight, scale, bias)``."""
+    for rows, k, config in shapes:
+        for m in rows_of_x:
+            x = randn(m, k).to(BF16)
+            w = (randn(rows, k) / k**0.5).to(BF16)
+            q, scale = kernels.quantize_int8(w.float())
+            q[0, :3] = torch.tensor([-128, 127, -127], dtype=torch.int8)
+            for bias in (None, (0.1 * randn(rows)).to(BF16)):
+                for weight, sc in ((w, None), (q, scale)):
+                    yield rows, k, config, m, x, weight, sc, bias
 
 
 def check_gemv() -> None:
     # (rows of [w1 | w2], K, tiles): one split, three splits (one of them past K's end), two
-    for rows, k, config in ((96, 64, (16, 32, 32, 4, 1, 1)), (96, 70, (16, 32, 32, 4, 1, 3)),
-                            (64, 128, (16, 16, 32, 4, 1, 2))):
-        for m in (1, 3):
-            x = randn(m, k).to(BF16)
-            w = (randn(rows, k) / k**0.5).to(BF16)
-            q, scale = kernels.quantize_int8(w.float())
-            for bias in (None, (0.1 * randn(rows)).to(BF16)):
-                for weight, sc in ((w, None), (q, scale)):
-                    before, after = separate_then_fused(lambda: kernels._matmul(x, weight, sc, bias, config))
-                    assert torch.equal(before, after), f"split-K sum {rows}x{k} {config} m={m}"
-                    gate = kernels._matmul(x, weight, sc, bias, config, gated=True)
-                    assert torch.equal(gate, kernels.silu_mul(after)), f"gate {rows}x{k} {config} m={m}"
-                    dense = weight.float() * (sc[:, None] if sc is not None else 1)
-                    y = x.float() @ dense.T + (bias.float() if bias is not None else 0)  # [M, rows]
-                    f = rows // 2
-                    expected = y[:, :f] * F.silu(y[:, f:])
-                    err = (gate.float() - expected).norm() / expected.norm()
-                    assert err < 2e-2, f"gate vs float math {err:.3g}"
+    shapes = ((96, 64, (16, 32, 32, 4, 1, 1)), (96, 70, (16, 32, 32, 4, 1, 3)), (64, 128, (16, 16, 32, 4, 1, 2)))
+    for rows, k, config, m, x, weight, sc, bias in gemv_cases(shapes, (1, 3)):
+        before, after = separate_then_fused(lambda: kernels._matmul(x, weight, sc, bias, config))
+        assert torch.equal(before, after), f"split-K sum {rows}x{k} {config} m={m}"
+        gate = kernels._matmul(x, weight, sc, bias, config, gated=True)
+        assert torch.equal(gate, kernels.silu_mul(after)), f"gate {rows}x{k} {config} m={m}"
+        dense = weight.float() * (sc[:, None] if sc is not None else 1)
+        y = x.float() @ dense.T + (bias.float() if bias is not None else 0)  # [M, rows]
+        f = rows // 2
+        expected = y[:, :f] * F.silu(y[:, f:])
+        err = (gate.float() - expected).norm() / expected.norm()
+        assert err < 2e-2, f"gate vs float math {err:.3g}"
 
 
 def check_fma_gemv() -> None:
     """The FMA GEMV (1-2 rows, no tensor cores): each tile kind against float64 math within one
     bf16 unit in the last place, its fused split-K sum and gate against the separate launches,
     and int8_linear / gated_linear dispatching to it per shape and row count."""
-    tiles = (kernels.FmaTile(16, 32, 4, 1), kernels.FmaTile(16, 32, 4, 3, True, "prmt"),
-             kernels.FmaTile(8, 64, 4, 2, False, "i2f"))
-    for rows, k, tile in ((96, 64, tiles[0]), (96, 70, tiles[1]), (64, 130, tiles[2])):
-        for m in (1, 2):
-            x = randn(m, k).to(BF16)
-            w = (randn(rows, k) / k**0.5).to(BF16)
-            q, scale = kernels.quantize_int8(w.float())
-            q[0, :3] = torch.tensor([-128, 127, -127], dtype=torch.int8)  # the ends of the int8 range
-            for bias in (None, (0.1 * randn(rows)).to(BF16)):
-                for weight, sc in ((q, scale), (w, None)):
-                    before, after = separate_then_fused(lambda: kernels._gemv_fma(x, weight, sc, bias, tile))
-                    assert torch.equal(before, after), f"fma split-K sum {rows}x{k} {tile} m={m}"
-                    gate = kernels._gemv_fma(x, weight, sc, bias, tile, gated=True)
-                    assert torch.equal(gate, kernels.silu_mul(after)), f"fma gate {tile} m={m}"
-                    dense = weight.double() * (sc.double()[:, None] if sc is not None else 1)
-                    y = x.double() @ dense.T + (bias.double() if bias is not None else 0)  # [M, rows]
-                    ulp = torch.exp2(torch.floor(torch.log2(y.abs().clamp_min(1e-30))) - 7)
-                    assert ((after.double() - y).abs() <= ulp + 1e-6).all(), f"fma vs float64 {tile} m={m}"
+    shapes = ((96, 64, kernels.FmaTile(16, 32, 4, 1)), (96, 70, kernels.FmaTile(16, 32, 4, 3, True, "prmt")),
+              (64, 130, kernels.FmaTile(8, 64, 4, 2, False, "i2f")))
+    for rows, k, tile, m, x, weight, sc, bias in gemv_cases(shapes, (1, 2)):
+        before, after = separate_then_fused(lambda: kernels._gemv_fma(x, weight, sc, bias, tile))
+        assert torch.equal(before, after), f"fma split-K sum {rows}x{k} {tile} m={m}"
+        gate = kernels._gemv_fma(x, weight, sc, bias, tile, gated=True)
+        assert torch.equal(gate, kernels.silu_mul(after)), f"fma gate {tile} m={m}"
+        dense = weight.double() * (sc.double()[:, None] if sc is not None else 1)
+        y = x.double() @ dense.T + (bias.double() if bias is not None else 0)  # [M, rows]
+        ulp = torch.exp2(torch.floor(torch.log2(y.abs().clamp_min(1e-30))) - 7)
+        assert ((after.double() - y).abs() <= ulp + 1e-6).all(), f"fma vs float64 {tile} m={m}"
     x, w = randn(2, 64).to(BF16), randn(96, 64).to(BF16)
     q, scale = kernels.quantize_int8(w.float())
     tile = kernels.FmaTile(16, 32, 4, 2)
