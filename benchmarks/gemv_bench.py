@@ -28,7 +28,7 @@ from contextlib import contextmanager
 import torch
 
 from worker.engine.model import kernels
-from worker.engine.model.kernels import FmaTile
+from worker.engine.model.kernels import CudaTile, FmaTile, MlpTile, cuda_gemv
 
 ROWS = (1, 2)
 L2_PAST_BYTES = 256e6  # weight copies rotated per timing: well past the 50 MB L2 of an H100
@@ -53,6 +53,13 @@ def fma_candidates(n: int, weight_bytes: int) -> list[FmaTile]:
     return tiles
 
 
+def cuda_candidates() -> list[CudaTile]:
+    """CUDA GEMV launch shapes tried for every shape: 1-4 output rows per warp, 2-16 loads of 16
+    bytes per weight row and thread in flight, 128 or 256 threads a block."""
+    return [CudaTile(1, 4), CudaTile(1, 8), CudaTile(1, 16), CudaTile(2, 4), CudaTile(2, 8), CudaTile(4, 2),
+            CudaTile(4, 4), CudaTile(2, 8, 256), CudaTile(1, 8, 256)]
+
+
 def ulp_error(y: torch.Tensor, ref: torch.Tensor) -> float:
     """Largest ``|y - ref|`` in bf16 units in the last place of ``ref`` (float64), with an
     absolute floor of 1e-5 of ``max |ref|`` for results that cancel to nearly zero."""
@@ -74,24 +81,27 @@ def reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor | None, chun
 
 
 @contextmanager
-def int8_gemv(default: str, by_shape: dict | None = None, tiles: dict | None = None):
+def int8_gemv(default: str, by_shape: dict | None = None, tiles: dict | None = None, cuda_tiles: dict | None = None,
+              mlp_block: bool | None = None):
     """Run the enclosed code with ``kernels.INT8_GEMV = default`` and the given per-shape tables
-    (``INT8_GEMV_BY_SHAPE``, ``FMA_TILES``); the previous settings come back after."""
-    saved = kernels.INT8_GEMV, dict(kernels.INT8_GEMV_BY_SHAPE), dict(kernels.FMA_TILES)
+    (``INT8_GEMV_BY_SHAPE``, ``FMA_TILES``, ``CUDA_TILES``) and ``FUSED_MLP_BLOCK``; the previous
+    settings come back after."""
+    tables = (kernels.INT8_GEMV_BY_SHAPE, kernels.FMA_TILES, kernels.CUDA_TILES)
+    saved = kernels.INT8_GEMV, [dict(t) for t in tables], kernels.FUSED_MLP_BLOCK
     kernels.INT8_GEMV = default
-    kernels.INT8_GEMV_BY_SHAPE.clear()
-    kernels.INT8_GEMV_BY_SHAPE.update(by_shape or {})
-    if tiles is not None:
-        kernels.FMA_TILES.clear()
-        kernels.FMA_TILES.update(tiles)
+    if mlp_block is not None:
+        kernels.FUSED_MLP_BLOCK = mlp_block
+    for table, new in zip(tables, (by_shape or {}, tiles, cuda_tiles)):
+        if new is not None:
+            table.clear()
+            table.update(new)
     try:
         yield
     finally:
-        kernels.INT8_GEMV = saved[0]
-        kernels.INT8_GEMV_BY_SHAPE.clear()
-        kernels.INT8_GEMV_BY_SHAPE.update(saved[1])
-        kernels.FMA_TILES.clear()
-        kernels.FMA_TILES.update(saved[2])
+        kernels.INT8_GEMV, kernels.FUSED_MLP_BLOCK = saved[0], saved[2]
+        for table, old in zip(tables, saved[1]):
+            table.clear()
+            table.update(old)
 
 
 def _timed(graph_s: Callable[[list], float], fn, weights: list, x: torch.Tensor) -> float:
@@ -114,6 +124,62 @@ def _fused_checks(x, q, scale, tile: FmaTile, gated: bool, repeats: int) -> dict
     return out
 
 
+def _cuda_timings(graph_s, layers: list, x: torch.Tensor, ref: torch.Tensor, gated: bool,
+                  name: str) -> dict[CudaTile, tuple[float, float]]:
+    """Each :func:`cuda_candidates` tile of the CUDA GEMV: (seconds per call, ulp error)."""
+    out = {}
+    q, scale = layers[0]
+    for tile in cuda_candidates():
+        try:
+            err = ulp_error(cuda_gemv.int8_gemv(x, q, scale, None, tile), ref)
+            out[tile] = (_timed(graph_s, lambda x_, w_, s_, t=tile: cuda_gemv.int8_gemv(x_, w_, s_, None, t, gated),
+                                layers, x), err)
+        except Exception as e:  # a tile that does not compile or launch here is not a candidate
+            print(f"   {name} cuda M={x.shape[0]} {tuple(tile)}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+    return out
+
+
+def _cuda_checks(x, q, scale, tile: CudaTile, gated: bool, repeats: int) -> dict:
+    """The CUDA GEMV's repeats against its first answer, and its gate against torch's."""
+    first = cuda_gemv.int8_gemv(x, q, scale, None, tile, gated)
+    moved = sum(not torch.equal(cuda_gemv.int8_gemv(x, q, scale, None, tile, gated), first) for _ in range(repeats))
+    out = {"runs that differ": f"{moved}/{repeats}"}
+    if gated:
+        plain = cuda_gemv.int8_gemv(x, q, scale, None, tile)
+        f = plain.shape[1] // 2
+        out["gate equal to torch's w1 * silu(w2) of the plain GEMV"] = torch.equal(
+            first, plain[:, :f] * torch.nn.functional.silu(plain[:, f:]))
+    return out
+
+
+def cuda_edge_cases(device: torch.device, dtype: torch.dtype) -> dict[str, float]:
+    """The CUDA GEMV on the cases the layer shapes do not cover, against float64 math (bf16 ulps):
+    1-4 rows, widths that leave warps and lanes idle (N not a multiple of the rows per block, K
+    not a multiple of 512), a bias, the gate (its halves checked through the plain GEMV and
+    torch's ``w1 * silu(w2)``, so a 1-ulp rounding of either half moves the gate by rounding
+    only). Empty when the CUDA GEMV is not available here."""
+    gen = torch.Generator(device=device).manual_seed(5)
+    out = {}
+    for n, k in ((1000, 4096), (4096, 11008), (37, 688)):
+        q, scale = kernels.quantize_int8(torch.randn(n, k, device=device, dtype=dtype, generator=gen) / math.sqrt(k))
+        bias = torch.randn(n, device=device, dtype=dtype, generator=gen)
+        for m in range(1, cuda_gemv.MAX_ROWS + 1):
+            x = torch.randn(m, k, device=device, dtype=dtype, generator=gen)
+            if not cuda_gemv.available(x, q):
+                return {}
+            ref = reference(x, q, scale) + bias.double()
+            for tile in (CudaTile(), CudaTile(4, 2), CudaTile(1, 16, 256)):
+                err = ulp_error(cuda_gemv.int8_gemv(x, q, scale, bias, tile), ref)
+                out[f"[{n}x{k}] M={m} bias {tuple(tile)}"] = err
+                if n % 2 == 0:
+                    gate = cuda_gemv.int8_gemv(x, q, scale, None, tile, gated=True)
+                    plain = cuda_gemv.int8_gemv(x, q, scale, None, tile)
+                    f = n // 2
+                    same = torch.equal(gate, plain[:, :f] * torch.nn.functional.silu(plain[:, f:]))
+                    out[f"[{n}x{k}] M={m} gated {tuple(tile)} == torch gate"] = 0.0 if same else float("inf")
+    return out
+
+
 def gemv_variants(shapes: dict[str, tuple[int, int]], device: torch.device, dtype: torch.dtype,
                   graph_s: Callable[[list], float], repeats: int = 10, quick: bool = False) -> dict:
     """Check and time the int8 (and bf16) decode GEMVs per shape; see the module docstring.
@@ -122,9 +188,15 @@ def gemv_variants(shapes: dict[str, tuple[int, int]], device: torch.device, dtyp
     gated, as in decode); ``graph_s(calls)``: seconds per call of ``calls`` in a CUDA graph.
     Returns ``{"rows": [...], "choice": {(N, K, M): "dot" | "fma"}, "fma_tiles": {(N, K, 1, M):
     FmaTile}, "worst_ulp": {"dot": ..., "fma": ...}}`` (the worst of the picked FMA tiles)."""
-    rows_out, choice, tiles = [], {}, {}
+    rows_out, choice, tiles, cuda_tiles = [], {}, {}, {}
     worst = {"dot": 0.0, "fma": 0.0}
     gen = torch.Generator(device=device).manual_seed(7)
+    edge = cuda_edge_cases(device, dtype) if device.type == "cuda" else {}
+    if edge:
+        worst_edge = max(edge.values())
+        print(f"   cuda GEMV edge cases: worst {worst_edge:.2f} ulp over {len(edge)}"
+              + "".join(f"\n      {case}: {err:.2f}" for case, err in edge.items() if err > ULP_LIMIT), flush=True)
+        worst["cuda edge cases"] = worst_edge
     for name, (n, k) in shapes.items():
         gated = name == "gate_up"
         out_n = n // 2 if gated else n
@@ -162,50 +234,163 @@ def gemv_variants(shapes: dict[str, tuple[int, int]], device: torch.device, dtyp
                 best = min(passing, key=lambda t: passing[t][0]) if passing else None
                 row = {"layer": name, "N": n, "K": k, "weights": kind, "M": m, "gated": gated,
                        "dot_tile": dot_tile, "dot_us": dot_s * 1e6, "dot_GBps": nbytes / dot_s / 1e9,
-                       "dot_max_ulp": dot_err,
+                       "dot_max_ulp": dot_err, "faster": "dot",
                        "fma": [{"tile": tuple(t), "us": r[0] * 1e6, "GBps": nbytes / r[0] / 1e9, "max_ulp": r[1],
                                 "passed": r[1] <= ULP_LIMIT} for t, r in results.items()]}
+                times = {"dot": dot_s}
                 if best is not None:
-                    best_s = passing[best][0]
+                    best_s = times["fma"] = passing[best][0]
                     row.update(fma_best=tuple(best), fma_us=best_s * 1e6, fma_GBps=nbytes / best_s / 1e9,
-                               fma_max_ulp=passing[best][1], faster="fma" if best_s < dot_s else "dot")
+                               fma_max_ulp=passing[best][1])
                     if kind == "int8":
                         row["checks"] = _fused_checks(x, q, scale, best, gated, repeats)
                         tiles[(n, k, 1, m)] = best
-                        choice[(n, k, m)] = row["faster"]
+                if kind == "int8" and cuda_gemv.available(x, q):
+                    cuda = _cuda_timings(graph_s, layers, x, ref, gated, name)
+                    row["cuda"] = [{"tile": tuple(t), "us": r[0] * 1e6, "GBps": nbytes / r[0] / 1e9, "max_ulp": r[1],
+                                    "passed": r[1] <= ULP_LIMIT} for t, r in cuda.items()]
+                    cuda = {t: r for t, r in cuda.items() if r[1] <= ULP_LIMIT}
+                    if cuda:
+                        tile = min(cuda, key=lambda t: cuda[t][0])
+                        times["cuda"] = cuda[tile][0]
+                        row.update(cuda_best=tuple(tile), cuda_us=cuda[tile][0] * 1e6,
+                                   cuda_GBps=nbytes / cuda[tile][0] / 1e9, cuda_max_ulp=cuda[tile][1],
+                                   cuda_checks=_cuda_checks(x, q, scale, tile, gated, repeats))
+                        cuda_tiles[(n, k, m)] = tile
+                        worst["cuda"] = max(worst.get("cuda", 0.0), cuda[tile][1])
+                row["faster"] = min(times, key=times.get)
                 if kind == "int8":
+                    choice[(n, k, m)] = row["faster"]
                     worst["dot"] = max(worst["dot"], dot_err)
                     if best is not None:
                         worst["fma"] = max(worst["fma"], passing[best][1])
                 rows_out.append(row)
                 _print_row(row)
             del layers
-    return {"rows": rows_out, "choice": choice, "fma_tiles": tiles, "worst_ulp": worst}
+    return {"rows": rows_out, "choice": choice, "fma_tiles": tiles, "cuda_tiles": cuda_tiles, "worst_ulp": worst}
 
 
 def _print_row(row: dict) -> None:
     head = (f"   {row['layer']} [{row['N']}x{row['K']}] {row['weights']} M={row['M']}: dot {row['dot_us']:.1f} us "
             f"({row['dot_GBps']:,.0f} GB/s, {row['dot_max_ulp']:.2f} ulp)")
-    if "fma_best" not in row:
-        print(head + "; no FMA tile passed", flush=True)
-        return
-    others = sorted((f for f in row["fma"] if tuple(f["tile"]) != row["fma_best"]), key=lambda f: f["us"])
-    print(head + f"; fma {row['fma_best']} {row['fma_us']:.1f} us ({row['fma_GBps']:,.0f} GB/s, "
-          f"{row['fma_max_ulp']:.2f} ulp) -> {row['faster']}"
-          + (f"; checks {row['checks']}" if "checks" in row else "")
-          + "".join(f"\n      {tuple(f['tile'])}: {f['us']:.1f} us {f['GBps']:,.0f} GB/s {f['max_ulp']:.2f} ulp"
-                    + ("" if f["passed"] else " FAILED") for f in others), flush=True)
+    lines = [head]
+    for family in ("fma", "cuda"):
+        if f"{family}_best" not in row:
+            if row.get(family):
+                lines.append(f"      no {family} tile passed")
+            continue
+        lines.append(f"      {family} {row[f'{family}_best']} {row[f'{family}_us']:.1f} us "
+                     f"({row[f'{family}_GBps']:,.0f} GB/s, {row[f'{family}_max_ulp']:.2f} ulp)"
+                     + (f"; checks {row[f'{family}_checks' if family == 'cuda' else 'checks']}"
+                        if (f"{family}_checks" if family == "cuda" else "checks") in row else ""))
+        others = sorted((f for f in row[family] if tuple(f["tile"]) != row[f"{family}_best"]), key=lambda f: f["us"])
+        lines += [f"        {tuple(f['tile'])}: {f['us']:.1f} us {f['GBps']:,.0f} GB/s {f['max_ulp']:.2f} ulp"
+                  + ("" if f["passed"] else " FAILED") for f in others]
+    lines.append(f"      -> {row['faster']}")
+    print("\n".join(lines), flush=True)
+
+
+def mlp_candidates() -> list[MlpTile]:
+    """Launch shapes of the fused post-attention block tried: 2-8 loads per lane in flight, 3-4
+    blocks of 128 threads per multiprocessor."""
+    return [MlpTile(4, 4), MlpTile(8, 3), MlpTile(8, 4), MlpTile(4, 3), MlpTile(2, 4)]
+
+
+def _block_reference(attn, residual, proj, ln, eps, up, down) -> tuple[torch.Tensor, torch.Tensor]:
+    """The post-attention block in float64 products, rounded to bf16 where the model rounds."""
+    def lin(x, qs):
+        return reference(x, *qs).to(attn.dtype)
+
+    t = lin(attn, proj)
+    total = (residual.double() + t.double()).to(attn.dtype)
+    r = total.double()
+    normed = (r * torch.rsqrt(r.pow(2).mean(-1, keepdim=True) + eps)).to(attn.dtype)
+    h = (normed.double() * ln.double()).to(attn.dtype)
+    both = lin(h, up)
+    f = both.shape[1] // 2
+    g = both[:, :f] * torch.nn.functional.silu(both[:, f:])
+    return lin(g, down), total
+
+
+def mlp_block_variants(c: int, f: int, device: torch.device, dtype: torch.dtype, graph_s: Callable[[list], float],
+                       eps: float = 1e-6, repeats: int = 10) -> dict:
+    """The fused post-attention block (:func:`cuda_gemv.int8_mlp_block`) against the separate
+    kernels it replaces (``rms_norm``, ``int8_linear``, ``gated_linear`` as decoding picks them),
+    at hidden size ``c`` and MLP width ``f``: both against a float64 rendering of the block
+    (relative error of the MLP output; the residual sum must be equal bit for bit), repeats
+    against the first answer, and us per block (CUDA graph over weight copies past L2) for
+    each :func:`mlp_candidates` tile, 1 and 2 rows. Returns rows and ``{"tiles": {rows: best}}``."""
+    gen = torch.Generator(device=device).manual_seed(3)
+    per_copy = c * c + 2 * f * c + c * f
+    copies = max(1, math.ceil(L2_PAST_BYTES / per_copy))
+    layers = []
+    for _ in range(copies):
+        proj = kernels.quantize_int8(torch.randn(c, c, device=device, dtype=dtype, generator=gen) / math.sqrt(c))
+        up = kernels.quantize_int8(torch.randn(2 * f, c, device=device, dtype=dtype, generator=gen) / math.sqrt(c))
+        down = kernels.quantize_int8(torch.randn(c, f, device=device, dtype=dtype, generator=gen) / math.sqrt(f))
+        ln = (1 + 0.1 * torch.randn(c, device=device, dtype=torch.float32, generator=gen)).to(dtype)
+        layers.append((proj, ln, up, down))
+
+    def separate(attn, residual, proj, ln, up, down):
+        with kernels.fused_epilogues(True):
+            h, total = kernels.rms_norm(residual, ln, eps, kernels.int8_linear(attn, *proj))
+            return kernels.int8_linear(kernels.gated_linear(h, *up), *down), total
+
+    def fused(attn, residual, proj, ln, up, down, tile=None):
+        return cuda_gemv.int8_mlp_block(attn, residual, *proj, ln, eps, *up, *down, tile)
+
+    rows, best = [], {}
+    for m in range(1, cuda_gemv.MAX_ROWS + 1):
+        attn = torch.randn(m, c, device=device, dtype=dtype, generator=gen)
+        residual = 4 * torch.randn(m, c, device=device, dtype=dtype, generator=gen)
+        if not cuda_gemv.mlp_block_available(attn, residual, layers[0][0][0], layers[0][2][0], layers[0][3][0]):
+            return {"rows": [], "tiles": {}}
+        ref_y, ref_total = _block_reference(attn, residual, *layers[0][:2], eps, *layers[0][2:])
+        sep_y, sep_total = separate(attn, residual, *layers[0])
+
+        def rel(y):
+            return ((y.double() - ref_y.double()).norm() / ref_y.double().norm()).item()
+
+        times = {}
+        for tile in mlp_candidates() if m <= 2 else mlp_candidates()[:1]:
+            try:
+                y, total = fused(attn, residual, *layers[0], tile)
+                moved = sum(not torch.equal(fused(attn, residual, *layers[0], tile)[0], y) for _ in range(repeats))
+                row = {"M": m, "tile": tuple(tile), "residual equal": torch.equal(total, sep_total),
+                       "rel err fused": rel(y), "rel err separate": rel(sep_y),
+                       "elements differing from separate": f"{(y != sep_y).sum().item()}/{y.numel()}",
+                       "runs that differ": f"{moved}/{repeats}"}
+                if m <= 2:
+                    row["us"] = _timed(graph_s, lambda a_, *w, t=tile: fused(a_, residual, *w, t), layers, attn) * 1e6
+                    times[tile] = row["us"]
+            except Exception as e:  # a tile that does not compile or launch here is not a candidate
+                print(f"   mlp block M={m} {tuple(tile)}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+                continue
+            rows.append(row)
+            print(f"   mlp block M={m} {tuple(tile)}: " + ", ".join(
+                f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()
+                if k not in ("M", "tile")), flush=True)
+        if m <= 2:
+            sep_us = _timed(graph_s, lambda a_, *w: separate(a_, residual, *w), layers, attn) * 1e6
+            rows.append({"M": m, "tile": "separate kernels", "us": sep_us})
+            print(f"   mlp block M={m} separate kernels: {sep_us:.1f} us", flush=True)
+            if times:
+                best[m] = min(times, key=times.get)
+    return {"rows": rows, "tiles": best}
 
 
 def summary_lines(result: dict) -> list[str]:
-    """A short table: per shape and M, dot vs the best FMA tile (us, GB/s) and the pick."""
-    lines = ["| layer | weights | M | dot us (GB/s) | fma us (GB/s) | fma tile | max ulp dot / fma | faster |",
-             "|---|---|---|---|---|---|---|---|"]
+    """A short table: per shape and M, dot vs the best FMA and CUDA tiles (us, GB/s) and the pick."""
+    lines = ["| layer | weights | M | dot us (GB/s) | fma us (GB/s) | fma tile | cuda us (GB/s) | cuda tile "
+             "| max ulp dot / fma / cuda | faster |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         fma = f"{r['fma_us']:.1f} ({r['fma_GBps']:,.0f})" if "fma_best" in r else "-"
+        cuda = f"{r['cuda_us']:.1f} ({r['cuda_GBps']:,.0f})" if "cuda_best" in r else "-"
         lines.append(f"| {r['layer']} | {r['weights']} | {r['M']} | {r['dot_us']:.1f} ({r['dot_GBps']:,.0f}) | {fma} | "
-                     f"{r.get('fma_best', '-')} | {r['dot_max_ulp']:.2f} / {r.get('fma_max_ulp', float('nan')):.2f} | "
-                     f"{r.get('faster', 'dot')} |")
+                     f"{r.get('fma_best', '-')} | {cuda} | {r.get('cuda_best', '-')} | {r['dot_max_ulp']:.2f} / "
+                     f"{r.get('fma_max_ulp', float('nan')):.2f} / {r.get('cuda_max_ulp', float('nan')):.2f} | "
+                     f"{r['faster']} |")
     return lines
 
 
@@ -280,6 +465,8 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dot-sweep", action="store_true", help="sweep the int8 tensor-core GEMV tiles instead")
+    parser.add_argument("--mlp-block", action="store_true",
+                        help="check and time the int8 post-attention block in one launch instead")
     a = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -287,7 +474,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {key}: {value}")
     args = QwenVLArgs.from_hf_config(first_existing(DEVICE_DIR / "config.json", SHARED / "qwen-vl" / "config.json"))
     clock = Clock(device)
-    if a.dot_sweep:
+    if a.mlp_block:
+        result = mlp_block_variants(args.llm.hidden_size, args.llm.intermediate_size // 2, device, dtype,
+                                    clock.graph_s)
+        print(f"best: {result['tiles']}")
+    elif a.dot_sweep:
         result = dot_sweep(llm_shapes(args), device, dtype, clock.graph_s)
         print("best: " + ", ".join(f"{k}: {v}" for k, v in result["best"].items()))
     else:

@@ -41,6 +41,9 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from . import cuda_gemv
+from .cuda_gemv import CudaTile, MlpTile
+
 try:  # Triton ships with CUDA builds of torch; CPU-only installs run the torch versions
     import triton
     import triton.language as tl
@@ -121,11 +124,16 @@ INT8_GEMV_BY_SHAPE: dict[tuple[int, int, int], str] = {
 
 
 def int8_gemv_variant(n: int, k: int, m: int) -> str:
-    """``"dot"`` or ``"fma"``: how ``m`` rows times an int8 ``[n, k]`` weight run (a CUDA graph
-    keeps the kernel chosen when it was captured)."""
-    if m > FMA_ROWS:
+    """``"dot"``, ``"fma"`` or ``"cuda"``: how ``m`` rows times an int8 ``[n, k]`` weight run (a
+    CUDA graph keeps the kernel chosen when it was captured)."""
+    variant = INT8_GEMV_BY_SHAPE.get((n, k, m), INT8_GEMV if m <= FMA_ROWS else "dot")
+    if (variant == "fma" and m > FMA_ROWS) or (variant == "cuda" and m > cuda_gemv.MAX_ROWS):
         return "dot"
-    return INT8_GEMV_BY_SHAPE.get((n, k, m), INT8_GEMV)
+    return variant
+
+
+# CUDA GEMV tiles (cuda_gemv.CudaTile), (N, K, rows of x) -> tile; the rest run CudaTile().
+CUDA_TILES: dict[tuple[int, int, int], CudaTile] = {}
 
 
 class FmaTile(NamedTuple):
@@ -196,6 +204,26 @@ def fused_epilogues(on: bool):
         yield
     finally:
         FUSED_EPILOGUES = saved
+
+
+# Whether int8 decoding runs each block's c_proj, residual add + RMSNorm, [w1 | w2] + gate and MLP
+# c_proj as one persistent CUDA launch (int8_mlp_block) where it can, and its launch shape per row
+# count (rows -> cuda_gemv.MlpTile; the rest run MlpTile()).
+FUSED_MLP_BLOCK = True
+MLP_TILES: dict[int, MlpTile] = {}
+
+
+def int8_mlp_block(attn: torch.Tensor, residual: torch.Tensor, proj_q: torch.Tensor, proj_s: torch.Tensor,
+                   ln: torch.Tensor, eps: float, up_q: torch.Tensor, up_s: torch.Tensor, down_q: torch.Tensor,
+                   down_s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The decoder block after attention for a few int8 rows in one launch
+    (:func:`.cuda_gemv.int8_mlp_block`): ``(MLP output, residual + c_proj(attn))``, or None where
+    it does not run here (:data:`FUSED_MLP_BLOCK` off, no CUDA compiler, other dtypes or shapes);
+    the caller then runs :func:`rms_norm`, :func:`gated_linear` and :func:`int8_linear`."""
+    if not FUSED_MLP_BLOCK or not cuda_gemv.mlp_block_available(attn, residual, proj_q, up_q, down_q):
+        return None
+    return cuda_gemv.int8_mlp_block(attn, residual, proj_q, proj_s, ln, eps, up_q, up_s, down_q, down_s,
+                                    MLP_TILES.get(attn.shape[0]))
 
 
 # Whether decoding runs rotary + cache write + attention as one launch (rotary_attention) or as
@@ -435,8 +463,12 @@ def _matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, b
     n = rows // 2 if gated else rows  # output width
     if x.stride(1) != 1:
         x = x.contiguous()
-    if config is None and weight.dtype == torch.int8 and int8_gemv_variant(rows, k, m) == "fma":
-        return _gemv_fma(x, weight, scale, bias, None, gated)
+    if config is None and weight.dtype == torch.int8:
+        variant = int8_gemv_variant(rows, k, m)
+        if variant == "fma":
+            return _gemv_fma(x, weight, scale, bias, None, gated)
+        if variant == "cuda" and cuda_gemv.available(x, weight):
+            return cuda_gemv.int8_gemv(x, weight, scale, bias, CUDA_TILES.get((rows, k, m)), gated)
     if config is None:
         config = few_rows_tiles(rows, k, weight.element_size()) if m <= FEW_ROWS else MANY_ROWS_TILES
     bm, bn, bk, warps, stages, split = config
