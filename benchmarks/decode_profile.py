@@ -1,6 +1,7 @@
 """Where a decode step's GPU time goes, kernel by kernel: a profile of the fast path's graph replays.
 
-    python -m benchmarks.decode_profile [--steps 10] [--batches 1,2] [--separate-rotary] [--json FILE]
+    python -m benchmarks.decode_profile [--steps 10] [--batches 1,2] [--separate-rotary]
+                                        [--int8-gemvs built-in,triton] [--json FILE]
 
 Builds the real Qwen-VL-Chat architecture (``config.json`` as :mod:`benchmarks.engine_bench`
 finds it) with random bf16 weights, prefills the seed's 1-image prompt into each cache row and
@@ -10,7 +11,9 @@ prints launches and microseconds per step; per step the time from the first kern
 kernel durations and the idle time between kernels. Kernel durations under the profiler are the
 GPU's own; the span includes the profiler's small per-kernel overhead. ``--separate-rotary``
 profiles each case a second time with rotary and attention as two launches
-(``kernels.FUSED_ROTARY = False``), for a before/after in the same run.
+(``kernels.FUSED_ROTARY = False``), for a before/after in the same run; ``--int8-gemvs
+built-in,triton`` profiles int8 with the built-in GEMV choice and again with the CUDA GEMVs on
+their Triton stand-ins.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.engine_bench import (  # noqa: E402
     DEVICE_DIR, SHARED, environment, first_existing, random_model, seed_prompt)
+from benchmarks.gemv_bench import int8_gemv, triton_only  # noqa: E402
 from worker.engine.model import kernels  # noqa: E402
 from worker.engine.model.args import QwenVLArgs  # noqa: E402
 from worker.engine.model.fast import FastQwenVL  # noqa: E402
@@ -96,6 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", default="1,2")
     parser.add_argument("--separate-rotary", action="store_true",
                         help="also profile with rotary and attention as two launches")
+    parser.add_argument("--int8-gemvs", default="built-in",
+                        help="comma list: 'built-in' (kernels.INT8_GEMV_BY_SHAPE) and/or 'triton' (the same "
+                             "with every CUDA GEMV on the Triton kernel measured next fastest: FMA at one row, "
+                             "tensor cores at two), each profiled")
     parser.add_argument("--json", type=Path, default=None)
     a = parser.parse_args(argv)
     device = torch.device("cuda")
@@ -111,18 +119,22 @@ def main(argv: list[str] | None = None) -> int:
             quantize_llm(model)
             torch.cuda.empty_cache()
         for batch in [int(b) for b in a.batches.split(",")]:
-            for fused in (True, False) if a.separate_rotary else (True,):
-                kernels.FUSED_ROTARY = fused
-                try:
-                    fast = FastQwenVL(model)  # its graphs hold the kernels chosen now
-                    result = profile_decode(fast, ids, batch, a.steps, device)
-                finally:
-                    kernels.FUSED_ROTARY = True
-                label = f"{kind} decode, batch {batch}" + ("" if fused else ", rotary and attention apart")
-                out[label] = result
-                print_summary(label, result)
-                del fast
-                torch.cuda.empty_cache()
+            for gemvs in a.int8_gemvs.split(",") if kind == "int8" else ["built-in"]:
+                for fused in (True, False) if a.separate_rotary else (True,):
+                    kernels.FUSED_ROTARY = fused
+                    try:
+                        with int8_gemv(kernels.INT8_GEMV, triton_only(kernels.INT8_GEMV_BY_SHAPE) if gemvs == "triton"
+                                       else dict(kernels.INT8_GEMV_BY_SHAPE)):
+                            fast = FastQwenVL(model)  # its graphs hold the kernels chosen now
+                            result = profile_decode(fast, ids, batch, a.steps, device)
+                    finally:
+                        kernels.FUSED_ROTARY = True
+                    label = (f"{kind} decode, batch {batch}" + ("" if fused else ", rotary and attention apart")
+                             + (f", {gemvs} GEMVs" if kind == "int8" else ""))
+                    out[label] = result
+                    print_summary(label, result)
+                    del fast
+                    torch.cuda.empty_cache()
     if a.json:
         a.json.write_text(json.dumps(out, indent=1))
     return 0

@@ -17,11 +17,12 @@ and every figure of the GPU-speed issue, each beside its limit and their ratio:
   step over the measured copy bandwidth;
 - jobs/s for a stream of 1-image 128-token jobs at ``max_batch_size`` 2, 4 and 8;
 - peak GPU memory; int8 weight-only decode and its ratio to bf16, with the int8 decode GEMVs
-  (1-2 rows) on the tensor-core kernel ("dot") or the FMA GEMV, per shape: each shape's output
-  against float64 math, us and GB/s of both kernels and of the FMA GEMV's candidate tiles
-  (:mod:`benchmarks.gemv_bench`); then engine decode with the faster kernel per shape
-  ("chosen", the main int8 rows, also used for int8 TTFT and jobs), with "dot" everywhere and
-  with "fma" everywhere (``--skip gemv``: the built-in choice only);
+  (1-2 rows) on the tensor-core kernel ("dot"), the Triton FMA GEMV or the CUDA C++ GEMV, per
+  shape: each shape's output against float64 math, us and GB/s of each kernel and of the FMA and
+  CUDA GEMVs' candidate tiles (:mod:`benchmarks.gemv_bench`); then engine decode with the fastest
+  kernel per shape ("chosen", the main int8 rows, also used for int8 TTFT and jobs), with the
+  built-in choice, and with "dot", "fma" and "cuda" everywhere (``--skip gemv``: the built-in
+  choice only);
 - prefill and first-decode-step logits of the fast and the eager path against a float32 copy of
   the model (relative errors, greedy agreement);
 - a sweep of the Triton GEMV tiles per decoder-layer weight shape (``[w1 | w2]`` with the gate in
@@ -64,7 +65,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.gemv_bench import gemv_variants, int8_gemv, mlp_block_variants  # noqa: E402
+from benchmarks.gemv_bench import gemv_variants, int8_gemv  # noqa: E402
 from benchmarks.gemv_bench import summary_lines as gemv_summary_lines  # noqa: E402
 from worker.engine.engine import TorchEngine  # noqa: E402
 from worker.engine.model import kernels  # noqa: E402
@@ -583,28 +584,6 @@ def compare_logits(s: Setup) -> dict:
     return out
 
 
-def int8_block_check(s: Setup) -> dict:
-    """The int8 fast path with the post-attention block in one launch and apart, against the eager
-    int8 model (the same int8 kernels, no fusion): logits of the prefill and 16 decode steps fed
-    the eager model's greedy tokens (batch 2: slot 0 idle)."""
-    model = s.model
-    feats = model.encode_images(s.pixels[None].to(s.device, s.dtype))
-    model.setup_cache(2, s.max_seq_len)
-    eager, tokens = forced_logits(model, s, feats, None)
-    out = {}
-    for label, on in (("block in one launch", True), ("block apart", False)):
-        with int8_gemv(kernels.INT8_GEMV, dict(kernels.INT8_GEMV_BY_SHAPE), None, None, on):
-            fast = FastQwenVL(model)
-            fast.setup_cache(2, s.max_seq_len)
-            logits, _ = forced_logits(fast, s, feats, tokens)
-            del fast
-        rel = ((logits - eager).norm(dim=-1) / eager.norm(dim=-1)).max().item()
-        out[f"fast int8 ({label}) vs eager int8: worst rel err of a step's logits"] = rel
-        out[f"fast int8 ({label}): greedy steps == eager int8"] = \
-            f"{int((logits.argmax(-1) == eager.argmax(-1)).sum())}/{len(eager)}"
-    return out
-
-
 # With the split-K sums done by the last program of each tile (no second launch), split-K and
 # longer K blocks (int8: the same bytes per stage as bf16 at 256) are worth another look.
 TILE_CANDIDATES = [(16, 32, 256, 4, 4, 1), (16, 64, 256, 4, 4, 1), (16, 32, 256, 4, 4, 2), (16, 32, 256, 4, 4, 4),
@@ -1047,13 +1026,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  int8 kernel vs float32 math, worst relative error: {int8_kernel_check(s):.2e}")
             int8_weights = llm_weight_bytes(model)
             print(f"  LLM weights read per decode step: {int8_weights / 1e9:.3f} GB")
-            # GEMV variants: "chosen" (per shape, from the timings below), all "dot", all "fma"
+            # GEMV variants: "chosen" (per shape, from the timings below), the built-in choice, all "dot",
+            # all "fma", all "cuda"
             variants = {"chosen": (kernels.INT8_GEMV, dict(kernels.INT8_GEMV_BY_SHAPE), dict(kernels.FMA_TILES),
                                    dict(kernels.CUDA_TILES))}
             if "gemv" not in skip and kernels.triton_ok(torch.empty(1, device=device)):
                 with guarded("int8 GEMV variants"):
-                    section("int8 decode GEMVs, tensor cores ('dot') vs FMA, per shape: us per call in a CUDA graph, "
-                            "GB/s of weight bytes, max error in bf16 ulps of float64 math")
+                    section("int8 decode GEMVs, tensor cores ('dot') vs FMA (Triton) vs CUDA C++, per shape: us per "
+                            "call in a CUDA graph, GB/s of weight bytes, max error in bf16 ulps of float64 math")
                     result = gemv_variants(llm_shapes(args), device, dtype, clock.graph_s, quick=a.quick)
                     report.info["gemv_variants"] = {
                         **result, "choice": {str(k): v for k, v in result["choice"].items()},
@@ -1068,29 +1048,10 @@ def main(argv: list[str] | None = None) -> int:
                     tiles = {**kernels.FMA_TILES, **result["fma_tiles"]}
                     cuda_tiles = {**kernels.CUDA_TILES, **result["cuda_tiles"]}
                     built_in = variants["chosen"]
-                    # the GEMV comparisons run with the post-attention block apart: every GEMV on the variant
-                    variants = {"chosen": ("dot", result["choice"], tiles, cuda_tiles),
-                                "built-in choice, post-attention block apart": (*built_in, False),
-                                "all dot": ("dot", {}, tiles, cuda_tiles, False),
-                                "all fma": ("fma", {}, tiles, cuda_tiles, False)}
+                    variants = {"chosen": ("dot", result["choice"], tiles, cuda_tiles), "built-in choice": built_in,
+                                "all dot": ("dot", {}, tiles, cuda_tiles), "all fma": ("fma", {}, tiles, cuda_tiles)}
                     if result["cuda_tiles"]:
-                        variants["all cuda"] = ("cuda", {}, tiles, cuda_tiles, False)
-                with guarded("int8 post-attention block"):
-                    section("int8 post-attention block (c_proj, add + RMSNorm, [w1 | w2] + gate, MLP c_proj) in one "
-                            "launch vs the separate kernels: us per block in a CUDA graph, error vs float64")
-                    c, f = args.llm.hidden_size, args.llm.intermediate_size // 2
-                    with int8_gemv(*variants["chosen"]):
-                        block = mlp_block_variants(c, f, device, dtype, clock.graph_s)
-                    report.info["mlp_block"] = {**block, "tiles": {str(k): list(v) for k, v in block["tiles"].items()}}
-                    kernels.MLP_TILES.update(block["tiles"])
-                    print(f"  chosen: MLP_TILES = {block['tiles']}")
-                    if block["tiles"]:
-                        variants["chosen, post-attention block apart"] = (*variants["chosen"][:4], False)
-                        with int8_gemv(*variants["chosen"]):
-                            checks = int8_block_check(s)
-                        report.info["int8_block_check"] = checks
-                        for key, value in checks.items():
-                            print(f"  {key}: {value:.2e}" if isinstance(value, float) else f"  {key}: {value}")
+                        variants["all cuda"] = ("cuda", {}, tiles, cuda_tiles)
             section("int8 decode (engine; each engine's CUDA graphs hold the GEMV variant it was built with)")
             reset_peak(s)
             for new_tokens in [int(v) for v in a.decode_tokens.split(",")]:
@@ -1109,7 +1070,7 @@ def main(argv: list[str] | None = None) -> int:
                                        + ("; GEMV per shape as chosen above" if len(variants) > 1 and label == "chosen"
                                           else "")))
             if fusions:
-                with separate_launches(builtin[0], builtin[1:]), int8_gemv("dot", mlp_block=False):
+                with separate_launches(builtin[0], builtin[1:]), int8_gemv("dot"):
                     for batch in (1, 2):
                         roofline = batch * bandwidth / (int8_weights + batch * kv_token * (len(ids) + 64))
                         rate = measure_decode(s, True, batch, 128)

@@ -1,16 +1,19 @@
-"""Decode GEMVs on the device: the tensor-core ("dot") kernel against the FMA GEMV, per weight shape.
+"""Decode GEMVs on the device: the tensor-core ("dot") kernel, the Triton FMA GEMV and the CUDA C++
+GEMV, per weight shape.
 
 Used by :mod:`benchmarks.engine_bench` (its int8 section). For every LLM weight shape and 1 and 2
 rows of x it
 
 - checks each kernel's output against float64 math on the same int8 weights (error in bf16 units
-  in the last place of the reference: a correctly rounded float32 sum is within 1), and the FMA
-  GEMV's fused split-K sum and gate against its separate launches, bit for bit, and repeated
-  calls against the first (a race would move bits);
+  in the last place of the reference: a correctly rounded float32 sum is within 1), the FMA
+  GEMV's fused split-K sum and gate against its separate launches, bit for bit, the CUDA GEMV's
+  gate against torch's ``w1 * silu(w2)`` of its plain output, repeated calls against the first
+  (a race would move bits), and the CUDA GEMV on shapes and row counts the layers do not have
+  (:func:`cuda_edge_cases`);
 - times each (CUDA graph of calls over copies bigger than L2) as us per call and GB/s of weight
-  bytes, the FMA GEMV with each candidate tile;
-- picks, per shape and row count, the fastest FMA tile that passed and the faster of the two
-  kernels: the tables the engine-level int8 decode variants run with.
+  bytes, the FMA and CUDA GEMVs with each candidate tile;
+- picks, per shape and row count, the fastest FMA and CUDA tiles that passed and the fastest of
+  the three kernels: the tables the engine-level int8 decode variants run with.
 
 bf16 weights get the same timing for one FMA tile (reported only: the bf16 default is unchanged).
 
@@ -28,7 +31,7 @@ from contextlib import contextmanager
 import torch
 
 from worker.engine.model import kernels
-from worker.engine.model.kernels import CudaTile, FmaTile, MlpTile, cuda_gemv
+from worker.engine.model.kernels import CudaTile, FmaTile, cuda_gemv
 
 ROWS = (1, 2)
 L2_PAST_BYTES = 256e6  # weight copies rotated per timing: well past the 50 MB L2 of an H100
@@ -54,10 +57,11 @@ def fma_candidates(n: int, weight_bytes: int) -> list[FmaTile]:
 
 
 def cuda_candidates() -> list[CudaTile]:
-    """CUDA GEMV launch shapes tried for every shape: 1-4 output rows per warp, 2-16 loads of 16
+    """CUDA GEMV launch shapes tried for every shape: 1-8 output rows per warp, 1-16 loads of 16
     bytes per weight row and thread in flight, 128 or 256 threads a block."""
-    return [CudaTile(1, 4), CudaTile(1, 8), CudaTile(1, 16), CudaTile(2, 4), CudaTile(2, 8), CudaTile(4, 2),
-            CudaTile(4, 4), CudaTile(2, 8, 256), CudaTile(1, 8, 256)]
+    return [CudaTile(1, 4), CudaTile(1, 8), CudaTile(1, 16), CudaTile(2, 2), CudaTile(2, 4), CudaTile(2, 8),
+            CudaTile(4, 1), CudaTile(4, 2), CudaTile(4, 4), CudaTile(8, 1), CudaTile(2, 8, 256), CudaTile(1, 8, 256),
+            CudaTile(4, 2, 256)]
 
 
 def ulp_error(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -81,16 +85,12 @@ def reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor | None, chun
 
 
 @contextmanager
-def int8_gemv(default: str, by_shape: dict | None = None, tiles: dict | None = None, cuda_tiles: dict | None = None,
-              mlp_block: bool | None = None):
+def int8_gemv(default: str, by_shape: dict | None = None, tiles: dict | None = None, cuda_tiles: dict | None = None):
     """Run the enclosed code with ``kernels.INT8_GEMV = default`` and the given per-shape tables
-    (``INT8_GEMV_BY_SHAPE``, ``FMA_TILES``, ``CUDA_TILES``) and ``FUSED_MLP_BLOCK``; the previous
-    settings come back after."""
+    (``INT8_GEMV_BY_SHAPE``, ``FMA_TILES``, ``CUDA_TILES``); the previous settings come back after."""
     tables = (kernels.INT8_GEMV_BY_SHAPE, kernels.FMA_TILES, kernels.CUDA_TILES)
-    saved = kernels.INT8_GEMV, [dict(t) for t in tables], kernels.FUSED_MLP_BLOCK
+    saved = kernels.INT8_GEMV, [dict(t) for t in tables]
     kernels.INT8_GEMV = default
-    if mlp_block is not None:
-        kernels.FUSED_MLP_BLOCK = mlp_block
     for table, new in zip(tables, (by_shape or {}, tiles, cuda_tiles)):
         if new is not None:
             table.clear()
@@ -98,10 +98,17 @@ def int8_gemv(default: str, by_shape: dict | None = None, tiles: dict | None = N
     try:
         yield
     finally:
-        kernels.INT8_GEMV, kernels.FUSED_MLP_BLOCK = saved[0], saved[2]
+        kernels.INT8_GEMV = saved[0]
         for table, old in zip(tables, saved[1]):
             table.clear()
             table.update(old)
+
+
+def triton_only(by_shape: dict) -> dict:
+    """``by_shape`` (an ``INT8_GEMV_BY_SHAPE``) with each CUDA GEMV on the Triton kernel measured
+    next fastest: the FMA GEMV at one row, the tensor cores at more."""
+    return {key: ("fma" if key[2] == 1 else "dot") if variant == "cuda" else variant
+            for key, variant in by_shape.items()}
 
 
 def _timed(graph_s: Callable[[list], float], fn, weights: list, x: torch.Tensor) -> float:
@@ -168,7 +175,7 @@ def cuda_edge_cases(device: torch.device, dtype: torch.dtype) -> dict[str, float
             if not cuda_gemv.available(x, q):
                 return {}
             ref = reference(x, q, scale) + bias.double()
-            for tile in (CudaTile(), CudaTile(4, 2), CudaTile(1, 16, 256)):
+            for tile in (CudaTile(), CudaTile(4, 2), CudaTile(1, 16, 256), CudaTile(8, 1)):
                 err = ulp_error(cuda_gemv.int8_gemv(x, q, scale, bias, tile), ref)
                 out[f"[{n}x{k}] M={m} bias {tuple(tile)}"] = err
                 if n % 2 == 0:
@@ -290,95 +297,6 @@ def _print_row(row: dict) -> None:
     print("\n".join(lines), flush=True)
 
 
-def mlp_candidates() -> list[MlpTile]:
-    """Launch shapes of the fused post-attention block tried: 2-8 loads per lane in flight, 3-4
-    blocks of 128 threads per multiprocessor."""
-    return [MlpTile(4, 4), MlpTile(8, 3), MlpTile(8, 4), MlpTile(4, 3), MlpTile(2, 4)]
-
-
-def _block_reference(attn, residual, proj, ln, eps, up, down) -> tuple[torch.Tensor, torch.Tensor]:
-    """The post-attention block in float64 products, rounded to bf16 where the model rounds."""
-    def lin(x, qs):
-        return reference(x, *qs).to(attn.dtype)
-
-    t = lin(attn, proj)
-    total = (residual.double() + t.double()).to(attn.dtype)
-    r = total.double()
-    normed = (r * torch.rsqrt(r.pow(2).mean(-1, keepdim=True) + eps)).to(attn.dtype)
-    h = (normed.double() * ln.double()).to(attn.dtype)
-    both = lin(h, up)
-    f = both.shape[1] // 2
-    g = both[:, :f] * torch.nn.functional.silu(both[:, f:])
-    return lin(g, down), total
-
-
-def mlp_block_variants(c: int, f: int, device: torch.device, dtype: torch.dtype, graph_s: Callable[[list], float],
-                       eps: float = 1e-6, repeats: int = 10) -> dict:
-    """The fused post-attention block (:func:`cuda_gemv.int8_mlp_block`) against the separate
-    kernels it replaces (``rms_norm``, ``int8_linear``, ``gated_linear`` as decoding picks them),
-    at hidden size ``c`` and MLP width ``f``: both against a float64 rendering of the block
-    (relative error of the MLP output; the residual sum must be equal bit for bit), repeats
-    against the first answer, and us per block (CUDA graph over weight copies past L2) for
-    each :func:`mlp_candidates` tile, 1 and 2 rows. Returns rows and ``{"tiles": {rows: best}}``."""
-    gen = torch.Generator(device=device).manual_seed(3)
-    per_copy = c * c + 2 * f * c + c * f
-    copies = max(1, math.ceil(L2_PAST_BYTES / per_copy))
-    layers = []
-    for _ in range(copies):
-        proj = kernels.quantize_int8(torch.randn(c, c, device=device, dtype=dtype, generator=gen) / math.sqrt(c))
-        up = kernels.quantize_int8(torch.randn(2 * f, c, device=device, dtype=dtype, generator=gen) / math.sqrt(c))
-        down = kernels.quantize_int8(torch.randn(c, f, device=device, dtype=dtype, generator=gen) / math.sqrt(f))
-        ln = (1 + 0.1 * torch.randn(c, device=device, dtype=torch.float32, generator=gen)).to(dtype)
-        layers.append((proj, ln, up, down))
-
-    def separate(attn, residual, proj, ln, up, down):
-        with kernels.fused_epilogues(True):
-            h, total = kernels.rms_norm(residual, ln, eps, kernels.int8_linear(attn, *proj))
-            return kernels.int8_linear(kernels.gated_linear(h, *up), *down), total
-
-    def fused(attn, residual, proj, ln, up, down, tile=None):
-        return cuda_gemv.int8_mlp_block(attn, residual, *proj, ln, eps, *up, *down, tile)
-
-    rows, best = [], {}
-    for m in range(1, cuda_gemv.MAX_ROWS + 1):
-        attn = torch.randn(m, c, device=device, dtype=dtype, generator=gen)
-        residual = 4 * torch.randn(m, c, device=device, dtype=dtype, generator=gen)
-        if not cuda_gemv.mlp_block_available(attn, residual, layers[0][0][0], layers[0][2][0], layers[0][3][0]):
-            return {"rows": [], "tiles": {}}
-        ref_y, ref_total = _block_reference(attn, residual, *layers[0][:2], eps, *layers[0][2:])
-        sep_y, sep_total = separate(attn, residual, *layers[0])
-
-        def rel(y):
-            return ((y.double() - ref_y.double()).norm() / ref_y.double().norm()).item()
-
-        times = {}
-        for tile in mlp_candidates() if m <= 2 else mlp_candidates()[:1]:
-            try:
-                y, total = fused(attn, residual, *layers[0], tile)
-                moved = sum(not torch.equal(fused(attn, residual, *layers[0], tile)[0], y) for _ in range(repeats))
-                row = {"M": m, "tile": tuple(tile), "residual equal": torch.equal(total, sep_total),
-                       "rel err fused": rel(y), "rel err separate": rel(sep_y),
-                       "elements differing from separate": f"{(y != sep_y).sum().item()}/{y.numel()}",
-                       "runs that differ": f"{moved}/{repeats}"}
-                if m <= 2:
-                    row["us"] = _timed(graph_s, lambda a_, *w, t=tile: fused(a_, residual, *w, t), layers, attn) * 1e6
-                    times[tile] = row["us"]
-            except Exception as e:  # a tile that does not compile or launch here is not a candidate
-                print(f"   mlp block M={m} {tuple(tile)}: {type(e).__name__}: {str(e)[:300]}", flush=True)
-                continue
-            rows.append(row)
-            print(f"   mlp block M={m} {tuple(tile)}: " + ", ".join(
-                f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()
-                if k not in ("M", "tile")), flush=True)
-        if m <= 2:
-            sep_us = _timed(graph_s, lambda a_, *w: separate(a_, residual, *w), layers, attn) * 1e6
-            rows.append({"M": m, "tile": "separate kernels", "us": sep_us})
-            print(f"   mlp block M={m} separate kernels: {sep_us:.1f} us", flush=True)
-            if times:
-                best[m] = min(times, key=times.get)
-    return {"rows": rows, "tiles": best}
-
-
 def summary_lines(result: dict) -> list[str]:
     """A short table: per shape and M, dot vs the best FMA and CUDA tiles (us, GB/s) and the pick."""
     lines = ["| layer | weights | M | dot us (GB/s) | fma us (GB/s) | fma tile | cuda us (GB/s) | cuda tile "
@@ -465,8 +383,6 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dot-sweep", action="store_true", help="sweep the int8 tensor-core GEMV tiles instead")
-    parser.add_argument("--mlp-block", action="store_true",
-                        help="check and time the int8 post-attention block in one launch instead")
     a = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -474,11 +390,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {key}: {value}")
     args = QwenVLArgs.from_hf_config(first_existing(DEVICE_DIR / "config.json", SHARED / "qwen-vl" / "config.json"))
     clock = Clock(device)
-    if a.mlp_block:
-        result = mlp_block_variants(args.llm.hidden_size, args.llm.intermediate_size // 2, device, dtype,
-                                    clock.graph_s)
-        print(f"best: {result['tiles']}")
-    elif a.dot_sweep:
+    if a.dot_sweep:
         result = dot_sweep(llm_shapes(args), device, dtype, clock.graph_s)
         print("best: " + ", ".join(f"{k}: {v}" for k, v in result["best"].items()))
     else:

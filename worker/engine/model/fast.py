@@ -68,17 +68,6 @@ def gated(x: torch.Tensor, layer) -> torch.Tensor:
     return kernels.gated_linear(x, layer.weight, None, layer.bias)
 
 
-def int8_mlp_block(attn: torch.Tensor, residual: torch.Tensor, layer: _LayerRefs, eps: float):
-    """``layer``'s ``c_proj``, second RMSNorm, gate and MLP ``c_proj`` on ``attn [M, C]`` as one
-    launch (:func:`.kernels.int8_mlp_block`) -> ``(MLP output, residual)``, or None unless every
-    one of them is an :class:`Int8Linear` without bias and the kernel runs here."""
-    parts = (layer.c_proj, layer.gate_up, layer.down)
-    if not all(isinstance(p, Int8Linear) and p.bias is None for p in parts):
-        return None
-    return kernels.int8_mlp_block(attn, residual, layer.c_proj.qweight, layer.c_proj.scale, layer.ln_2, eps,
-                                  layer.gate_up.qweight, layer.gate_up.scale, layer.down.qweight, layer.down.scale)
-
-
 def fused_gate_up(mlp: MLP):
     """``w1`` and ``w2`` of ``mlp`` as one ``[2F, in]`` layer whose rows ``:F`` are ``w1``.
 
@@ -304,12 +293,8 @@ class FastQwenVL:
             else:
                 attn = kernels.rotary_attention(qkv, positions, slots, decoder.slot_inv_freq, logn,
                                                 layer.k, layer.v, args.num_heads, kv_len, lengths)  # [B, C]
-            fused = None if prefill else int8_mlp_block(attn, residual, layer, eps)
-            if fused is not None:  # one launch for the rest of the block
-                pending, residual = fused
-            else:
-                h, residual = kernels.rms_norm(residual, layer.ln_2, eps, linear(attn, layer.c_proj))
-                pending = linear(gated(h, layer.gate_up), layer.down)  # [M, C]
+            h, residual = kernels.rms_norm(residual, layer.ln_2, eps, linear(attn, layer.c_proj))
+            pending = linear(gated(h, layer.gate_up), layer.down)  # [M, C]
         return residual, pending
 
     # -- graphs ----------------------------------------------------------------------------------

@@ -21,7 +21,8 @@ can be captured in a CUDA graph.
   value into the cache and uses them from its registers.
 - :func:`int8_linear`: ``x @ (q * scale).T + bias`` for int8 per-output-channel weights,
   without materialising the dequantised matrix (a GEMV-shaped kernel when ``x`` has few rows: on
-  the tensor cores, or for 1-2 rows of the shapes in :data:`INT8_GEMV_BY_SHAPE` an FMA GEMV);
+  the tensor cores, or for 1-2 rows of the shapes in :data:`INT8_GEMV_BY_SHAPE` an FMA GEMV in
+  Triton or in CUDA C++, :mod:`.cuda_gemv`);
   :func:`dense_linear` is the model-dtype linear (for few rows the same Triton GEMV unless
   :data:`DENSE_GEMV` says cuBLAS). Split-K partial sums are added by the last program of each
   output tile to finish, in split order.
@@ -42,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from . import cuda_gemv
-from .cuda_gemv import CudaTile, MlpTile
+from .cuda_gemv import CudaTile
 
 try:  # Triton ships with CUDA builds of torch; CPU-only installs run the torch versions
     import triton
@@ -102,24 +103,31 @@ TILES: dict[tuple[int, int, int], tuple] = {
 
 
 # How int8 GEMVs of at most FMA_ROWS rows run: "dot" (_matmul_kernel: the int8 tile converted to
-# bf16 for the tensor cores, BLOCK_M 16 for 1-2 real rows) or "fma" (_gemv_fma_kernel: no tensor
+# bf16 for the tensor cores, BLOCK_M 16 for 1-2 real rows), "fma" (_gemv_fma_kernel: no tensor
 # cores; each program streams BLOCK_N weight rows along K in 16-byte chunks, converts them to
-# float32 in registers and multiplies by the 1-2 rows of x). INT8_GEMV_BY_SHAPE picks per weight
-# shape and row count; INT8_GEMV is the default for the rest. The two differ only in float32
-# summation order (int8 answers are checked against their dequantised reference, not bf16).
+# float32 in registers and multiplies by the 1-2 rows of x) or "cuda" (cuda_gemv: the same
+# arithmetic in CUDA C++, each warp owning whole output rows, up to cuda_gemv.MAX_ROWS rows of x;
+# where it cannot compile, the FMA kernel at one row and the tensor cores above).
+# INT8_GEMV_BY_SHAPE picks per weight shape and row count; INT8_GEMV is the default for the rest.
+# They differ only in float32 summation order (int8 answers are checked against their dequantised
+# reference, not bf16).
 INT8_GEMV = "dot"
 FMA_ROWS = 2
-# (N, K, rows of x) -> variant. Measured on H100 80GB HBM3s (docs/benchmarks.md, runs 7, 13, 16), us
-# per call dot -> fma at one row: c_attn 21.5 -> 20.6, attention c_proj 9.9 -> 9.3, MLP c_proj 20.2
-# -> 20.0, lm_head 246 -> 210, [w1 | w2] 38.3 -> 36.7 (32 bytes per thread and row; run 7's
-# 16-byte tiles tied); every two-row GEMV stays on the tensor cores (the FMA kernel pays its
-# conversion and an FMA per weight per row: 5-26% slower at two rows).
+# (N, K, rows of x) -> variant. Measured on H100 80GB HBM3s (docs/benchmarks.md, runs 20 and 24), us per
+# call dot / fma / cuda at one row: c_attn 21.0 / 20.3 / 19.7, attention c_proj 10.1 / 9.4 / 9.0,
+# [w1 | w2] 38.1 / 37.1 / 35.5, MLP c_proj 20.4 / 19.7 / 19.1, lm_head 245 / 207 / 204; at two rows
+# the CUDA GEMV wins [w1 | w2] (39.0 / 44.9 / 37.3) and lm_head (211 / 224 / 205), ties c_attn
+# (21.6 / 23.6 / 21.6: taken, one launch without split-K), and the two narrow shapes stay on the
+# tensor cores (c_proj 10.0 / 11.7 / 10.1, MLP c_proj 20.3 / 25.3 / 21.0).
 INT8_GEMV_BY_SHAPE: dict[tuple[int, int, int], str] = {
-    (12288, 4096, 1): "fma",
-    (4096, 4096, 1): "fma",
-    (22016, 4096, 1): "fma",
-    (4096, 11008, 1): "fma",
-    (151936, 4096, 1): "fma",
+    (12288, 4096, 1): "cuda",
+    (4096, 4096, 1): "cuda",
+    (22016, 4096, 1): "cuda",
+    (4096, 11008, 1): "cuda",
+    (151936, 4096, 1): "cuda",
+    (12288, 4096, 2): "cuda",
+    (22016, 4096, 2): "cuda",
+    (151936, 4096, 2): "cuda",
 }
 
 
@@ -132,8 +140,19 @@ def int8_gemv_variant(n: int, k: int, m: int) -> str:
     return variant
 
 
-# CUDA GEMV tiles (cuda_gemv.CudaTile), (N, K, rows of x) -> tile; the rest run CudaTile().
-CUDA_TILES: dict[tuple[int, int, int], CudaTile] = {}
+# CUDA GEMV tiles, (N, K, rows of x) -> cuda_gemv.CudaTile (wrows, unroll, threads): the fastest of
+# the GPU benchmark's candidates on H100 80GB HBM3s (runs 20 and 24, the same or within 0.3 us in
+# both; all within 0.5 bf16 ulp of float64 math); the rest run CudaTile().
+CUDA_TILES: dict[tuple[int, int, int], CudaTile] = {
+    (12288, 4096, 1): CudaTile(4, 2, 128),  # c_attn
+    (12288, 4096, 2): CudaTile(4, 2, 128),
+    (4096, 4096, 1): CudaTile(1, 4, 128),  # attention c_proj
+    (22016, 4096, 1): CudaTile(1, 16, 128),  # [w1 | w2] with the gate (one row of each half)
+    (22016, 4096, 2): CudaTile(1, 8, 128),
+    (4096, 11008, 1): CudaTile(1, 4, 128),  # MLP c_proj
+    (151936, 4096, 1): CudaTile(2, 8, 128),  # lm_head
+    (151936, 4096, 2): CudaTile(2, 8, 128),
+}
 
 
 class FmaTile(NamedTuple):
@@ -204,26 +223,6 @@ def fused_epilogues(on: bool):
         yield
     finally:
         FUSED_EPILOGUES = saved
-
-
-# Whether int8 decoding runs each block's c_proj, residual add + RMSNorm, [w1 | w2] + gate and MLP
-# c_proj as one persistent CUDA launch (int8_mlp_block) where it can, and its launch shape per row
-# count (rows -> cuda_gemv.MlpTile; the rest run MlpTile()).
-FUSED_MLP_BLOCK = True
-MLP_TILES: dict[int, MlpTile] = {}
-
-
-def int8_mlp_block(attn: torch.Tensor, residual: torch.Tensor, proj_q: torch.Tensor, proj_s: torch.Tensor,
-                   ln: torch.Tensor, eps: float, up_q: torch.Tensor, up_s: torch.Tensor, down_q: torch.Tensor,
-                   down_s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The decoder block after attention for a few int8 rows in one launch
-    (:func:`.cuda_gemv.int8_mlp_block`): ``(MLP output, residual + c_proj(attn))``, or None where
-    it does not run here (:data:`FUSED_MLP_BLOCK` off, no CUDA compiler, other dtypes or shapes);
-    the caller then runs :func:`rms_norm`, :func:`gated_linear` and :func:`int8_linear`."""
-    if not FUSED_MLP_BLOCK or not cuda_gemv.mlp_block_available(attn, residual, proj_q, up_q, down_q):
-        return None
-    return cuda_gemv.int8_mlp_block(attn, residual, proj_q, proj_s, ln, eps, up_q, up_s, down_q, down_s,
-                                    MLP_TILES.get(attn.shape[0]))
 
 
 # Whether decoding runs rotary + cache write + attention as one launch (rotary_attention) or as
@@ -465,10 +464,13 @@ def _matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, b
         x = x.contiguous()
     if config is None and weight.dtype == torch.int8:
         variant = int8_gemv_variant(rows, k, m)
+        if variant == "cuda":
+            y = _int8_gemv_cuda(x, weight, scale, bias, CUDA_TILES.get((rows, k, m)), gated)
+            if y is not None:
+                return y
+            variant = "fma" if m == 1 else "dot"  # the next fastest (docs/benchmarks.md)
         if variant == "fma":
             return _gemv_fma(x, weight, scale, bias, None, gated)
-        if variant == "cuda" and cuda_gemv.available(x, weight):
-            return cuda_gemv.int8_gemv(x, weight, scale, bias, CUDA_TILES.get((rows, k, m)), gated)
     if config is None:
         config = few_rows_tiles(rows, k, weight.element_size()) if m <= FEW_ROWS else MANY_ROWS_TILES
     bm, bn, bk, warps, stages, split = config
@@ -490,6 +492,19 @@ def _matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, b
     if split > 1 and tickets is None:
         _sum_splits(partial, scale, bias, y, split)
     return y
+
+
+def _int8_gemv_cuda(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                    tile: CudaTile | None, gated: bool) -> torch.Tensor | None:
+    """The CUDA GEMV, or None where it cannot run: this torch cannot compile it, or compiling
+    failed once (logged; every later call then takes the Triton kernels)."""
+    if not cuda_gemv.available(x, weight, scale, bias):
+        return None
+    try:
+        return cuda_gemv.int8_gemv(x, weight, scale, bias, tile, gated)
+    except Exception as e:  # NVRTC missing or refusing: serve on with the Triton GEMVs
+        cuda_gemv.disable(f"{type(e).__name__}: {e}")
+        return None
 
 
 def _gemv_fma(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None,

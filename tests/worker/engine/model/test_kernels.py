@@ -98,11 +98,13 @@ def test_gated_linear_is_the_mlp_gate_of_the_fused_layer():
     assert torch.equal(kernels.gated_linear(x, q, scale), kernels.silu_mul(kernels.int8_linear(x, q, scale)))
 
 
-def test_every_shape_set_to_the_fma_gemv_has_a_measured_tile_and_few_rows():
+def test_every_shape_set_to_the_fma_or_cuda_gemv_has_a_measured_tile_and_few_rows():
     for (n, k, m), variant in kernels.INT8_GEMV_BY_SHAPE.items():
-        assert variant in ("dot", "fma") and 1 <= m <= kernels.FMA_ROWS
+        assert variant in ("dot", "fma", "cuda") and 1 <= m <= kernels.FMA_ROWS
         if variant == "fma":
             assert (n, k, 1, m) in kernels.FMA_TILES, (n, k, m)
+        if variant == "cuda":
+            assert (n, k, m) in kernels.CUDA_TILES, (n, k, m)
     for tile in kernels.FMA_TILES.values():
         assert tile.convert in ("i2f", "magic", "prmt") and tile.block_k * tile.block_n % (32 * tile.warps) == 0
     assert kernels.int8_gemv_variant(4096, 4096, 3) == "dot"  # more rows than the FMA GEMV takes

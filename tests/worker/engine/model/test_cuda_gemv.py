@@ -1,0 +1,84 @@
+"""The CUDA int8 GEMV's pieces that can be checked without a GPU: its int8 -> float32 trick, the
+source compiling for Hopper without spilling (where nvcc is installed), when it runs and what
+happens when it cannot. Its answers on the GPU are checked against float64 math by
+benchmarks/gemv_bench.py (docs/benchmarks.md)."""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+from worker.engine.model import cuda_gemv, kernels
+from worker.engine.model.cuda_gemv import CudaTile
+
+
+def byte_perm(a: np.ndarray, b: int, selector: int) -> np.ndarray:
+    """CUDA's ``__byte_perm(a, b, s)``: result byte i is byte ``(s >> 4i) & 7`` of ``b:a``."""
+    pool = [(a >> (8 * i)) & 0xFF for i in range(4)] + [np.full_like(a, (b >> (8 * i)) & 0xFF) for i in range(4)]
+    out = np.zeros_like(a)
+    for i in range(4):
+        out |= pool[(selector >> (4 * i)) & 7] << (8 * i)
+    return out
+
+
+def test_the_byte_permute_conversion_gives_every_int8_value_exactly():
+    q = np.arange(-128, 128, dtype=np.int8)
+    words = q.view(np.uint8).astype(np.uint32)  # one weight in byte 0 of each word
+    flipped = words ^ 0x80808080
+    bits = byte_perm(flipped, 0x4B000000, 0x7540)
+    values = bits.astype(np.uint32).view(np.float32) - np.float32(8388736.0)
+    assert np.array_equal(values, q.astype(np.float32))
+    # the other three selectors pick bytes 1-3 of the same word
+    packed = np.array([0x04_83_7F_80], dtype=np.uint32)  # bytes (low first): -128, 127, -125, 4
+    got = [byte_perm(packed ^ 0x80808080, 0x4B000000, 0x7540 + i).view(np.float32)[0] - 8388736.0 for i in range(4)]
+    assert got == [-128.0, 127.0, -125.0, 4.0]
+
+
+def test_the_cuda_gemv_does_not_run_on_cpu_tensors_or_other_dtypes():
+    x = torch.zeros(1, 64, dtype=torch.bfloat16)
+    q = torch.zeros(32, 64, dtype=torch.int8)
+    assert not cuda_gemv.available(x, q)
+    assert kernels._int8_gemv_cuda(x, q, torch.ones(32), None, None, False) is None
+
+
+def test_disabling_the_cuda_gemv_logs_once_and_keeps_it_off(monkeypatch, caplog):
+    monkeypatch.setattr(cuda_gemv, "_disabled", None)
+    with caplog.at_level(logging.WARNING, logger=cuda_gemv.__name__):
+        cuda_gemv.disable("RuntimeError: nvrtc missing")
+        cuda_gemv.disable("RuntimeError: again")
+    assert [r.message for r in caplog.records if "CUDA int8 GEMV is off" in r.message] == [
+        "the CUDA int8 GEMV is off in this process (RuntimeError: nvrtc missing); the Triton GEMVs serve instead"]
+    assert not cuda_gemv._compiler_ok(torch.zeros(1, dtype=torch.bfloat16))
+
+
+def test_a_shape_on_the_cuda_gemv_falls_back_to_triton_beyond_its_rows():
+    assert kernels.int8_gemv_variant(12288, 4096, 1) == "cuda"
+    assert kernels.int8_gemv_variant(12288, 4096, cuda_gemv.MAX_ROWS + 1) == "dot"
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed here")
+@pytest.mark.parametrize("rows", [1, 2, 4])
+def test_the_source_compiles_for_hopper_without_spilling_for_every_tile_in_use(tmp_path, rows):
+    source = tmp_path / "gemv.cu"
+    source.write_text(cuda_gemv.SOURCE)
+    settings = {(tile, n == 22016, n == 12288) for (n, _, m), tile in kernels.CUDA_TILES.items() if m == min(rows, 2)}
+    settings |= {(CudaTile(), True, False), (CudaTile(), False, True)}  # the default, gated and with a bias
+    for tile, gated, bias in sorted(settings):
+        macros = cuda_gemv.macros(rows, tile, gated, bias)
+        done = subprocess.run(["nvcc", "-arch=sm_90", "-cubin", "-o", str(tmp_path / "gemv.cubin"), "-Xptxas", "-v",
+                               *[f"-D{k}={v}" for k, v in macros.items()], str(source)],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        spills = [int(n) for n in re.findall(r"(\d+) bytes spill stores", done.stderr)]
+        assert spills and max(spills) == 0, (macros, done.stderr)
+
+
+def test_tiles_launch_whole_warps():
+    assert all(tile.threads % 32 == 0 and tile.wrows >= 1 and tile.unroll >= 1
+               for tile in [*kernels.CUDA_TILES.values(), CudaTile()])
