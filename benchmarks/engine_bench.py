@@ -487,6 +487,11 @@ def measure_decode(s: Setup, fast: bool, batch: int, new_tokens: int, lookahead:
         engine.close()
 
 
+def spread(runs: list[float]) -> str:
+    """``"; median of 3: 301-305"`` for a note, or nothing for one run."""
+    return f"; median of {len(runs)}: {min(runs):.0f}-{max(runs):.0f}" if len(runs) > 1 else ""
+
+
 def measure_graph_decode(s: Setup, batch: int, steps: int) -> float:
     """Tokens/s of the fast path's decode alone: graph replays feeding argmax on the device."""
     fast = FastQwenVL(s.model)
@@ -828,6 +833,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep-tiles", action="store_true",
                         help="sweep for information only: keep the built-in tiles for the measurements")
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (debugging)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="measure fast bf16 decode and each int8 decode variant this many times (interleaved) "
+                             "and report the median")
     parser.add_argument("--json", type=Path, default=None, help="write every figure here")
     a = parser.parse_args(argv)
     skip = set(filter(None, a.skip.split(",")))
@@ -967,10 +975,11 @@ def main(argv: list[str] | None = None) -> int:
                 avg_len = len(ids) + new_tokens / 2
                 roofline = batch * bandwidth / (weights + batch * kv_token * avg_len)
                 eager = measure_decode(s, False, batch, new_tokens) if "eager" not in skip else None
-                fast = measure_decode(s, True, batch, new_tokens)
-                decode_rates[(batch, new_tokens)] = fast
+                runs = [measure_decode(s, True, batch, new_tokens) for _ in range(a.repeats)]
+                fast = decode_rates[(batch, new_tokens)] = statistics.median(runs)
                 report.add(Row(f"decode tok/s, batch {batch}, {new_tokens} new tokens", eager, fast, "tok/s",
-                               roofline, "roofline", f"fast = {fast / roofline:.0%} of roofline, target 85%"))
+                               roofline, "roofline", f"fast = {fast / roofline:.0%} of roofline, target 85%"
+                               + spread(runs)))
         for batch in (1, 2):
             rate = measure_graph_decode(s, batch, 128)
             roofline = batch * bandwidth / (weights + batch * kv_token * (len(ids) + 64))
@@ -1059,16 +1068,20 @@ def main(argv: list[str] | None = None) -> int:
                     avg_len = len(ids) + new_tokens / 2
                     roofline = batch * bandwidth / (int8_weights + batch * kv_token * avg_len)
                     bf16 = decode_rates.get((batch, new_tokens))
-                    for label, variant in variants.items():
-                        with int8_gemv(*variant):
-                            rate = measure_decode(s, True, batch, new_tokens)
+                    runs = {label: [] for label in variants}
+                    for _ in range(a.repeats):  # interleaved, so that a drift of the card hits every variant
+                        for label, variant in variants.items():
+                            with int8_gemv(*variant):
+                                runs[label].append(measure_decode(s, True, batch, new_tokens))
+                    for label in variants:
+                        rate = statistics.median(runs[label])
                         name = f"int8 decode tok/s, batch {batch}, {new_tokens} new tokens"
                         report.add(Row(name if label == "chosen" else f"{name}, GEMV {label}", None, rate, "tok/s",
                                        INT8_SPEEDUP * bf16 if bf16 else None, "1.7 x bf16",
                                        (f"{rate / bf16:.2f} x bf16 fast; " if bf16 else "")
                                        + f"{rate / roofline:.0%} of int8 roofline"
                                        + ("; GEMV per shape as chosen above" if len(variants) > 1 and label == "chosen"
-                                          else "")))
+                                          else "") + spread(runs[label])))
             if fusions:
                 with separate_launches(builtin[0], builtin[1:]), int8_gemv("dot"):
                     for batch in (1, 2):

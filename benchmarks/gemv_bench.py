@@ -61,7 +61,10 @@ def cuda_candidates() -> list[CudaTile]:
     bytes per weight row and thread in flight, 128 or 256 threads a block."""
     return [CudaTile(1, 4), CudaTile(1, 8), CudaTile(1, 16), CudaTile(2, 2), CudaTile(2, 4), CudaTile(2, 8),
             CudaTile(4, 1), CudaTile(4, 2), CudaTile(4, 4), CudaTile(8, 1), CudaTile(2, 8, 256), CudaTile(1, 8, 256),
-            CudaTile(4, 2, 256)]
+            CudaTile(4, 2, 256), CudaTile(2, 1), CudaTile(1, 2), CudaTile(3, 2), CudaTile(2, 3), CudaTile(2, 2, 64),
+            CudaTile(2, 2, 256), CudaTile(1, 1), CudaTile(1, 1, 64), CudaTile(1, 2, 64), CudaTile(1, 2, 256),
+            CudaTile(1, 3), CudaTile(2, 1, 64), CudaTile(1, 1, 32), CudaTile(1, 2, 32), CudaTile(2, 1, 32),
+            CudaTile(2, 2, 32), CudaTile(4, 1, 64), CudaTile(4, 2, 64), CudaTile(1, 4, 64), CudaTile(4, 1, 32)]
 
 
 def ulp_error(y: torch.Tensor, ref: torch.Tensor) -> float:

@@ -113,12 +113,10 @@ TILES: dict[tuple[int, int, int], tuple] = {
 # reference, not bf16).
 INT8_GEMV = "dot"
 FMA_ROWS = 2
-# (N, K, rows of x) -> variant. Measured on H100 80GB HBM3s (docs/benchmarks.md, runs 20 and 24), us per
-# call dot / fma / cuda at one row: c_attn 21.0 / 20.3 / 19.7, attention c_proj 10.1 / 9.4 / 9.0,
-# [w1 | w2] 38.1 / 37.1 / 35.5, MLP c_proj 20.4 / 19.7 / 19.1, lm_head 245 / 207 / 204; at two rows
-# the CUDA GEMV wins [w1 | w2] (39.0 / 44.9 / 37.3) and lm_head (211 / 224 / 205), ties c_attn
-# (21.6 / 23.6 / 21.6: taken, one launch without split-K), and the two narrow shapes stay on the
-# tensor cores (c_proj 10.0 / 11.7 / 10.1, MLP c_proj 20.3 / 25.3 / 21.0).
+# (N, K, rows of x) -> variant. Measured on H100 80GB HBM3s (docs/benchmarks.md, runs 20-28), us per
+# call dot / fma / cuda in run 28, one row: c_attn 21.0 / 20.3 / 19.1, attention c_proj 9.9 / 9.3 /
+# 8.4, [w1 | w2] 37.4 / 35.9 / 33.1, MLP c_proj 20.2 / 19.4 / 18.2, lm_head 246 / 207 / 203; two
+# rows: 21.0 / 23.5 / 20.4, 9.8 / 11.6 / 9.2, 38.9 / 44.4 / 36.0, 20.1 / 25.1 / 19.6, 213 / 226 / 204.
 INT8_GEMV_BY_SHAPE: dict[tuple[int, int, int], str] = {
     (12288, 4096, 1): "cuda",
     (4096, 4096, 1): "cuda",
@@ -126,7 +124,9 @@ INT8_GEMV_BY_SHAPE: dict[tuple[int, int, int], str] = {
     (4096, 11008, 1): "cuda",
     (151936, 4096, 1): "cuda",
     (12288, 4096, 2): "cuda",
+    (4096, 4096, 2): "cuda",
     (22016, 4096, 2): "cuda",
+    (4096, 11008, 2): "cuda",
     (151936, 4096, 2): "cuda",
 }
 
@@ -140,17 +140,21 @@ def int8_gemv_variant(n: int, k: int, m: int) -> str:
     return variant
 
 
-# CUDA GEMV tiles, (N, K, rows of x) -> cuda_gemv.CudaTile (wrows, unroll, threads): the fastest of
-# the GPU benchmark's candidates on H100 80GB HBM3s (runs 20 and 24, the same or within 0.3 us in
-# both; all within 0.5 bf16 ulp of float64 math); the rest run CudaTile().
+# CUDA GEMV tiles, (N, K, rows of x) -> cuda_gemv.CudaTile (wrows, unroll, threads): the picks of
+# the GPU benchmark's candidates on an H100 80GB HBM3 in run 27, kept in run 28 (engine decode the
+# same as with run 28's own picks, every tile within 0.5 bf16 ulp of float64 math). Small blocks and
+# few loads per lane won: more warps resident beat more bytes in flight per warp. The rest run
+# CudaTile().
 CUDA_TILES: dict[tuple[int, int, int], CudaTile] = {
-    (12288, 4096, 1): CudaTile(4, 2, 128),  # c_attn
-    (12288, 4096, 2): CudaTile(4, 2, 128),
-    (4096, 4096, 1): CudaTile(1, 4, 128),  # attention c_proj
-    (22016, 4096, 1): CudaTile(1, 16, 128),  # [w1 | w2] with the gate (one row of each half)
-    (22016, 4096, 2): CudaTile(1, 8, 128),
-    (4096, 11008, 1): CudaTile(1, 4, 128),  # MLP c_proj
-    (151936, 4096, 1): CudaTile(2, 8, 128),  # lm_head
+    (12288, 4096, 1): CudaTile(2, 1, 64),  # c_attn
+    (12288, 4096, 2): CudaTile(4, 2, 256),
+    (4096, 4096, 1): CudaTile(1, 2, 256),  # attention c_proj
+    (4096, 4096, 2): CudaTile(2, 2, 64),
+    (22016, 4096, 1): CudaTile(1, 1, 64),  # [w1 | w2] with the gate (one row of each half)
+    (22016, 4096, 2): CudaTile(1, 2, 64),
+    (4096, 11008, 1): CudaTile(1, 2, 256),  # MLP c_proj
+    (4096, 11008, 2): CudaTile(2, 2, 64),
+    (151936, 4096, 1): CudaTile(2, 8, 256),  # lm_head
     (151936, 4096, 2): CudaTile(2, 8, 128),
 }
 
