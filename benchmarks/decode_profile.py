@@ -101,9 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--separate-rotary", action="store_true",
                         help="also profile with rotary and attention as two launches")
     parser.add_argument("--int8-gemvs", default="built-in",
-                        help="comma list: 'built-in' (kernels.INT8_GEMV_BY_SHAPE) and/or 'triton' (the same "
-                             "with every CUDA GEMV on the Triton kernel measured next fastest: FMA at one row, "
-                             "tensor cores at two), each profiled")
+                        help="comma list: 'built-in' (kernels.INT8_GEMV_BY_SHAPE) and/or 'triton' (every CUDA "
+                             "GEMV on the Triton kernel measured next fastest: FMA at one row, tensor cores at "
+                             "two), each profiled")
     parser.add_argument("--json", type=Path, default=None)
     a = parser.parse_args(argv)
     device = torch.device("cuda")
