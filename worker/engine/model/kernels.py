@@ -113,8 +113,8 @@ TILES: dict[tuple[int, int, int], tuple] = {
 # reference, not bf16).
 INT8_GEMV = "dot"
 FMA_ROWS = 2
-# (N, K, rows of x) -> variant. Measured on H100 80GB HBM3s (docs/benchmarks.md, runs 20-28), us per
-# call dot / fma / cuda in run 28, one row: c_attn 21.0 / 20.3 / 19.1, attention c_proj 9.9 / 9.3 /
+# (N, K, rows of x) -> variant. Measured on H100 80GB HBM3s (docs/benchmarks.md, runs 20-32), us per
+# call dot / fma / cuda in run 29, one row: c_attn 21.0 / 20.3 / 19.1, attention c_proj 9.9 / 9.3 /
 # 8.4, [w1 | w2] 37.4 / 35.9 / 33.1, MLP c_proj 20.2 / 19.4 / 18.2, lm_head 246 / 207 / 203; two
 # rows: 21.0 / 23.5 / 20.4, 9.8 / 11.6 / 9.2, 38.9 / 44.4 / 36.0, 20.1 / 25.1 / 19.6, 213 / 226 / 204.
 INT8_GEMV_BY_SHAPE: dict[tuple[int, int, int], str] = {
@@ -141,7 +141,7 @@ def int8_gemv_variant(n: int, k: int, m: int) -> str:
 
 
 # CUDA GEMV tiles, (N, K, rows of x) -> cuda_gemv.CudaTile (wrows, unroll, threads): per shape the
-# tile whose slowest time over the GPU benchmark's runs on H100 80GB HBM3s (runs 24-29, 3-6 runs
+# tile whose slowest time over the GPU benchmark's runs on H100 80GB HBM3s (runs 24-31, 3-6 runs
 # each) was the lowest; every tile within 0.5 bf16 ulp of float64 math. A tile's time moves by up to
 # 10% between VMs (c_attn at two rows on (4, 2, 256 threads): 19.7 us in one graph profile, 23.6 in
 # another), so the pick is the steadiest, not the fastest once. Small blocks and few loads per lane
