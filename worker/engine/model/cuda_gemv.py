@@ -199,10 +199,12 @@ vlq_int8_gemv(const bf16* __restrict__ x, const signed char* __restrict__ q, con
 
 class CudaTile(NamedTuple):
     """Launch shape of the CUDA GEMV: ``wrows`` output rows per warp (of each half, gated),
-    ``unroll`` 16-byte loads per weight row and thread in flight per step, ``threads`` per block."""
+    ``unroll`` 16-byte loads per weight row and thread in flight per step, ``threads`` per block.
+    The default was within 5% of the best tile on every Qwen-VL decoder shape at one row
+    (docs/benchmarks.md, runs 27-31)."""
 
-    wrows: int = 2
-    unroll: int = 8
+    wrows: int = 1
+    unroll: int = 2
     threads: int = 128
 
 
@@ -244,12 +246,12 @@ def macros(rows: int, tile: CudaTile, gated: bool, has_bias: bool) -> dict[str, 
             "HAS_BIAS": int(has_bias)}
 
 
-def _kernel(macros: dict[str, int]):
-    """The kernel compiled with ``macros`` (once per process and setting)."""
-    key = tuple(sorted(macros.items()))
+def _kernel(settings: dict[str, int]):
+    """The kernel compiled with ``settings`` (:func:`macros`; once per process and setting)."""
+    key = tuple(sorted(settings.items()))
     kernel = _compiled.get(key)
     if kernel is None:
-        options = [f"-D{k}={v}" for k, v in macros.items()]
+        options = [f"-D{k}={v}" for k, v in settings.items()]
         kernel = _compiled[key] = torch.cuda._compile_kernel(SOURCE, "vlq_int8_gemv", nvcc_options=options)
     return kernel
 
