@@ -65,7 +65,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.gemv_bench import gemv_variants, int8_gemv  # noqa: E402
+from benchmarks.gemv_bench import gemv_variants, int8_gemv, repeat_check  # noqa: E402
 from benchmarks.gemv_bench import summary_lines as gemv_summary_lines  # noqa: E402
 from worker.engine.engine import TorchEngine  # noqa: E402
 from worker.engine.model import kernels  # noqa: E402
@@ -699,10 +699,10 @@ def separate_launches(tiles: dict, attention: tuple):
 def bits_report(fused, separate: torch.Tensor, repeats: int, against: str = "separate") -> str:
     """``fused()`` against ``separate`` bit for bit, and ``repeats`` more calls against its first
     answer (a race between a tile's programs would move bits)."""
-    first = fused()
-    moved = sum(not torch.equal(fused(), first) for _ in range(repeats))
+    first, runs = repeat_check(fused, repeats)
     rel = ((first.float() - separate.float()).norm() / separate.float().norm()).item()
-    return f"equal to {against}: {torch.equal(first, separate)} (rel diff {rel:.1e}), runs that differ: {moved}/{repeats}"
+    return (f"equal to {against}: {torch.equal(first, separate)} (rel diff {rel:.1e}), "
+            f"runs that differ: {runs['runs that differ']}")
 
 
 def fused_epilogue_checks(s: Setup, repeats: int = 20) -> dict:

@@ -119,11 +119,22 @@ def _timed(graph_s: Callable[[list], float], fn, weights: list, x: torch.Tensor)
     return graph_s([lambda w=w: fn(x, *w) for w in weights])
 
 
-def _fused_checks(x, q, scale, tile: FmaTile, gated: bool, repeats: int) -> dict:
-    """The FMA GEMV's fused reductions against its separate launches, bit for bit, and repeats."""
-    first = kernels._gemv_fma(x, q, scale, None, tile, gated)
-    moved = sum(not torch.equal(kernels._gemv_fma(x, q, scale, None, tile, gated), first) for _ in range(repeats))
-    out = {"runs that differ": f"{moved}/{repeats}"}
+def repeat_check(call, repeats: int) -> tuple[torch.Tensor, dict]:
+    """``call()``'s first answer, and how many of ``repeats`` more calls gave other bits."""
+    first = call()
+    moved = sum(not torch.equal(call(), first) for _ in range(repeats))
+    return first, {"runs that differ": f"{moved}/{repeats}"}
+
+
+def _gate_matches_torch(gate: torch.Tensor, plain: torch.Tensor) -> bool:
+    """Whether a gated GEMV's output is torch's ``w1 * silu(w2)`` of the plain GEMV's halves."""
+    f = plain.shape[1] // 2
+    return torch.equal(gate, plain[:, :f] * torch.nn.functional.silu(plain[:, f:]))
+
+
+def _fma_checks(x, q, scale, tile: FmaTile, gated: bool, repeats: int) -> dict:
+    """The FMA GEMV's repeats, and its fused reductions against its separate launches, bit for bit."""
+    first, out = repeat_check(lambda: kernels._gemv_fma(x, q, scale, None, tile, gated), repeats)
     if tile.split_k > 1:
         with kernels.fused_epilogues(False):
             separate = kernels._gemv_fma(x, q, scale, None, tile, gated)
@@ -134,32 +145,48 @@ def _fused_checks(x, q, scale, tile: FmaTile, gated: bool, repeats: int) -> dict
     return out
 
 
-def _cuda_timings(graph_s, layers: list, x: torch.Tensor, ref: torch.Tensor, gated: bool,
-                  name: str) -> dict[CudaTile, tuple[float, float]]:
-    """Each :func:`cuda_candidates` tile of the CUDA GEMV: (seconds per call, ulp error)."""
-    out = {}
-    q, scale = layers[0]
-    for tile in cuda_candidates():
-        try:
-            err = ulp_error(cuda_gemv.int8_gemv(x, q, scale, None, tile), ref)
-            out[tile] = (_timed(graph_s, lambda x_, w_, s_, t=tile: cuda_gemv.int8_gemv(x_, w_, s_, None, t, gated),
-                                layers, x), err)
-        except Exception as e:  # a tile that does not compile or launch here is not a candidate
-            print(f"   {name} cuda M={x.shape[0]} {tuple(tile)}: {type(e).__name__}: {str(e)[:300]}", flush=True)
-    return out
-
-
 def _cuda_checks(x, q, scale, tile: CudaTile, gated: bool, repeats: int) -> dict:
-    """The CUDA GEMV's repeats against its first answer, and its gate against torch's."""
-    first = cuda_gemv.int8_gemv(x, q, scale, None, tile, gated)
-    moved = sum(not torch.equal(cuda_gemv.int8_gemv(x, q, scale, None, tile, gated), first) for _ in range(repeats))
-    out = {"runs that differ": f"{moved}/{repeats}"}
+    """The CUDA GEMV's repeats, and its gate against torch's."""
+    first, out = repeat_check(lambda: cuda_gemv.int8_gemv(x, q, scale, None, tile, gated), repeats)
     if gated:
-        plain = cuda_gemv.int8_gemv(x, q, scale, None, tile)
-        f = plain.shape[1] // 2
-        out["gate equal to torch's w1 * silu(w2) of the plain GEMV"] = torch.equal(
-            first, plain[:, :f] * torch.nn.functional.silu(plain[:, f:]))
+        out["gate equal to torch's w1 * silu(w2) of the plain GEMV"] = _gate_matches_torch(
+            first, cuda_gemv.int8_gemv(x, q, scale, None, tile))
     return out
+
+
+# Per kernel family: the GEMV call (x, q, scale, tile, gated) and the checks of its picked tile.
+FAMILIES = {
+    "fma": (lambda x, q, s, t, gated=False: kernels._gemv_fma(x, q, s, None, t, gated), _fma_checks),
+    "cuda": (lambda x, q, s, t, gated=False: cuda_gemv.int8_gemv(x, q, s, None, t, gated), _cuda_checks),
+}
+
+
+def _family_row(family: str, candidates: list, graph_s, layers: list, x: torch.Tensor, ref: torch.Tensor,
+                gated: bool, nbytes: int, label: str, checks: bool, repeats: int) -> dict:
+    """Every candidate tile of one kernel family on one shape: its error against ``ref`` (the plain
+    GEMV) and its time (gated when the shape is), as row entries ``{family: [...]}`` plus, for the
+    fastest tile within :data:`ULP_LIMIT`, ``{family}_best / _us / _GBps / _max_ulp`` (and
+    ``_checks`` when ``checks``)."""
+    call, check = FAMILIES[family]
+    q, scale = layers[0]
+    results = {}
+    for tile in candidates:
+        try:
+            err = ulp_error(call(x, q, scale, tile), ref)
+            results[tile] = (_timed(graph_s, lambda x_, w_, s_, t=tile: call(x_, w_, s_, t, gated), layers, x), err)
+        except Exception as e:  # a tile that does not compile or launch here is not a candidate
+            print(f"   {label} {family} {tuple(tile)}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+    row = {family: [{"tile": tuple(t), "us": r[0] * 1e6, "GBps": nbytes / r[0] / 1e9, "max_ulp": r[1],
+                     "passed": r[1] <= ULP_LIMIT} for t, r in results.items()]}
+    passing = {t: r for t, r in results.items() if r[1] <= ULP_LIMIT}
+    if passing:
+        best = min(passing, key=lambda t: passing[t][0])
+        seconds, err = passing[best]
+        row.update({f"{family}_best": tuple(best), f"{family}_us": seconds * 1e6, f"{family}_GBps": nbytes / seconds / 1e9,
+                    f"{family}_max_ulp": err})
+        if checks:
+            row[f"{family}_checks"] = check(x, q, scale, best, gated, repeats)
+    return row
 
 
 def cuda_edge_cases(device: torch.device, dtype: torch.dtype) -> dict[str, float]:
@@ -182,10 +209,8 @@ def cuda_edge_cases(device: torch.device, dtype: torch.dtype) -> dict[str, float
                 err = ulp_error(cuda_gemv.int8_gemv(x, q, scale, bias, tile), ref)
                 out[f"[{n}x{k}] M={m} bias {tuple(tile)}"] = err
                 if n % 2 == 0:
-                    gate = cuda_gemv.int8_gemv(x, q, scale, None, tile, gated=True)
-                    plain = cuda_gemv.int8_gemv(x, q, scale, None, tile)
-                    f = n // 2
-                    same = torch.equal(gate, plain[:, :f] * torch.nn.functional.silu(plain[:, f:]))
+                    same = _gate_matches_torch(cuda_gemv.int8_gemv(x, q, scale, None, tile, gated=True),
+                                               cuda_gemv.int8_gemv(x, q, scale, None, tile))
                     out[f"[{n}x{k}] M={m} gated {tuple(tile)} == torch gate"] = 0.0 if same else float("inf")
     return out
 
@@ -196,9 +221,10 @@ def gemv_variants(shapes: dict[str, tuple[int, int]], device: torch.device, dtyp
 
     ``shapes``: layer name -> ``(rows, K)`` of its weight (``gate_up`` is ``[w1 | w2]`` and runs
     gated, as in decode); ``graph_s(calls)``: seconds per call of ``calls`` in a CUDA graph.
-    Returns ``{"rows": [...], "choice": {(N, K, M): "dot" | "fma"}, "fma_tiles": {(N, K, 1, M):
-    FmaTile}, "worst_ulp": {"dot": ..., "fma": ...}}`` (the worst of the picked FMA tiles)."""
-    rows_out, choice, tiles, cuda_tiles = [], {}, {}, {}
+    Returns ``{"rows": [...], "choice": {(N, K, M): "dot" | "fma" | "cuda"}, "fma_tiles": {(N, K, 1, M):
+    FmaTile}, "cuda_tiles": {(N, K, M): CudaTile}, "worst_ulp": {"dot": ..., "fma": ..., "cuda": ...}}``
+    (the worst of the picked tiles, and of the CUDA GEMV's edge cases)."""
+    rows_out, choice, fma_tiles, cuda_tiles = [], {}, {}, {}
     worst = {"dot": 0.0, "fma": 0.0}
     gen = torch.Generator(device=device).manual_seed(7)
     edge = cuda_edge_cases(device, dtype) if device.type == "cuda" else {}
@@ -219,7 +245,6 @@ def gemv_variants(shapes: dict[str, tuple[int, int]], device: torch.device, dtyp
                 layers.append(kernels.quantize_int8(w) if kind == "int8" else (w, None))
             nbytes = n * k * weight_bytes + (n * 4 if kind == "int8" else 0)
             dot_tile = kernels.few_rows_tiles(n, k, weight_bytes)
-            candidates = fma_candidates(out_n, weight_bytes)[:2 if quick else None]
             for m in ROWS:
                 x = torch.randn(m, k, device=device, dtype=dtype, generator=gen)
                 q, scale = layers[0]
@@ -230,71 +255,47 @@ def gemv_variants(shapes: dict[str, tuple[int, int]], device: torch.device, dtyp
 
                 dot_err = ulp_error(kernels._matmul(x, q, scale, None, dot_tile), ref)
                 dot_s = _timed(graph_s, dot, layers, x)
-                results = {}
-                for tile in candidates:
-                    try:
-                        err = ulp_error(kernels._gemv_fma(x, q, scale, None, tile), ref)
-                        seconds = _timed(graph_s, lambda x_, w_, s_, t=tile: kernels._gemv_fma(x_, w_, s_, None, t,
-                                                                                               gated), layers, x)
-                    except Exception as e:  # a tile that does not compile here is not a candidate
-                        print(f"   {name} {kind} M={m} {tuple(tile)}: {type(e).__name__}: {str(e)[:160]}", flush=True)
-                        continue
-                    results[tile] = (seconds, err)
-                passing = {t: r for t, r in results.items() if r[1] <= ULP_LIMIT}
-                best = min(passing, key=lambda t: passing[t][0]) if passing else None
                 row = {"layer": name, "N": n, "K": k, "weights": kind, "M": m, "gated": gated,
                        "dot_tile": dot_tile, "dot_us": dot_s * 1e6, "dot_GBps": nbytes / dot_s / 1e9,
-                       "dot_max_ulp": dot_err, "faster": "dot",
-                       "fma": [{"tile": tuple(t), "us": r[0] * 1e6, "GBps": nbytes / r[0] / 1e9, "max_ulp": r[1],
-                                "passed": r[1] <= ULP_LIMIT} for t, r in results.items()]}
-                times = {"dot": dot_s}
-                if best is not None:
-                    best_s = times["fma"] = passing[best][0]
-                    row.update(fma_best=tuple(best), fma_us=best_s * 1e6, fma_GBps=nbytes / best_s / 1e9,
-                               fma_max_ulp=passing[best][1])
-                    if kind == "int8":
-                        row["checks"] = _fused_checks(x, q, scale, best, gated, repeats)
-                        tiles[(n, k, 1, m)] = best
+                       "dot_max_ulp": dot_err}
+                label = f"{name} {kind} M={m}"
+                row.update(_family_row("fma", fma_candidates(out_n, weight_bytes)[:2 if quick else None], graph_s,
+                                       layers, x, ref, gated, nbytes, label, kind == "int8", repeats))
                 if kind == "int8" and cuda_gemv.available(x, q):
-                    cuda = _cuda_timings(graph_s, layers, x, ref, gated, name)
-                    row["cuda"] = [{"tile": tuple(t), "us": r[0] * 1e6, "GBps": nbytes / r[0] / 1e9, "max_ulp": r[1],
-                                    "passed": r[1] <= ULP_LIMIT} for t, r in cuda.items()]
-                    cuda = {t: r for t, r in cuda.items() if r[1] <= ULP_LIMIT}
-                    if cuda:
-                        tile = min(cuda, key=lambda t: cuda[t][0])
-                        times["cuda"] = cuda[tile][0]
-                        row.update(cuda_best=tuple(tile), cuda_us=cuda[tile][0] * 1e6,
-                                   cuda_GBps=nbytes / cuda[tile][0] / 1e9, cuda_max_ulp=cuda[tile][1],
-                                   cuda_checks=_cuda_checks(x, q, scale, tile, gated, repeats))
-                        cuda_tiles[(n, k, m)] = tile
-                        worst["cuda"] = max(worst.get("cuda", 0.0), cuda[tile][1])
+                    row.update(_family_row("cuda", cuda_candidates(), graph_s, layers, x, ref, gated, nbytes, label,
+                                           True, repeats))
+                times = {"dot": dot_s, **{f: row[f"{f}_us"] / 1e6 for f in FAMILIES if f"{f}_best" in row}}
                 row["faster"] = min(times, key=times.get)
                 if kind == "int8":
                     choice[(n, k, m)] = row["faster"]
                     worst["dot"] = max(worst["dot"], dot_err)
-                    if best is not None:
-                        worst["fma"] = max(worst["fma"], passing[best][1])
+                    if "fma_best" in row:
+                        fma_tiles[(n, k, 1, m)] = FmaTile(*row["fma_best"])
+                    if "cuda_best" in row:
+                        cuda_tiles[(n, k, m)] = CudaTile(*row["cuda_best"])
+                    for family in FAMILIES:
+                        if f"{family}_best" in row:
+                            worst[family] = max(worst.get(family, 0.0), row[f"{family}_max_ulp"])
                 rows_out.append(row)
                 _print_row(row)
             del layers
-    return {"rows": rows_out, "choice": choice, "fma_tiles": tiles, "cuda_tiles": cuda_tiles, "worst_ulp": worst}
+    return {"rows": rows_out, "choice": choice, "fma_tiles": fma_tiles, "cuda_tiles": cuda_tiles, "worst_ulp": worst}
 
 
 def _print_row(row: dict) -> None:
-    head = (f"   {row['layer']} [{row['N']}x{row['K']}] {row['weights']} M={row['M']}: dot {row['dot_us']:.1f} us "
-            f"({row['dot_GBps']:,.0f} GB/s, {row['dot_max_ulp']:.2f} ulp)")
-    lines = [head]
-    for family in ("fma", "cuda"):
+    lines = [f"   {row['layer']} [{row['N']}x{row['K']}] {row['weights']} M={row['M']}: dot {row['dot_us']:.1f} us "
+             f"({row['dot_GBps']:,.0f} GB/s, {row['dot_max_ulp']:.2f} ulp)"]
+    for family in FAMILIES:
         if f"{family}_best" not in row:
             if row.get(family):
                 lines.append(f"      no {family} tile passed")
             continue
+        checks = row.get(f"{family}_checks")
         lines.append(f"      {family} {row[f'{family}_best']} {row[f'{family}_us']:.1f} us "
                      f"({row[f'{family}_GBps']:,.0f} GB/s, {row[f'{family}_max_ulp']:.2f} ulp)"
-                     + (f"; checks {row[f'{family}_checks' if family == 'cuda' else 'checks']}"
-                        if (f"{family}_checks" if family == "cuda" else "checks") in row else ""))
-        others = sorted((f for f in row[family] if tuple(f["tile"]) != row[f"{family}_best"]), key=lambda f: f["us"])
-        lines += [f"        {tuple(f['tile'])}: {f['us']:.1f} us {f['GBps']:,.0f} GB/s {f['max_ulp']:.2f} ulp"
+                     + (f"; checks {checks}" if checks else ""))
+        others = sorted((f for f in row[family] if f["tile"] != tuple(row[f"{family}_best"])), key=lambda f: f["us"])
+        lines += [f"        {f['tile']}: {f['us']:.1f} us {f['GBps']:,.0f} GB/s {f['max_ulp']:.2f} ulp"
                   + ("" if f["passed"] else " FAILED") for f in others]
     lines.append(f"      -> {row['faster']}")
     print("\n".join(lines), flush=True)
@@ -376,7 +377,7 @@ def dot_sweep(shapes: dict[str, tuple[int, int]], device: torch.device, dtype: t
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m benchmarks.gemv_bench [--dot-sweep]``: the dot / FMA comparison of
+    """``python -m benchmarks.gemv_bench [--dot-sweep]``: the dot / FMA / CUDA comparison of
     :func:`gemv_variants`, or the int8 tensor-core tile sweep of :func:`dot_sweep`, for the real
     architecture's shapes (config.json as the engine benchmark finds it) on this machine's GPU."""
     import argparse

@@ -54,3 +54,36 @@ def test_dot_candidates_split_k_by_width_and_keep_gate_halves_on_the_tensor_core
     assert len(set(wide)) == len(wide)
     # a gated tile gives each half BLOCK_N // 2 rows: tl.dot needs at least 16
     assert all(t[1] // 2 >= 16 and t[0] == 16 for t in wide + narrow)
+
+
+def test_a_family_row_picks_the_fastest_tile_within_the_error_limit(monkeypatch):
+    x, w = torch.randn(1, 16, generator=GEN), torch.randn(8, 16, generator=GEN)
+    q, scale = kernels.quantize_int8(w)
+    ref = gemv_bench.reference(x, q, scale)
+    timed = []
+
+    def call(x_, q_, s_, tile, gated=False):
+        if tile == ("broken",):
+            raise RuntimeError("does not compile")
+        timed.append(tile)
+        y = ref.float()
+        return y * 1.05 if tile == ("wrong",) else y
+
+    def graph_s(calls):  # seconds per call by tile: the wrong one is the fastest
+        timed.clear()
+        calls[0]()
+        return {("fast",): 1e-6, ("slow",): 3e-6, ("wrong",): 0.5e-6}[timed[0]]
+
+    monkeypatch.setitem(gemv_bench.FAMILIES, "fake", (call, lambda *a: {"checked": True}))
+    row = gemv_bench._family_row("fake", [("slow",), ("broken",), ("fast",), ("wrong",)], graph_s, [(q, scale)], x, ref,
+                                 False, 100, "test", True, 1)
+    assert [f["tile"] for f in row["fake"]] == [("slow",), ("fast",), ("wrong",)]
+    assert [f["passed"] for f in row["fake"]] == [True, True, False]
+    assert row["fake_best"] == ("fast",) and row["fake_us"] == 1.0 and row["fake_checks"] == {"checked": True}
+
+
+def test_the_gate_check_compares_with_torchs_silu_of_the_halves():
+    plain = torch.randn(2, 8, generator=GEN).to(torch.bfloat16)
+    gate = plain[:, :4] * torch.nn.functional.silu(plain[:, 4:])
+    assert gemv_bench._gate_matches_torch(gate, plain)
+    assert not gemv_bench._gate_matches_torch(gate + 1, plain)
