@@ -1038,7 +1038,7 @@ def main(argv: list[str] | None = None) -> int:
             # GEMV variants: "chosen" (per shape, from the timings below), the built-in choice, all "dot",
             # all "fma", all "cuda"
             variants = {"chosen": (kernels.INT8_GEMV, dict(kernels.INT8_GEMV_BY_SHAPE), dict(kernels.FMA_TILES),
-                                   dict(kernels.CUDA_TILES))}
+                                   dict(kernels.CUDA_TILES), dict(kernels.MMA_TILES))}
             if "gemv" not in skip and kernels.triton_ok(torch.empty(1, device=device)):
                 with guarded("int8 GEMV variants"):
                     section("int8 decode GEMVs, tensor cores ('dot') vs FMA (Triton) vs CUDA C++, per shape: us per "
@@ -1047,17 +1047,21 @@ def main(argv: list[str] | None = None) -> int:
                     report.info["gemv_variants"] = {
                         **result, "choice": {str(k): v for k, v in result["choice"].items()},
                         "fma_tiles": {str(k): list(v) for k, v in result["fma_tiles"].items()},
-                        "cuda_tiles": {str(k): list(v) for k, v in result["cuda_tiles"].items()}}
+                        "cuda_tiles": {str(k): list(v) for k, v in result["cuda_tiles"].items()},
+                        "mma_tiles": {str(k): list(v) for k, v in result["mma_tiles"].items()}}
                     print("\n".join(gemv_summary_lines(result)))
                     print("  worst error, int8, bf16 ulps of float64 math (picked tiles): "
                           + ", ".join(f"{k} {v:.2f}" for k, v in result["worst_ulp"].items()))
                     print(f"  chosen: INT8_GEMV_BY_SHAPE = {result['choice']}")
                     print(f"  chosen: FMA_TILES = {result['fma_tiles']}")
                     print(f"  chosen: CUDA_TILES = {result['cuda_tiles']}")
+                    print(f"  chosen: MMA_TILES = {result['mma_tiles']}")
                     tiles = {**kernels.FMA_TILES, **result["fma_tiles"]}
                     cuda_tiles = {**kernels.CUDA_TILES, **result["cuda_tiles"]}
+                    mma_tiles = {**kernels.MMA_TILES, **result["mma_tiles"]}
                     built_in = variants["chosen"]
-                    variants = {"chosen": ("dot", result["choice"], tiles, cuda_tiles), "built-in choice": built_in,
+                    variants = {"chosen": ("dot", result["choice"], tiles, cuda_tiles, mma_tiles),
+                                "built-in choice": built_in,
                                 "all dot": ("dot", {}, tiles, cuda_tiles), "all fma": ("fma", {}, tiles, cuda_tiles)}
                     if result["cuda_tiles"]:
                         variants["all cuda"] = ("cuda", {}, tiles, cuda_tiles)

@@ -1,5 +1,5 @@
 """Decode GEMVs on the device: the tensor-core ("dot") kernel, the Triton FMA GEMV and the CUDA C++
-GEMV, per weight shape.
+GEMVs (FMA, "cuda"; tensor cores, "mma"), per weight shape.
 
 Used by :mod:`benchmarks.engine_bench` (its int8 section). For every LLM weight shape and 1 and 2
 rows of x it
@@ -18,8 +18,10 @@ rows of x it
 bf16 weights get the same timing for one FMA tile (reported only: the bf16 default is unchanged).
 
 Run alone, ``python -m benchmarks.gemv_bench`` prints that comparison for the real architecture's
-shapes; ``--dot-sweep`` instead times the int8 tensor-core GEMV with wider tiles than the
-built-in ones (:func:`dot_sweep`; docs/benchmarks.md, runs 10 and 12).
+shapes; ``--mma-only`` times the tensor-core CUDA GEMV's tiles, on row-major weights and on
+their blocked layout ("mma_blocked"), against the built-in CUDA GEMV tile only (docs/benchmarks.md,
+runs 34-37); ``--dot-sweep`` times the int8 tensor-core GEMV with wider tiles than the built-in
+ones (:func:`dot_sweep`; runs 10 and 12).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from contextlib import contextmanager
 import torch
 
 from worker.engine.model import kernels
-from worker.engine.model.kernels import CudaTile, FmaTile, cuda_gemv
+from worker.engine.model.kernels import CudaTile, FmaTile, MmaTile, cuda_gemv
 
 ROWS = (1, 2)
 L2_PAST_BYTES = 256e6  # weight copies rotated per timing: well past the 50 MB L2 of an H100
@@ -67,6 +69,18 @@ def cuda_candidates() -> list[CudaTile]:
             CudaTile(2, 2, 32), CudaTile(4, 1, 64), CudaTile(4, 2, 64), CudaTile(1, 4, 64), CudaTile(4, 1, 32)]
 
 
+def mma_candidates() -> list[MmaTile]:
+    """Tensor-core CUDA GEMV launch shapes tried for every shape: 1-8 groups of 16 weight rows a
+    block, K split over 1-16 warps a group, 1-8 chunks of 64 weights per row in flight."""
+    return [MmaTile(1, 4, 1), MmaTile(1, 4, 2), MmaTile(1, 4, 4), MmaTile(1, 8, 1), MmaTile(1, 8, 2),
+            MmaTile(2, 2, 2), MmaTile(2, 4, 2), MmaTile(2, 2, 4), MmaTile(4, 1, 2), MmaTile(4, 1, 4),
+            MmaTile(2, 1, 4), MmaTile(4, 2, 2), MmaTile(8, 1, 2), MmaTile(1, 2, 4), MmaTile(2, 1, 2),
+            MmaTile(4, 1, 1), MmaTile(1, 2, 2), MmaTile(2, 2, 1),
+            # more warps a group: more bytes in flight, fewer chunks each
+            MmaTile(1, 8, 4), MmaTile(1, 8, 8), MmaTile(2, 8, 2), MmaTile(1, 16, 1), MmaTile(1, 16, 2),
+            MmaTile(1, 16, 4)]
+
+
 def ulp_error(y: torch.Tensor, ref: torch.Tensor) -> float:
     """Largest ``|y - ref|`` in bf16 units in the last place of ``ref`` (float64), with an
     absolute floor of 1e-5 of ``max |ref|`` for results that cancel to nearly zero."""
@@ -88,13 +102,15 @@ def reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor | None, chun
 
 
 @contextmanager
-def int8_gemv(default: str, by_shape: dict | None = None, tiles: dict | None = None, cuda_tiles: dict | None = None):
+def int8_gemv(default: str, by_shape: dict | None = None, tiles: dict | None = None, cuda_tiles: dict | None = None,
+              mma_tiles: dict | None = None):
     """Run the enclosed code with ``kernels.INT8_GEMV = default`` and the given per-shape tables
-    (``INT8_GEMV_BY_SHAPE``, ``FMA_TILES``, ``CUDA_TILES``); the previous settings come back after."""
-    tables = (kernels.INT8_GEMV_BY_SHAPE, kernels.FMA_TILES, kernels.CUDA_TILES)
+    (``INT8_GEMV_BY_SHAPE``, ``FMA_TILES``, ``CUDA_TILES``, ``MMA_TILES``); the previous settings come
+    back after."""
+    tables = (kernels.INT8_GEMV_BY_SHAPE, kernels.FMA_TILES, kernels.CUDA_TILES, kernels.MMA_TILES)
     saved = kernels.INT8_GEMV, [dict(t) for t in tables]
     kernels.INT8_GEMV = default
-    for table, new in zip(tables, (by_shape or {}, tiles, cuda_tiles)):
+    for table, new in zip(tables, (by_shape or {}, tiles, cuda_tiles, mma_tiles)):
         if new is not None:
             table.clear()
             table.update(new)
@@ -110,8 +126,13 @@ def int8_gemv(default: str, by_shape: dict | None = None, tiles: dict | None = N
 def triton_only(by_shape: dict) -> dict:
     """``by_shape`` (an ``INT8_GEMV_BY_SHAPE``) with each CUDA GEMV on the Triton kernel measured
     next fastest: the FMA GEMV at one row, the tensor cores at more."""
-    return {key: ("fma" if key[2] == 1 else "dot") if variant == "cuda" else variant
+    return {key: ("fma" if key[2] == 1 else "dot") if variant in ("cuda", "mma") else variant
             for key, variant in by_shape.items()}
+
+
+def without_mma(by_shape: dict) -> dict:
+    """``by_shape`` with each tensor-core CUDA GEMV on the FMA CUDA GEMV (the previous kernel)."""
+    return {key: "cuda" if variant == "mma" else variant for key, variant in by_shape.items()}
 
 
 def _timed(graph_s: Callable[[list], float], fn, weights: list, x: torch.Tensor) -> float:
@@ -154,11 +175,35 @@ def _cuda_checks(x, q, scale, tile: CudaTile, gated: bool, repeats: int) -> dict
     return out
 
 
-# Per kernel family: the GEMV call (x, q, scale, tile, gated) and the checks of its picked tile.
+def _mma_checks(x, q, scale, tile: MmaTile, gated: bool, repeats: int) -> dict:
+    """The tensor-core CUDA GEMV's repeats, and its gate against torch's."""
+    first, out = repeat_check(lambda: cuda_gemv.int8_gemv_mma(x, q, scale, None, tile, gated), repeats)
+    if gated:
+        out["gate equal to torch's w1 * silu(w2) of the plain GEMV"] = _gate_matches_torch(
+            first, cuda_gemv.int8_gemv_mma(x, q, scale, None, tile))
+    return out
+
+
+# Per kernel family: the GEMV call (x, q, scale, tile, gated), the checks of its picked tile and
+# the tile type.
 FAMILIES = {
-    "fma": (lambda x, q, s, t, gated=False: kernels._gemv_fma(x, q, s, None, t, gated), _fma_checks),
-    "cuda": (lambda x, q, s, t, gated=False: cuda_gemv.int8_gemv(x, q, s, None, t, gated), _cuda_checks),
+    "fma": (lambda x, q, s, t, gated=False: kernels._gemv_fma(x, q, s, None, t, gated), _fma_checks, FmaTile),
+    "cuda": (lambda x, q, s, t, gated=False: cuda_gemv.int8_gemv(x, q, s, None, t, gated), _cuda_checks, CudaTile),
+    "mma": (lambda x, q, s, t, gated=False: cuda_gemv.int8_gemv_mma(x, q, s, None, t, gated), _mma_checks, MmaTile),
+    # the same kernel on a blocked_layout copy of each weight (made before timing; benchmark only)
+    "mma_blocked": (lambda x, q, s, t, gated=False: cuda_gemv.int8_gemv_mma(x, q, s, None, t, gated,
+                                                                            _blocked(q, gated)),
+                    lambda *a: {}, MmaTile),
 }
+_BLOCKED: dict[tuple, torch.Tensor] = {}
+
+
+def _blocked(q: torch.Tensor, gated: bool) -> torch.Tensor:
+    """``q``'s blocked layout, made once per weight copy and kept until the shape is done."""
+    key = (q.data_ptr(), gated)
+    if key not in _BLOCKED:
+        _BLOCKED[key] = cuda_gemv.blocked_layout(q, gated)
+    return _BLOCKED[key]
 
 
 def _family_row(family: str, candidates: list, graph_s, layers: list, x: torch.Tensor, ref: torch.Tensor,
@@ -167,7 +212,7 @@ def _family_row(family: str, candidates: list, graph_s, layers: list, x: torch.T
     GEMV) and its time (gated when the shape is), as row entries ``{family: [...]}`` plus, for the
     fastest tile within :data:`ULP_LIMIT`, ``{family}_best / _us / _GBps / _max_ulp`` (and
     ``_checks`` when ``checks``)."""
-    call, check = FAMILIES[family]
+    call, check, _ = FAMILIES[family]
     q, scale = layers[0]
     results = {}
     for tile in candidates:
@@ -215,24 +260,74 @@ def cuda_edge_cases(device: torch.device, dtype: torch.dtype) -> dict[str, float
     return out
 
 
+def mma_edge_cases(device: torch.device, dtype: torch.dtype) -> dict[str, float]:
+    """The tensor-core CUDA GEMV on the cases the layer shapes do not cover, against float64 math
+    (bf16 ulps): 1-8 rows (as many as fit its shared memory), blocks with idle groups, uneven
+    shares of K, a bias, the gate (through torch's ``w1 * silu(w2)`` of its plain output), and rows
+    of x that f16 cannot hold as they are (values past 65504, a row of tiny values, one huge value
+    among ordinary ones, a zero row), which it scales by a power of two. Empty when it is not
+    available here."""
+    gen = torch.Generator(device=device).manual_seed(6)
+    out = {}
+    tiles = (MmaTile(), MmaTile(1, 8, 4), MmaTile(4, 1, 1), MmaTile(3, 2, 3))
+    for n, k in ((1024, 4096), (4096, 11008), (48, 704)):
+        q, scale = kernels.quantize_int8(torch.randn(n, k, device=device, dtype=dtype, generator=gen) / math.sqrt(k))
+        bias = torch.randn(n, device=device, dtype=dtype, generator=gen)
+        for m in range(1, cuda_gemv.MMA_MAX_ROWS + 1):
+            x = torch.randn(m, k, device=device, dtype=dtype, generator=gen)
+            if not cuda_gemv.mma_available(x, q):
+                if m == 1:
+                    return {}
+                continue
+            ref = reference(x, q, scale) + bias.double()
+            for tile in tiles:
+                if not cuda_gemv.mma_available(x, q, tile=tile):
+                    continue
+                out[f"[{n}x{k}] M={m} bias {tuple(tile)}"] = ulp_error(
+                    cuda_gemv.int8_gemv_mma(x, q, scale, bias, tile), ref)
+                same = _gate_matches_torch(cuda_gemv.int8_gemv_mma(x, q, scale, None, tile, gated=True),
+                                           cuda_gemv.int8_gemv_mma(x, q, scale, None, tile))
+                out[f"[{n}x{k}] M={m} gated {tuple(tile)} == torch gate"] = 0.0 if same else float("inf")
+        x = torch.randn(4, k, device=device, dtype=dtype, generator=gen)
+        x[0] *= 1e5  # past f16's range
+        x[1] *= 1e-9  # below it
+        x[2, k // 3] = 3e6  # one value past it
+        x[3] = 0.0
+        ref = reference(x, q, scale)
+        for tile in tiles:
+            if cuda_gemv.mma_available(x, q, tile=tile):
+                y = cuda_gemv.int8_gemv_mma(x, q, scale, None, tile)
+                out[f"[{n}x{k}] rows out of f16 range {tuple(tile)}"] = ulp_error(y[:3], ref[:3])
+                out[f"[{n}x{k}] zero row {tuple(tile)}"] = 0.0 if bool((y[3] == 0).all()) else float("inf")
+    return out
+
+
 def gemv_variants(shapes: dict[str, tuple[int, int]], device: torch.device, dtype: torch.dtype,
-                  graph_s: Callable[[list], float], repeats: int = 10, quick: bool = False) -> dict:
+                  graph_s: Callable[[list], float], repeats: int = 10, quick: bool = False,
+                  candidates: dict[str, Callable] | None = None) -> dict:
     """Check and time the int8 (and bf16) decode GEMVs per shape; see the module docstring.
 
     ``shapes``: layer name -> ``(rows, K)`` of its weight (``gate_up`` is ``[w1 | w2]`` and runs
     gated, as in decode); ``graph_s(calls)``: seconds per call of ``calls`` in a CUDA graph.
-    Returns ``{"rows": [...], "choice": {(N, K, M): "dot" | "fma" | "cuda"}, "fma_tiles": {(N, K, 1, M):
-    FmaTile}, "cuda_tiles": {(N, K, M): CudaTile}, "worst_ulp": {"dot": ..., "fma": ..., "cuda": ...}}``
-    (the worst of the picked tiles, and of the CUDA GEMV's edge cases)."""
-    rows_out, choice, fma_tiles, cuda_tiles = [], {}, {}, {}
+    ``candidates``: family -> ``f((N, K, M), n_out, weight_bytes)`` giving the tiles to try instead
+    of the built-in lists (a family mapped to None is not run). Returns ``{"rows": [...], "choice":
+    {(N, K, M): "dot" | "fma" | "cuda" | "mma"}, "fma_tiles": {(N, K, 1, M): FmaTile}, "cuda_tiles":
+    {(N, K, M): CudaTile}, "mma_tiles": {(N, K, M): MmaTile}, "worst_ulp": {"dot": ..., "fma": ...,
+    ...}}`` (the worst of the picked tiles, and of the CUDA GEMVs' edge cases)."""
+    rows_out, choice, picked = [], {}, {"fma": {}, "cuda": {}, "mma": {}}
     worst = {"dot": 0.0, "fma": 0.0}
+    sweeps = {"fma": lambda key, n_out, b: fma_candidates(n_out, b)[:2 if quick else None],
+              "cuda": lambda key, n_out, b: cuda_candidates(),
+              "mma": lambda key, n_out, b: mma_candidates(), "mma_blocked": None, **(candidates or {})}
     gen = torch.Generator(device=device).manual_seed(7)
-    edge = cuda_edge_cases(device, dtype) if device.type == "cuda" else {}
-    if edge:
-        worst_edge = max(edge.values())
-        print(f"   cuda GEMV edge cases: worst {worst_edge:.2f} ulp over {len(edge)}"
-              + "".join(f"\n      {case}: {err:.2f}" for case, err in edge.items() if err > ULP_LIMIT), flush=True)
-        worst["cuda edge cases"] = worst_edge
+    for family, edge_cases in (("cuda", cuda_edge_cases), ("mma", mma_edge_cases)):
+        edge = edge_cases(device, dtype) if device.type == "cuda" and sweeps[family] else {}
+        if edge:
+            worst_edge = max(edge.values())
+            print(f"   {family} GEMV edge cases: worst {worst_edge:.2f} ulp over {len(edge)}"
+                  + "".join(f"\n      {case}: {err:.2f}" for case, err in edge.items() if err > ULP_LIMIT),
+                  flush=True)
+            worst[f"{family} edge cases"] = worst_edge
     for name, (n, k) in shapes.items():
         gated = name == "gate_up"
         out_n = n // 2 if gated else n
@@ -259,27 +354,35 @@ def gemv_variants(shapes: dict[str, tuple[int, int]], device: torch.device, dtyp
                        "dot_tile": dot_tile, "dot_us": dot_s * 1e6, "dot_GBps": nbytes / dot_s / 1e9,
                        "dot_max_ulp": dot_err}
                 label = f"{name} {kind} M={m}"
-                row.update(_family_row("fma", fma_candidates(out_n, weight_bytes)[:2 if quick else None], graph_s,
-                                       layers, x, ref, gated, nbytes, label, kind == "int8", repeats))
-                if kind == "int8" and cuda_gemv.available(x, q):
-                    row.update(_family_row("cuda", cuda_candidates(), graph_s, layers, x, ref, gated, nbytes, label,
-                                           True, repeats))
+                runs = {"fma": bool(sweeps["fma"]),
+                        "cuda": kind == "int8" and bool(sweeps["cuda"]) and cuda_gemv.available(x, q),
+                        "mma": kind == "int8" and bool(sweeps["mma"]) and cuda_gemv.mma_available(x, q),
+                        "mma_blocked": (kind == "int8" and bool(sweeps["mma_blocked"])
+                                        and cuda_gemv.mma_available(x, q))}
+                if runs["mma_blocked"]:
+                    for w_, _ in layers:
+                        _blocked(w_, gated)
+                for family in (f for f in FAMILIES if runs[f]):
+                    tiles = [t for t in sweeps[family]((n, k, m), out_n, weight_bytes)
+                             if family not in ("mma", "mma_blocked") or cuda_gemv.mma_available(x, q, tile=t)]
+                    row.update(_family_row(family, tiles, graph_s, layers, x, ref, gated, nbytes, label,
+                                           kind == "int8", repeats))
                 times = {"dot": dot_s, **{f: row[f"{f}_us"] / 1e6 for f in FAMILIES if f"{f}_best" in row}}
                 row["faster"] = min(times, key=times.get)
                 if kind == "int8":
                     choice[(n, k, m)] = row["faster"]
                     worst["dot"] = max(worst["dot"], dot_err)
-                    if "fma_best" in row:
-                        fma_tiles[(n, k, 1, m)] = FmaTile(*row["fma_best"])
-                    if "cuda_best" in row:
-                        cuda_tiles[(n, k, m)] = CudaTile(*row["cuda_best"])
-                    for family in FAMILIES:
+                    for family, (_, _, tile_type) in FAMILIES.items():
                         if f"{family}_best" in row:
+                            picked.setdefault(family, {})[(n, k, 1, m) if family == "fma" else (n, k, m)] = tile_type(
+                                *row[f"{family}_best"])
                             worst[family] = max(worst.get(family, 0.0), row[f"{family}_max_ulp"])
                 rows_out.append(row)
                 _print_row(row)
             del layers
-    return {"rows": rows_out, "choice": choice, "fma_tiles": fma_tiles, "cuda_tiles": cuda_tiles, "worst_ulp": worst}
+            _BLOCKED.clear()
+    return {"rows": rows_out, "choice": choice, "fma_tiles": picked["fma"], "cuda_tiles": picked["cuda"],
+            "mma_tiles": picked["mma"], "worst_ulp": worst}
 
 
 def _print_row(row: dict) -> None:
@@ -302,17 +405,17 @@ def _print_row(row: dict) -> None:
 
 
 def summary_lines(result: dict) -> list[str]:
-    """A short table: per shape and M, dot vs the best FMA and CUDA tiles (us, GB/s) and the pick."""
-    lines = ["| layer | weights | M | dot us (GB/s) | fma us (GB/s) | fma tile | cuda us (GB/s) | cuda tile "
-             "| max ulp dot / fma / cuda | faster |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    """A short table: per shape and M, dot vs the best tile of each family (us, GB/s) and the pick."""
+    columns = ["layer", "weights", "M", "dot us (GB/s)", *[c for f in FAMILIES for c in (f"{f} us (GB/s)", f"{f} tile")],
+               "max ulp " + " / ".join(("dot", *FAMILIES)), "faster"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in result["rows"]:
-        fma = f"{r['fma_us']:.1f} ({r['fma_GBps']:,.0f})" if "fma_best" in r else "-"
-        cuda = f"{r['cuda_us']:.1f} ({r['cuda_GBps']:,.0f})" if "cuda_best" in r else "-"
-        lines.append(f"| {r['layer']} | {r['weights']} | {r['M']} | {r['dot_us']:.1f} ({r['dot_GBps']:,.0f}) | {fma} | "
-                     f"{r.get('fma_best', '-')} | {cuda} | {r.get('cuda_best', '-')} | {r['dot_max_ulp']:.2f} / "
-                     f"{r.get('fma_max_ulp', float('nan')):.2f} / {r.get('cuda_max_ulp', float('nan')):.2f} | "
-                     f"{r['faster']} |")
+        cells = [f"{r['dot_us']:.1f} ({r['dot_GBps']:,.0f})"]
+        for f in FAMILIES:
+            found = f"{f}_best" in r
+            cells += [f"{r[f'{f}_us']:.1f} ({r[f'{f}_GBps']:,.0f})", str(r[f"{f}_best"])] if found else ["-", "-"]
+        ulps = " / ".join(f"{r.get(f'{f}_max_ulp', float('nan')):.2f}" for f in ("dot", *FAMILIES))
+        lines.append(f"| {r['layer']} | {r['weights']} | {r['M']} | {' | '.join(cells)} | {ulps} | {r['faster']} |")
     return lines
 
 
@@ -387,6 +490,8 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dot-sweep", action="store_true", help="sweep the int8 tensor-core GEMV tiles instead")
+    parser.add_argument("--mma-only", action="store_true",
+                        help="time the tensor-core CUDA GEMV's tiles against the built-in CUDA GEMV tile only")
     a = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -398,7 +503,12 @@ def main(argv: list[str] | None = None) -> int:
         result = dot_sweep(llm_shapes(args), device, dtype, clock.graph_s)
         print("best: " + ", ".join(f"{k}: {v}" for k, v in result["best"].items()))
     else:
-        print("\n".join(summary_lines(gemv_variants(llm_shapes(args), device, dtype, clock.graph_s))))
+        candidates = None
+        if a.mma_only:
+            candidates = {"fma": None, "cuda": lambda key, n_out, b: [kernels.CUDA_TILES.get(key, CudaTile())],
+                          "mma_blocked": lambda key, n_out, b: mma_candidates()}
+        print("\n".join(summary_lines(gemv_variants(llm_shapes(args), device, dtype, clock.graph_s,
+                                                     candidates=candidates))))
     return 0
 
 

@@ -74,7 +74,7 @@ def test_a_family_row_picks_the_fastest_tile_within_the_error_limit(monkeypatch)
         calls[0]()
         return {("fast",): 1e-6, ("slow",): 3e-6, ("wrong",): 0.5e-6}[timed[0]]
 
-    monkeypatch.setitem(gemv_bench.FAMILIES, "fake", (call, lambda *a: {"checked": True}))
+    monkeypatch.setitem(gemv_bench.FAMILIES, "fake", (call, lambda *a: {"checked": True}, tuple))
     row = gemv_bench._family_row("fake", [("slow",), ("broken",), ("fast",), ("wrong",)], graph_s, [(q, scale)], x, ref,
                                  False, 100, "test", True, 1)
     assert [f["tile"] for f in row["fake"]] == [("slow",), ("fast",), ("wrong",)]

@@ -14,6 +14,15 @@ fixed order: answers do not depend on timing.
 :func:`available` says whether this torch can compile it (``torch.cuda._compile_kernel``, a CUDA
 build, bf16 activations, ``K`` a multiple of 16 and 16-byte aligned rows). Where it cannot,
 :mod:`.kernels` keeps its Triton GEMVs.
+
+:func:`int8_gemv_mma` is the same product on the tensor cores (1-8 rows of x): each warp converts
+its weights to f16 in registers (one byte permute and one packed subtraction per two weights) and
+feeds them to ``mma.m16n8k16`` with the rows of x, staged as f16 in shared memory, as the other
+operand. It reads row-major weights, or the :func:`blocked_layout` copy that makes each warp's
+loads contiguous. Measured on the decoder shapes (docs/benchmarks.md, runs 34-37) it is slower
+than :func:`int8_gemv` on row-major weights and 1-4% faster at two rows on ``c_attn``, ``[w1 |
+w2]`` and ``lm_head`` on blocked ones, which the model does not store: no shape runs it by
+default (:data:`.kernels.INT8_GEMV_BY_SHAPE`).
 """
 
 from __future__ import annotations
@@ -27,7 +36,7 @@ log = logging.getLogger(__name__)
 
 MAX_ROWS = 4
 
-SOURCE = r"""
+_HELPERS = r"""
 typedef unsigned short bf16;
 typedef unsigned int u32;
 
@@ -54,6 +63,16 @@ static __device__ __forceinline__ float bf16_float(bf16 h) { return __uint_as_fl
 
 static __device__ __forceinline__ float round_bf16(float f) { return bf16_float(to_bf16(f)); }
 
+// scale, bias, round: the Triton epilogue's order (y = acc * s; y += b; bf16).
+static __device__ __forceinline__ float scaled(float acc, const float* s, const bf16* b, int n) {
+    float y = acc * s[n];
+    if (HAS_BIAS) y += bf16_float(b[n]);
+    return y;
+}
+
+"""
+
+_FMA_KERNEL = r"""
 // Four int8 weights of one word -> float32, exactly: the byte with its sign bit flipped (q + 128)
 // becomes the mantissa of 2^23, and 2^23 + 128 comes off again.
 static __device__ __forceinline__ void int8x4_float(u32 w, float* out) {
@@ -130,13 +149,6 @@ static __device__ __forceinline__ void fma_step(float (&acc)[ROWS][R], const uin
     }
 }
 
-// scale, bias, round: the Triton epilogue's order (y = acc * s; y += b; bf16).
-static __device__ __forceinline__ float scaled(float acc, const float* s, const bf16* b, int n) {
-    float y = acc * s[n];
-    if (HAS_BIAS) y += bf16_float(b[n]);
-    return y;
-}
-
 // Add up the lanes' sums of group g and store its outputs (lane 0): plain, or the gate as silu_mul
 // does it (each half rounded, silu rounded, the product rounded).
 template <int R>
@@ -196,6 +208,219 @@ vlq_int8_gemv(const bf16* __restrict__ x, const signed char* __restrict__ q, con
 }
 """
 
+SOURCE = _HELPERS + _FMA_KERNEL
+
+_MMA_KERNEL = r"""
+// Two int8 weights (bytes 0-1 of t: selector 0x4140, bytes 2-3: 0x4342; t has its sign bits
+// flipped, q + 128) -> f16x2, exactly: each byte becomes the low mantissa of 1024 (0x64xx = 1024 +
+// byte), and 1024 + 128 comes off again.
+static __device__ __forceinline__ u32 int8x2_half2(u32 t, u32 selector) {
+    const u32 h = __byte_perm(t, 0x64646464u, selector);
+    u32 out;
+    asm("sub.f16x2 %0, %1, %2;" : "=r"(out) : "r"(h), "r"(0x64806480u));
+    return out;
+}
+
+// Two bf16 of x times scale (a power of two) -> f16x2 (exact from 2^-14 to 65504).
+static __device__ __forceinline__ u32 bf16x2_half2(u32 v, float scale) {
+    const float lo = __uint_as_float(v << 16) * scale, hi = __uint_as_float(v & 0xffff0000u) * scale;
+    u32 out;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(out) : "f"(hi), "f"(lo));
+    return out;
+}
+
+static __device__ __forceinline__ u32 abs_max_bits(uint4 v, u32 m) {  // float bits of the largest |bf16|
+    m = max(m, max((v.x << 16) & 0x7fffffffu, v.x & 0x7fff0000u));  // non-negative floats order as ints
+    m = max(m, max((v.y << 16) & 0x7fffffffu, v.y & 0x7fff0000u));
+    m = max(m, max((v.z << 16) & 0x7fffffffu, v.z & 0x7fff0000u));
+    return max(m, max((v.w << 16) & 0x7fffffffu, v.w & 0x7fff0000u));
+}
+
+// c [16 x 8] += a [16 x 16] . b [16 x 8]: f16 in, f32 accumulated, on the tensor cores.
+static __device__ __forceinline__ void mma(float (&c)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+                 "{%0, %1, %2, %3};"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+constexpr int WARPS = GROUPS * SPLITS;
+// BLOCKED: q is stored as [groups][chunks][2][8][4][16 bytes] (blocked_layout), one 1 KB block
+// per group and chunk that the warp reads as two 512-byte runs; else row-major [rows, k].
+constexpr int CHUNK_STRIDE = BLOCKED ? 64 : 4;  // uint4 from one chunk of a lane's row to the next
+
+// The power of two (its exponent) a row of x is scaled by on its way to f16, from the row's
+// largest |x|: 0 while that lies in [2^-6, 65504], where every bf16 of the row that matters is an
+// f16 too; else the one that puts it in [2^14, 2^15). inf and nan rows stay as they are.
+static __device__ __forceinline__ int row_shift(const u32 (*warp_max)[ROWS], int m) {
+    u32 bits = 0;
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) bits = max(bits, warp_max[w][m]);
+    const float top = __uint_as_float(bits);
+    if (bits >= 0x7f800000u || bits == 0u || (top >= 0.015625f && top <= 65504.0f)) return 0;
+    int e;
+    frexpf(top, &e);  // top < 2^e
+    return min(126, 15 - e);
+}
+
+static __device__ __forceinline__ uint4 bf16x8_half8(uint4 v, float scale) {
+    return make_uint4(bf16x2_half2(v.x, scale), bf16x2_half2(v.y, scale), bf16x2_half2(v.z, scale),
+                      bf16x2_half2(v.w, scale));
+}
+
+constexpr int STAGE_UNROLL = ROWS >= 8 ? 1 : 8 / ROWS;  // uint4 of x per thread and row in flight
+
+// x [ROWS, k] (bf16) -> xs (f16x2 words, rows xrow words apart), each row scaled by 2^row_shift.
+// The common case is one pass, every thread's loads in flight together; a row out of range is
+// converted again (both uniform across the block).
+static __device__ __forceinline__ void stage_x(u32* xs, int xrow, const bf16* x, int stride_x, int k,
+                                               u32 (*warp_max)[ROWS]) {
+    const int per_row = k >> 3;  // uint4 of 8 bf16
+    u32 top[ROWS];
+#pragma unroll
+    for (int m = 0; m < ROWS; ++m) top[m] = 0u;
+    for (int c0 = threadIdx.x; c0 < per_row; c0 += STAGE_UNROLL * WARPS * 32) {
+        uint4 v[ROWS][STAGE_UNROLL];
+#pragma unroll
+        for (int m = 0; m < ROWS; ++m)
+#pragma unroll
+            for (int j = 0; j < STAGE_UNROLL; ++j) {
+                const int c = c0 + j * WARPS * 32;
+                v[m][j] = c < per_row ? load_cached(reinterpret_cast<const uint4*>(x + (long long)m * stride_x) + c)
+                                      : make_uint4(0, 0, 0, 0);
+            }
+#pragma unroll
+        for (int m = 0; m < ROWS; ++m)
+#pragma unroll
+            for (int j = 0; j < STAGE_UNROLL; ++j) {
+                const int c = c0 + j * WARPS * 32;
+                if (c >= per_row) break;
+                top[m] = abs_max_bits(v[m][j], top[m]);
+                *reinterpret_cast<uint4*>(xs + m * xrow + 4 * c) = bf16x8_half8(v[m][j], 1.0f);
+            }
+    }
+#pragma unroll
+    for (int m = 0; m < ROWS; ++m) {
+        top[m] = __reduce_max_sync(0xffffffffu, top[m]);
+        if ((threadIdx.x & 31) == 0) warp_max[threadIdx.x >> 5][m] = top[m];
+    }
+    __syncthreads();
+    bool again = false;
+#pragma unroll
+    for (int m = 0; m < ROWS; ++m) {
+        const int shift = row_shift(warp_max, m);
+        if (shift == 0) continue;
+        again = true;  // rare: convert this row again, scaled
+        const uint4* row = reinterpret_cast<const uint4*>(x + (long long)m * stride_x);
+        for (int c = threadIdx.x; c < per_row; c += WARPS * 32)
+            *reinterpret_cast<uint4*>(xs + m * xrow + 4 * c) = bf16x8_half8(load_cached(row + c), ldexpf(1.0f, shift));
+    }
+    if (again) __syncthreads();
+}
+
+// UNROLL chunks (64 weights of a row) from c0 on: this lane's 16 bytes of its two rows in each.
+static __device__ __forceinline__ void load_chunks(uint4 (&wl)[UNROLL], uint4 (&wh)[UNROLL], const uint4* lo,
+                                                   const uint4* hi, int c0, int c_end) {
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+        const bool in = c0 + u < c_end;
+        wl[u] = in ? load_stream(lo + CHUNK_STRIDE * (c0 + u)) : make_uint4(0, 0, 0, 0);
+        wh[u] = in ? load_stream(hi + CHUNK_STRIDE * (c0 + u)) : make_uint4(0, 0, 0, 0);
+    }
+}
+
+// acc += the chunks' 16 x 8 products, four m16n8k16 steps a chunk. The mma's k order is free as
+// long as both operands follow it: lane (row8, quad) holds k 2quad, 2quad + 1, 2quad + 8, 2quad + 9
+// of each step in both, which here are this lane's 4 contiguous bytes (and x values) of the step,
+// so a lane's weights are 16 contiguous bytes per row and chunk, read straight from row-major q.
+static __device__ __forceinline__ void mma_chunks(float (&acc)[4], const uint4 (&wl)[UNROLL], const uint4 (&wh)[UNROLL],
+                                                  const u32* xs, int xrow, int c0, int c_end, int row8, int quad) {
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+        if (c0 + u >= c_end) break;
+        uint4 x0 = make_uint4(0, 0, 0, 0), x1 = x0;  // columns past the rows of x: zero
+        if (row8 < ROWS) {
+            const uint4* xp = reinterpret_cast<const uint4*>(xs + row8 * xrow + 32 * (c0 + u) + 8 * quad);
+            x0 = xp[0];
+            x1 = xp[1];
+        }
+        const u32 lo[4] = {wl[u].x ^ 0x80808080u, wl[u].y ^ 0x80808080u, wl[u].z ^ 0x80808080u, wl[u].w ^ 0x80808080u};
+        const u32 hi[4] = {wh[u].x ^ 0x80808080u, wh[u].y ^ 0x80808080u, wh[u].z ^ 0x80808080u, wh[u].w ^ 0x80808080u};
+        const u32 b[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
+#pragma unroll
+        for (int t = 0; t < 4; ++t)
+            mma(acc, int8x2_half2(lo[t], 0x4140), int8x2_half2(hi[t], 0x4140), int8x2_half2(lo[t], 0x4342),
+                int8x2_half2(hi[t], 0x4342), b[2 * t], b[2 * t + 1]);
+    }
+}
+
+// y [ROWS, n_out] = x @ (q * s).T (+ b); GATED: q is [w1 | w2] ([2 n_out, k]) and y the gate. A
+// warp owns a group of 16 weight rows (gated: 8 rows of each half, so that one lane holds both
+// halves of an output) over its SPLITS-th of K, on the tensor cores: weights as the 16 x 16
+// operand, converted to f16 exactly in registers, the rows of x (f16, staged in shared memory
+// once per block) as the 16 x 8 one, float32 sums. The block's SPLITS warps of a group add their
+// sums in shared memory in a fixed order: answers do not depend on timing.
+extern "C" __global__ void __launch_bounds__(WARPS * 32)
+vlq_int8_gemv_mma(const bf16* __restrict__ x, const signed char* __restrict__ q, const float* __restrict__ s,
+                  const bf16* __restrict__ b, bf16* __restrict__ y, int n_out, int k, int stride_x, int stride_q) {
+    extern __shared__ uint4 smem[];
+    __shared__ u32 warp_max[WARPS][ROWS];  // float bits of each warp's largest |x| per row
+    const int xrow = k / 2 + 4;  // f16x2 words per staged row of x; 16 bytes apart in banks
+    u32* xs = reinterpret_cast<u32*>(smem);
+    float4* partial = reinterpret_cast<float4*>(xs + ROWS * xrow);  // [WARPS, 32]
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, row8 = lane >> 2, quad = lane & 3;
+    const int group = blockIdx.x * GROUPS + warp / SPLITS, split = warp % SPLITS;
+    const bool active = group < (GATED ? n_out / 8 : n_out / 16);
+    const int chunks = k >> 6;  // 64 weights a chunk
+    const int c_begin = active ? split * chunks / SPLITS : 0, c_end = active ? (split + 1) * chunks / SPLITS : 0;
+    const int lo_row = active ? (GATED ? group * 8 : group * 16) + row8 : 0;
+    const int hi_row = GATED ? n_out + lo_row : lo_row + 8;
+    const uint4* lo = BLOCKED
+        ? reinterpret_cast<const uint4*>(q + (long long)(active ? group : 0) * chunks * 1024) + 4 * row8 + quad
+        : reinterpret_cast<const uint4*>(q + (long long)lo_row * stride_q) + quad;
+    const uint4* hi = BLOCKED ? lo + 32 : reinterpret_cast<const uint4*>(q + (long long)hi_row * stride_q) + quad;
+
+    uint4 wl[UNROLL], wh[UNROLL];
+    load_chunks(wl, wh, lo, hi, c_begin, c_end);  // in flight while x is staged
+    stage_x(xs, xrow, x, stride_x, k, warp_max);
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // rows row8, row8 + 8 x columns 2quad, 2quad + 1
+    for (int c = c_begin; c < c_end;) {
+        mma_chunks(acc, wl, wh, xs, xrow, c, c_end, row8, quad);
+        c += UNROLL;
+        if (c < c_end) load_chunks(wl, wh, lo, hi, c, c_end);
+    }
+    if (SPLITS > 1) {
+        partial[warp * 32 + lane] = make_float4(acc[0], acc[1], acc[2], acc[3]);
+        __syncthreads();
+        if (split != 0) return;
+#pragma unroll
+        for (int i = 1; i < SPLITS; ++i) {
+            const float4 p = partial[(warp + i) * 32 + lane];
+            acc[0] += p.x; acc[1] += p.y; acc[2] += p.z; acc[3] += p.w;
+        }
+    }
+    if (!active) return;
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+        const int m = 2 * quad + j;
+        if (m >= ROWS) break;
+        const float inv = ldexpf(1.0f, -row_shift(warp_max, m));
+        if (GATED) {
+            const int n = lo_row;
+            float out = scaled(acc[j] * inv, s, b, n);
+            const float gate = round_bf16(scaled(acc[2 + j] * inv, s, b, n_out + n));
+            out = round_bf16(out) * round_bf16(gate / (1.0f + expf(-gate)));
+            y[(long long)m * n_out + n] = to_bf16(out);
+        } else {
+            y[(long long)m * n_out + lo_row] = to_bf16(scaled(acc[j] * inv, s, b, lo_row));
+            y[(long long)m * n_out + hi_row] = to_bf16(scaled(acc[2 + j] * inv, s, b, hi_row));
+        }
+    }
+}
+"""
+
+MMA_SOURCE = _HELPERS + _MMA_KERNEL
+
 
 class CudaTile(NamedTuple):
     """Launch shape of the CUDA GEMV: ``wrows`` output rows per warp (of each half, gated),
@@ -208,20 +433,40 @@ class CudaTile(NamedTuple):
     threads: int = 128
 
 
+class MmaTile(NamedTuple):
+    """Launch shape of the tensor-core GEMV: ``groups`` groups of 16 weight rows per block, each
+    read by ``splits`` warps (one share of K each, added in shared memory), ``unroll`` chunks of
+    64 weights per row in flight per warp (32 bytes a lane)."""
+
+    groups: int = 2
+    splits: int = 2
+    unroll: int = 2
+
+    @property
+    def threads(self) -> int:
+        return 32 * self.groups * self.splits
+
+
+KERNELS = {"gemv": "vlq_int8_gemv", "mma": "vlq_int8_gemv_mma"}
+MMA_MAX_ROWS = 8  # the columns of one m16n8k16 step
+MMA_SHARED_LIMIT = 48 * 1024  # a block's shared memory without opting in
+
 _compiled: dict[tuple, object] = {}
-_disabled: str | None = None  # why the kernel does not run in this process, once it failed
+_disabled: dict[str, str] = {}  # kernel -> why it does not run in this process, once it failed
 
 
-def disable(reason: str) -> None:
-    """Stop using the CUDA GEMV in this process (a compile or launch failed): logged once."""
-    global _disabled
-    if _disabled is None:
-        log.warning("the CUDA int8 GEMV is off in this process (%s); the Triton GEMVs serve instead", reason)
-    _disabled = reason
+def disable(reason: str, kernel: str = "gemv") -> None:
+    """Stop using the CUDA GEMV ``kernel`` ("gemv" or "mma") in this process (a compile or launch
+    failed): logged once."""
+    if kernel not in _disabled:
+        name = "CUDA int8 GEMV" if kernel == "gemv" else "tensor-core CUDA int8 GEMV"
+        log.warning("the %s is off in this process (%s); the next fastest GEMV serves instead", name, reason)
+    _disabled[kernel] = reason
 
 
-def _compiler_ok(x: torch.Tensor) -> bool:
-    return _disabled is None and x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch.cuda, "_compile_kernel")
+def _compiler_ok(x: torch.Tensor, kernel: str = "gemv") -> bool:
+    return (kernel not in _disabled and x.is_cuda and x.dtype == torch.bfloat16
+            and hasattr(torch.cuda, "_compile_kernel"))
 
 
 def _weight_ok(q: torch.Tensor) -> bool:
@@ -229,31 +474,69 @@ def _weight_ok(q: torch.Tensor) -> bool:
             and q.stride(0) % 16 == 0 and q.data_ptr() % 16 == 0)
 
 
+def _operands_ok(x: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None) -> bool:
+    return (x.stride(1) == 1 and x.stride(0) % 8 == 0 and x.data_ptr() % 16 == 0
+            and (scale is None or (scale.dtype == torch.float32 and scale.is_contiguous()))
+            and (bias is None or (bias.dtype == torch.bfloat16 and bias.is_contiguous())))
+
+
 def available(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor | None = None,
               bias: torch.Tensor | None = None) -> bool:
     """True when :func:`int8_gemv` runs ``x`` times ``q`` here: CUDA, NVRTC through torch, bf16
     ``x`` of 1-4 rows, ``K`` a multiple of 16, rows 16-byte aligned (float32 ``scale``, bf16
     ``bias``)."""
-    return (_compiler_ok(x) and _weight_ok(q) and 1 <= x.shape[0] <= MAX_ROWS and x.stride(1) == 1
-            and x.stride(0) % 8 == 0 and x.data_ptr() % 16 == 0
-            and (scale is None or (scale.dtype == torch.float32 and scale.is_contiguous()))
-            and (bias is None or (bias.dtype == torch.bfloat16 and bias.is_contiguous())))
+    return (_compiler_ok(x) and _weight_ok(q) and 1 <= x.shape[0] <= MAX_ROWS and _operands_ok(x, scale, bias))
+
+
+def mma_shared_bytes(rows: int, k: int, tile: MmaTile) -> int:
+    """Dynamic shared memory of the tensor-core GEMV: ``rows`` of x as f16 (16 bytes of padding
+    each) and one float4 per thread for the split-K sums."""
+    return rows * (2 * k + 16) + (16 * tile.threads if tile.splits > 1 else 0)
+
+
+def mma_available(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor | None = None,
+                  bias: torch.Tensor | None = None, tile: MmaTile | None = None, gated: bool = False) -> bool:
+    """True when :func:`int8_gemv_mma` runs ``x`` times ``q`` here: as :func:`available`, with 1-8
+    rows of x, ``K`` a multiple of 64, whole groups of 16 weight rows (gated: 8 of each half) and
+    the staged rows of x within 48 KB of shared memory."""
+    m, k = x.shape
+    return (_compiler_ok(x, "mma") and _weight_ok(q) and 1 <= m <= MMA_MAX_ROWS and k % 64 == 0
+            and q.shape[0] % 16 == 0 and _operands_ok(x, scale, bias)
+            and mma_shared_bytes(m, k, MmaTile(*(tile or MmaTile()))) <= MMA_SHARED_LIMIT)
 
 
 def macros(rows: int, tile: CudaTile, gated: bool, has_bias: bool) -> dict[str, int]:
-    """The compile-time settings of the kernel for ``rows`` rows of x and ``tile``."""
+    """The compile-time settings of the FMA kernel for ``rows`` rows of x and ``tile``."""
     return {"ROWS": rows, "WROWS": tile.wrows, "UNROLL": tile.unroll, "THREADS": tile.threads, "GATED": int(gated),
             "HAS_BIAS": int(has_bias)}
 
 
-def _kernel(settings: dict[str, int]):
-    """The kernel compiled with ``settings`` (:func:`macros`; once per process and setting)."""
-    key = tuple(sorted(settings.items()))
-    kernel = _compiled.get(key)
-    if kernel is None:
+def mma_macros(rows: int, tile: MmaTile, gated: bool, has_bias: bool, blocked: bool = False) -> dict[str, int]:
+    """The compile-time settings of the tensor-core kernel for ``rows`` rows of x and ``tile``."""
+    return {"ROWS": rows, "GROUPS": tile.groups, "SPLITS": tile.splits, "UNROLL": tile.unroll, "GATED": int(gated),
+            "HAS_BIAS": int(has_bias), "BLOCKED": int(blocked)}
+
+
+def blocked_layout(q: torch.Tensor, gated: bool = False) -> torch.Tensor:
+    """Row-major int8 ``q [N, K]`` -> the tensor-core GEMV's blocked layout, ``[N / 16, K / 64, 2, 8,
+    4, 16]``: per group of 16 rows (gated: 8 rows of each half) and chunk of 64 weights, the 8
+    low rows then the 8 high rows, 64 bytes each, so that a warp reads each chunk as two
+    512-byte runs."""
+    n, k = q.shape
+    if gated:
+        q = torch.stack([q[: n // 2].reshape(n // 16, 8, k), q[n // 2:].reshape(n // 16, 8, k)], dim=1)
+    return q.reshape(n // 16, 2, 8, k // 64, 4, 16).permute(0, 3, 1, 2, 4, 5).contiguous()
+
+
+def _kernel(settings: dict[str, int], kernel: str = "gemv"):
+    """``kernel`` ("gemv" or "mma") compiled with ``settings`` (once per process and setting)."""
+    key = (kernel, *sorted(settings.items()))
+    compiled = _compiled.get(key)
+    if compiled is None:
         options = [f"-D{k}={v}" for k, v in settings.items()]
-        kernel = _compiled[key] = torch.cuda._compile_kernel(SOURCE, "vlq_int8_gemv", nvcc_options=options)
-    return kernel
+        source = SOURCE if kernel == "gemv" else MMA_SOURCE
+        compiled = _compiled[key] = torch.cuda._compile_kernel(source, KERNELS[kernel], nvcc_options=options)
+    return compiled
 
 
 def int8_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
@@ -270,4 +553,26 @@ def int8_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch
     blocks = -(-n // (tile.wrows * (tile.threads // 32)))
     kernel(grid=(blocks, 1, 1), block=(tile.threads, 1, 1),
            args=[x, q, scale, bias if bias is not None else scale, y, n, k, x.stride(0), q.stride(0)])
+    return y
+
+
+def int8_gemv_mma(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
+                  tile: MmaTile | None = None, gated: bool = False,
+                  blocked: torch.Tensor | None = None) -> torch.Tensor:
+    """As :func:`int8_gemv` on the tensor cores, for 1-8 rows of x (callers check
+    :func:`mma_available`); ``blocked``: ``q`` in :func:`blocked_layout` (``q`` still gives the
+    shape). The rows of x go to the tensor cores as f16, which holds every bf16 from 2**-14 to
+    65504 exactly; a row whose largest ``|x|`` lies outside [2**-6, 65504] is scaled by a power of
+    two first (and its sums back), so answers match float32 math up to summation order."""
+    m, k = x.shape
+    rows = q.shape[0]
+    n = rows // 2 if gated else rows
+    tile = MmaTile(*(tile or MmaTile()))
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    kernel = _kernel(mma_macros(m, tile, gated, bias is not None, blocked is not None), "mma")
+    groups = rows // 16  # gated: 8 rows of each half a group
+    kernel(grid=(-(-groups // tile.groups), 1, 1), block=(tile.threads, 1, 1),
+           args=[x, q if blocked is None else blocked, scale, bias if bias is not None else scale, y, n, k,
+                 x.stride(0), q.stride(0)],
+           shared_mem=mma_shared_bytes(m, k, tile))
     return y

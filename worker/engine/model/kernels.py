@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from . import cuda_gemv
-from .cuda_gemv import CudaTile
+from .cuda_gemv import CudaTile, MmaTile
 
 try:  # Triton ships with CUDA builds of torch; CPU-only installs run the torch versions
     import triton
@@ -107,7 +107,9 @@ TILES: dict[tuple[int, int, int], tuple] = {
 # cores; each program streams BLOCK_N weight rows along K in 16-byte chunks, converts them to
 # float32 in registers and multiplies by the 1-2 rows of x) or "cuda" (cuda_gemv: the same
 # arithmetic in CUDA C++, each warp owning whole output rows, up to cuda_gemv.MAX_ROWS rows of x;
-# where it cannot compile, the FMA kernel at one row and the tensor cores above).
+# where it cannot compile, the FMA kernel at one row and the tensor cores above) or "mma"
+# (cuda_gemv.int8_gemv_mma, tensor cores in CUDA C++; on row-major weights slower than "cuda" on
+# every decoder shape in runs 34-37, so no shape is set to it; where it cannot run, "cuda").
 # INT8_GEMV_BY_SHAPE picks per weight shape and row count; INT8_GEMV is the default for the rest.
 # They differ only in float32 summation order (int8 answers are checked against their dequantised
 # reference, not bf16).
@@ -132,10 +134,11 @@ INT8_GEMV_BY_SHAPE: dict[tuple[int, int, int], str] = {
 
 
 def int8_gemv_variant(n: int, k: int, m: int) -> str:
-    """``"dot"``, ``"fma"`` or ``"cuda"``: how ``m`` rows times an int8 ``[n, k]`` weight run (a
+    """``"dot"``, ``"fma"``, ``"cuda"`` or ``"mma"``: how ``m`` rows times an int8 ``[n, k]`` weight run (a
     CUDA graph keeps the kernel chosen when it was captured)."""
     variant = INT8_GEMV_BY_SHAPE.get((n, k, m), INT8_GEMV if m <= FMA_ROWS else "dot")
-    if (variant == "fma" and m > FMA_ROWS) or (variant == "cuda" and m > cuda_gemv.MAX_ROWS):
+    if ((variant == "fma" and m > FMA_ROWS) or (variant == "cuda" and m > cuda_gemv.MAX_ROWS)
+            or (variant == "mma" and m > cuda_gemv.MMA_MAX_ROWS)):
         return "dot"
     return variant
 
@@ -158,6 +161,10 @@ CUDA_TILES: dict[tuple[int, int, int], CudaTile] = {
     (151936, 4096, 1): CudaTile(1, 3, 128),  # lm_head
     (151936, 4096, 2): CudaTile(2, 3, 128),
 }
+
+# Tensor-core CUDA GEMV tiles, (N, K, rows of x) -> cuda_gemv.MmaTile (groups, splits, unroll). The
+# rest run MmaTile().
+MMA_TILES: dict[tuple[int, int, int], MmaTile] = {}
 
 
 class FmaTile(NamedTuple):
@@ -469,6 +476,11 @@ def _matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, b
         x = x.contiguous()
     if config is None and weight.dtype == torch.int8:
         variant = int8_gemv_variant(rows, k, m)
+        if variant == "mma":
+            y = _int8_gemv_mma(x, weight, scale, bias, MMA_TILES.get((rows, k, m)), gated)
+            if y is not None:
+                return y
+            variant = "cuda"  # the next fastest (docs/benchmarks.md)
         if variant == "cuda":
             y = _int8_gemv_cuda(x, weight, scale, bias, CUDA_TILES.get((rows, k, m)), gated)
             if y is not None:
@@ -509,6 +521,18 @@ def _int8_gemv_cuda(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, 
         return cuda_gemv.int8_gemv(x, weight, scale, bias, tile, gated)
     except Exception as e:  # NVRTC missing or refusing: serve on with the Triton GEMVs
         cuda_gemv.disable(f"{type(e).__name__}: {e}")
+        return None
+
+
+def _int8_gemv_mma(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                   tile: MmaTile | None, gated: bool) -> torch.Tensor | None:
+    """The tensor-core CUDA GEMV, or None where it cannot run (as :func:`_int8_gemv_cuda`)."""
+    if not cuda_gemv.mma_available(x, weight, scale, bias, tile, gated):
+        return None
+    try:
+        return cuda_gemv.int8_gemv_mma(x, weight, scale, bias, tile, gated)
+    except Exception as e:  # NVRTC refusing: serve on with the FMA CUDA GEMV or Triton
+        cuda_gemv.disable(f"{type(e).__name__}: {e}", "mma")
         return None
 
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from worker.engine.model import cuda_gemv, kernels
-from worker.engine.model.cuda_gemv import CudaTile
+from worker.engine.model.cuda_gemv import CudaTile, MmaTile
 
 
 def byte_perm(a: np.ndarray, b: int, selector: int) -> np.ndarray:
@@ -48,13 +48,52 @@ def test_the_cuda_gemv_does_not_run_on_cpu_tensors_or_other_dtypes():
 
 
 def test_disabling_the_cuda_gemv_logs_once_and_keeps_it_off(monkeypatch, caplog):
-    monkeypatch.setattr(cuda_gemv, "_disabled", None)
+    monkeypatch.setattr(cuda_gemv, "_disabled", {})
     with caplog.at_level(logging.WARNING, logger=cuda_gemv.__name__):
         cuda_gemv.disable("RuntimeError: nvrtc missing")
         cuda_gemv.disable("RuntimeError: again")
     assert [r.message for r in caplog.records if "CUDA int8 GEMV is off" in r.message] == [
-        "the CUDA int8 GEMV is off in this process (RuntimeError: nvrtc missing); the Triton GEMVs serve instead"]
+        "the CUDA int8 GEMV is off in this process (RuntimeError: nvrtc missing); the next fastest GEMV serves "
+        "instead"]
     assert not cuda_gemv._compiler_ok(torch.zeros(1, dtype=torch.bfloat16))
+    assert "mma" not in cuda_gemv._disabled  # the tensor-core kernel is judged on its own
+
+
+def test_the_f16_byte_permute_conversion_gives_every_int8_value_exactly():
+    q = np.arange(-128, 128, dtype=np.int8).reshape(-1, 2)  # two weights in bytes 0-1 of each word
+    words = q.view(np.uint16).astype(np.uint32).ravel() ^ 0x80808080
+    halves = byte_perm(words, 0x64646464, 0x4140).astype(np.uint32).view(np.uint16).view(np.float16)
+    values = halves.astype(np.float32) - np.float32(1152.0)  # the kernel's sub.f16x2 by 0x6480 (1152)
+    assert np.array_equal(values.reshape(-1, 2), q.astype(np.float32))
+
+
+def test_the_blocked_layout_puts_each_lanes_16_bytes_of_both_rows_where_the_kernel_reads_them():
+    q = torch.randint(-128, 128, (64, 256), dtype=torch.int8)
+    for gated in (False, True):
+        blocked = cuda_gemv.blocked_layout(q, gated).flatten()
+        for group, chunk, row8, quad in [(0, 0, 0, 0), (1, 2, 5, 3), (3, 3, 7, 1)]:
+            at = (group * 4 + chunk) * 1024 + row8 * 64 + quad * 16
+            lo_row = group * 8 + row8 if gated else group * 16 + row8
+            hi_row = 32 + lo_row if gated else lo_row + 8
+            cols = slice(64 * chunk + 16 * quad, 64 * chunk + 16 * quad + 16)
+            assert torch.equal(blocked[at:at + 16], q[lo_row, cols])
+            assert torch.equal(blocked[at + 512:at + 528], q[hi_row, cols])
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed here")
+@pytest.mark.parametrize("rows", [1, 2, 4])
+def test_the_tensor_core_source_compiles_for_hopper_without_spilling(tmp_path, rows):
+    source = tmp_path / "mma.cu"
+    source.write_text(cuda_gemv.MMA_SOURCE)
+    for tile, gated, bias, blocked in [(MmaTile(), False, True, False), (MmaTile(1, 8, 2), True, False, True),
+                                       (MmaTile(4, 2, 2), False, False, True)]:
+        macros = cuda_gemv.mma_macros(rows, tile, gated, bias, blocked)
+        done = subprocess.run(["nvcc", "-arch=sm_90", "-cubin", "-o", str(tmp_path / "mma.cubin"), "-Xptxas", "-v",
+                               *[f"-D{k}={v}" for k, v in macros.items()], str(source)],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        spills = [int(n) for n in re.findall(r"(\d+) bytes spill stores", done.stderr)]
+        assert spills and max(spills) == 0, (macros, done.stderr)
 
 
 def test_a_shape_on_the_cuda_gemv_falls_back_to_triton_beyond_its_rows():
