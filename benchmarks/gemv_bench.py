@@ -130,11 +130,6 @@ def triton_only(by_shape: dict) -> dict:
             for key, variant in by_shape.items()}
 
 
-def without_mma(by_shape: dict) -> dict:
-    """``by_shape`` with each tensor-core CUDA GEMV on the FMA CUDA GEMV (the previous kernel)."""
-    return {key: "cuda" if variant == "mma" else variant for key, variant in by_shape.items()}
-
-
 def _timed(graph_s: Callable[[list], float], fn, weights: list, x: torch.Tensor) -> float:
     """Seconds per call of ``fn(x, *weight)`` over the rotating ``weights``."""
     return graph_s([lambda w=w: fn(x, *w) for w in weights])
@@ -166,30 +161,26 @@ def _fma_checks(x, q, scale, tile: FmaTile, gated: bool, repeats: int) -> dict:
     return out
 
 
-def _cuda_checks(x, q, scale, tile: CudaTile, gated: bool, repeats: int) -> dict:
-    """The CUDA GEMV's repeats, and its gate against torch's."""
-    first, out = repeat_check(lambda: cuda_gemv.int8_gemv(x, q, scale, None, tile, gated), repeats)
-    if gated:
-        out["gate equal to torch's w1 * silu(w2) of the plain GEMV"] = _gate_matches_torch(
-            first, cuda_gemv.int8_gemv(x, q, scale, None, tile))
-    return out
-
-
-def _mma_checks(x, q, scale, tile: MmaTile, gated: bool, repeats: int) -> dict:
-    """The tensor-core CUDA GEMV's repeats, and its gate against torch's."""
-    first, out = repeat_check(lambda: cuda_gemv.int8_gemv_mma(x, q, scale, None, tile, gated), repeats)
-    if gated:
-        out["gate equal to torch's w1 * silu(w2) of the plain GEMV"] = _gate_matches_torch(
-            first, cuda_gemv.int8_gemv_mma(x, q, scale, None, tile))
-    return out
+def _gate_checks(gemv: Callable) -> Callable:
+    """The checks of a CUDA GEMV ``gemv(x, q, scale, bias, tile, gated)``: its repeats, and its
+    gate against torch's ``w1 * silu(w2)`` of its plain output."""
+    def checks(x, q, scale, tile, gated: bool, repeats: int) -> dict:
+        first, out = repeat_check(lambda: gemv(x, q, scale, None, tile, gated), repeats)
+        if gated:
+            out["gate equal to torch's w1 * silu(w2) of the plain GEMV"] = _gate_matches_torch(
+                first, gemv(x, q, scale, None, tile, False))
+        return out
+    return checks
 
 
 # Per kernel family: the GEMV call (x, q, scale, tile, gated), the checks of its picked tile and
 # the tile type.
 FAMILIES = {
     "fma": (lambda x, q, s, t, gated=False: kernels._gemv_fma(x, q, s, None, t, gated), _fma_checks, FmaTile),
-    "cuda": (lambda x, q, s, t, gated=False: cuda_gemv.int8_gemv(x, q, s, None, t, gated), _cuda_checks, CudaTile),
-    "mma": (lambda x, q, s, t, gated=False: cuda_gemv.int8_gemv_mma(x, q, s, None, t, gated), _mma_checks, MmaTile),
+    "cuda": (lambda x, q, s, t, gated=False: cuda_gemv.int8_gemv(x, q, s, None, t, gated),
+             _gate_checks(cuda_gemv.int8_gemv), CudaTile),
+    "mma": (lambda x, q, s, t, gated=False: cuda_gemv.int8_gemv_mma(x, q, s, None, t, gated),
+            _gate_checks(cuda_gemv.int8_gemv_mma), MmaTile),
     # the same kernel on a blocked_layout copy of each weight (made before timing; benchmark only)
     "mma_blocked": (lambda x, q, s, t, gated=False: cuda_gemv.int8_gemv_mma(x, q, s, None, t, gated,
                                                                             _blocked(q, gated)),

@@ -495,7 +495,7 @@ def mma_shared_bytes(rows: int, k: int, tile: MmaTile) -> int:
 
 
 def mma_available(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor | None = None,
-                  bias: torch.Tensor | None = None, tile: MmaTile | None = None, gated: bool = False) -> bool:
+                  bias: torch.Tensor | None = None, tile: MmaTile | None = None) -> bool:
     """True when :func:`int8_gemv_mma` runs ``x`` times ``q`` here: as :func:`available`, with 1-8
     rows of x, ``K`` a multiple of 64, whole groups of 16 weight rows (gated: 8 of each half) and
     the staged rows of x within 48 KB of shared memory."""

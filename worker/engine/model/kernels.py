@@ -527,7 +527,7 @@ def _int8_gemv_cuda(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, 
 def _int8_gemv_mma(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                    tile: MmaTile | None, gated: bool) -> torch.Tensor | None:
     """The tensor-core CUDA GEMV, or None where it cannot run (as :func:`_int8_gemv_cuda`)."""
-    if not cuda_gemv.mma_available(x, weight, scale, bias, tile, gated):
+    if not cuda_gemv.mma_available(x, weight, scale, bias, tile):
         return None
     try:
         return cuda_gemv.int8_gemv_mma(x, weight, scale, bias, tile, gated)

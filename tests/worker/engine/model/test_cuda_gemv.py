@@ -47,6 +47,25 @@ def test_the_cuda_gemv_does_not_run_on_cpu_tensors_or_other_dtypes():
     assert kernels._int8_gemv_cuda(x, q, torch.ones(32), None, None, False) is None
 
 
+def test_the_tensor_core_gemv_does_not_run_on_cpu_tensors_and_falls_back_beyond_its_rows():
+    x = torch.zeros(2, 64, dtype=torch.bfloat16)
+    q = torch.zeros(32, 64, dtype=torch.int8)
+    assert not cuda_gemv.mma_available(x, q)
+    assert kernels._int8_gemv_mma(x, q, torch.ones(32), None, None, False) is None
+    with_mma = {**kernels.INT8_GEMV_BY_SHAPE, (4096, 4096, 2): "mma", (4096, 4096, 9): "mma"}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(kernels, "INT8_GEMV_BY_SHAPE", with_mma)
+        assert kernels.int8_gemv_variant(4096, 4096, 2) == "mma"
+        assert kernels.int8_gemv_variant(4096, 4096, cuda_gemv.MMA_MAX_ROWS + 1) == "dot"
+
+
+def test_the_tensor_core_gemv_stages_two_rows_of_the_mlps_k_within_48_kb():
+    tile = MmaTile(1, 8, 2)
+    assert cuda_gemv.mma_shared_bytes(2, 11008, tile) <= cuda_gemv.MMA_SHARED_LIMIT
+    assert cuda_gemv.mma_shared_bytes(3, 11008, tile) > cuda_gemv.MMA_SHARED_LIMIT
+    assert cuda_gemv.mma_shared_bytes(1, 4096, MmaTile(4, 1, 2)) == 2 * 4096 + 16  # no split-K sums
+
+
 def test_disabling_the_cuda_gemv_logs_once_and_keeps_it_off(monkeypatch, caplog):
     monkeypatch.setattr(cuda_gemv, "_disabled", {})
     with caplog.at_level(logging.WARNING, logger=cuda_gemv.__name__):
@@ -80,42 +99,39 @@ def test_the_blocked_layout_puts_each_lanes_16_bytes_of_both_rows_where_the_kern
             assert torch.equal(blocked[at + 512:at + 528], q[hi_row, cols])
 
 
-@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed here")
-@pytest.mark.parametrize("rows", [1, 2, 4])
-def test_the_tensor_core_source_compiles_for_hopper_without_spilling(tmp_path, rows):
-    source = tmp_path / "mma.cu"
-    source.write_text(cuda_gemv.MMA_SOURCE)
-    for tile, gated, bias, blocked in [(MmaTile(), False, True, False), (MmaTile(1, 8, 2), True, False, True),
-                                       (MmaTile(4, 2, 2), False, False, True)]:
-        macros = cuda_gemv.mma_macros(rows, tile, gated, bias, blocked)
-        done = subprocess.run(["nvcc", "-arch=sm_90", "-cubin", "-o", str(tmp_path / "mma.cubin"), "-Xptxas", "-v",
-                               *[f"-D{k}={v}" for k, v in macros.items()], str(source)],
-                              capture_output=True, text=True, timeout=120)
-        assert done.returncode == 0, done.stderr
-        spills = [int(n) for n in re.findall(r"(\d+) bytes spill stores", done.stderr)]
-        assert spills and max(spills) == 0, (macros, done.stderr)
-
-
 def test_a_shape_on_the_cuda_gemv_falls_back_to_triton_beyond_its_rows():
     assert kernels.int8_gemv_variant(12288, 4096, 1) == "cuda"
     assert kernels.int8_gemv_variant(12288, 4096, cuda_gemv.MAX_ROWS + 1) == "dot"
 
 
+def assert_compiles_for_hopper_without_spilling(source: str, macros: dict[str, int], tmp_path) -> None:
+    path = tmp_path / "kernel.cu"
+    path.write_text(source)
+    done = subprocess.run(["nvcc", "-arch=sm_90", "-cubin", "-o", str(tmp_path / "kernel.cubin"), "-Xptxas", "-v",
+                           *[f"-D{k}={v}" for k, v in macros.items()], str(path)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    spills = [int(n) for n in re.findall(r"(\d+) bytes spill stores", done.stderr)]
+    assert spills and max(spills) == 0, (macros, done.stderr)
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed here")
 @pytest.mark.parametrize("rows", [1, 2, 4])
 def test_the_source_compiles_for_hopper_without_spilling_for_every_tile_in_use(tmp_path, rows):
-    source = tmp_path / "gemv.cu"
-    source.write_text(cuda_gemv.SOURCE)
     settings = {(tile, n == 22016, n == 12288) for (n, _, m), tile in kernels.CUDA_TILES.items() if m == min(rows, 2)}
     settings |= {(CudaTile(), True, False), (CudaTile(), False, True)}  # the default, gated and with a bias
     for tile, gated, bias in sorted(settings):
-        macros = cuda_gemv.macros(rows, tile, gated, bias)
-        done = subprocess.run(["nvcc", "-arch=sm_90", "-cubin", "-o", str(tmp_path / "gemv.cubin"), "-Xptxas", "-v",
-                               *[f"-D{k}={v}" for k, v in macros.items()], str(source)],
-                              capture_output=True, text=True, timeout=120)
-        assert done.returncode == 0, done.stderr
-        spills = [int(n) for n in re.findall(r"(\d+) bytes spill stores", done.stderr)]
-        assert spills and max(spills) == 0, (macros, done.stderr)
+        assert_compiles_for_hopper_without_spilling(cuda_gemv.SOURCE, cuda_gemv.macros(rows, tile, gated, bias),
+                                                    tmp_path)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed here")
+@pytest.mark.parametrize("rows", [1, 2, 4])
+def test_the_tensor_core_source_compiles_for_hopper_without_spilling(tmp_path, rows):
+    for tile, gated, bias, blocked in [(MmaTile(), False, True, False), (MmaTile(1, 8, 2), True, False, True),
+                                       (MmaTile(4, 2, 2), False, False, True)]:
+        assert_compiles_for_hopper_without_spilling(
+            cuda_gemv.MMA_SOURCE, cuda_gemv.mma_macros(rows, tile, gated, bias, blocked), tmp_path)
 
 
 def test_tiles_launch_whole_warps():
