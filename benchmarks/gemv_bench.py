@@ -20,7 +20,7 @@ bf16 weights get the same timing for one FMA tile (reported only: the bf16 defau
 Run alone, ``python -m benchmarks.gemv_bench`` prints that comparison for the real architecture's
 shapes; ``--mma-only`` times the tensor-core CUDA GEMV's tiles, on row-major weights and on
 their blocked layout ("mma_blocked"), against the built-in CUDA GEMV tile only (docs/benchmarks.md,
-runs 34-37); ``--dot-sweep`` times the int8 tensor-core GEMV with wider tiles than the built-in
+runs 34-41); ``--dot-sweep`` times the int8 tensor-core GEMV with wider tiles than the built-in
 ones (:func:`dot_sweep`; runs 10 and 12).
 """
 
@@ -253,14 +253,14 @@ def cuda_edge_cases(device: torch.device, dtype: torch.dtype) -> dict[str, float
 
 def mma_edge_cases(device: torch.device, dtype: torch.dtype) -> dict[str, float]:
     """The tensor-core CUDA GEMV on the cases the layer shapes do not cover, against float64 math
-    (bf16 ulps): 1-8 rows (as many as fit its shared memory), blocks with idle groups, uneven
-    shares of K, a bias, the gate (through torch's ``w1 * silu(w2)`` of its plain output), and rows
-    of x that f16 cannot hold as they are (values past 65504, a row of tiny values, one huge value
-    among ordinary ones, a zero row), which it scales by a power of two. Empty when it is not
-    available here."""
+    (bf16 ulps): 1-8 rows (as many as fit its shared memory),
+    blocks with idle groups, uneven shares of K, a bias, the gate (through torch's ``w1 *
+    silu(w2)`` of its plain output), and rows of x that f16 cannot hold as they are (values past
+    65504, a row of tiny values, one huge value among ordinary ones, a zero row), which it scales
+    by a power of two. Empty when it is not available here."""
     gen = torch.Generator(device=device).manual_seed(6)
     out = {}
-    tiles = (MmaTile(), MmaTile(1, 8, 4), MmaTile(4, 1, 1), MmaTile(3, 2, 3))
+    tiles = (MmaTile(), MmaTile(1, 8, 4), MmaTile(4, 1, 1), MmaTile(3, 2, 3), MmaTile(1, 16, 2))
     for n, k in ((1024, 4096), (4096, 11008), (48, 704)):
         q, scale = kernels.quantize_int8(torch.randn(n, k, device=device, dtype=dtype, generator=gen) / math.sqrt(k))
         bias = torch.randn(n, device=device, dtype=dtype, generator=gen)
@@ -274,11 +274,11 @@ def mma_edge_cases(device: torch.device, dtype: torch.dtype) -> dict[str, float]
             for tile in tiles:
                 if not cuda_gemv.mma_available(x, q, tile=tile):
                     continue
-                out[f"[{n}x{k}] M={m} bias {tuple(tile)}"] = ulp_error(
-                    cuda_gemv.int8_gemv_mma(x, q, scale, bias, tile), ref)
-                same = _gate_matches_torch(cuda_gemv.int8_gemv_mma(x, q, scale, None, tile, gated=True),
+                label = f"[{n}x{k}] M={m} {tuple(tile)}"
+                out[f"{label} bias"] = ulp_error(cuda_gemv.int8_gemv_mma(x, q, scale, bias, tile), ref)
+                same = _gate_matches_torch(cuda_gemv.int8_gemv_mma(x, q, scale, None, tile, True),
                                            cuda_gemv.int8_gemv_mma(x, q, scale, None, tile))
-                out[f"[{n}x{k}] M={m} gated {tuple(tile)} == torch gate"] = 0.0 if same else float("inf")
+                out[f"{label} gated == torch gate"] = 0.0 if same else float("inf")
         x = torch.randn(4, k, device=device, dtype=dtype, generator=gen)
         x[0] *= 1e5  # past f16's range
         x[1] *= 1e-9  # below it
@@ -288,8 +288,9 @@ def mma_edge_cases(device: torch.device, dtype: torch.dtype) -> dict[str, float]
         for tile in tiles:
             if cuda_gemv.mma_available(x, q, tile=tile):
                 y = cuda_gemv.int8_gemv_mma(x, q, scale, None, tile)
-                out[f"[{n}x{k}] rows out of f16 range {tuple(tile)}"] = ulp_error(y[:3], ref[:3])
-                out[f"[{n}x{k}] zero row {tuple(tile)}"] = 0.0 if bool((y[3] == 0).all()) else float("inf")
+                label = f"[{n}x{k}] {tuple(tile)}"
+                out[f"{label} rows out of f16 range"] = ulp_error(y[:3], ref[:3])
+                out[f"{label} zero row"] = 0.0 if bool((y[3] == 0).all()) else float("inf")
     return out
 
 
@@ -345,17 +346,17 @@ def gemv_variants(shapes: dict[str, tuple[int, int]], device: torch.device, dtyp
                        "dot_tile": dot_tile, "dot_us": dot_s * 1e6, "dot_GBps": nbytes / dot_s / 1e9,
                        "dot_max_ulp": dot_err}
                 label = f"{name} {kind} M={m}"
+                mma_here = any(cuda_gemv.mma_available(x, q, tile=t) for t in mma_candidates())
                 runs = {"fma": bool(sweeps["fma"]),
                         "cuda": kind == "int8" and bool(sweeps["cuda"]) and cuda_gemv.available(x, q),
-                        "mma": kind == "int8" and bool(sweeps["mma"]) and cuda_gemv.mma_available(x, q),
-                        "mma_blocked": (kind == "int8" and bool(sweeps["mma_blocked"])
-                                        and cuda_gemv.mma_available(x, q))}
+                        "mma": kind == "int8" and bool(sweeps["mma"]) and mma_here,
+                        "mma_blocked": kind == "int8" and bool(sweeps["mma_blocked"]) and mma_here}
                 if runs["mma_blocked"]:
                     for w_, _ in layers:
                         _blocked(w_, gated)
                 for family in (f for f in FAMILIES if runs[f]):
                     tiles = [t for t in sweeps[family]((n, k, m), out_n, weight_bytes)
-                             if family not in ("mma", "mma_blocked") or cuda_gemv.mma_available(x, q, tile=t)]
+                             if not family.startswith("mma") or cuda_gemv.mma_available(x, q, tile=t)]
                     row.update(_family_row(family, tiles, graph_s, layers, x, ref, gated, nbytes, label,
                                            kind == "int8", repeats))
                 times = {"dot": dot_s, **{f: row[f"{f}_us"] / 1e6 for f in FAMILIES if f"{f}_best" in row}}

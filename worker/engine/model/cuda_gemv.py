@@ -17,12 +17,12 @@ build, bf16 activations, ``K`` a multiple of 16 and 16-byte aligned rows). Where
 
 :func:`int8_gemv_mma` is the same product on the tensor cores (1-8 rows of x): each warp converts
 its weights to f16 in registers (one byte permute and one packed subtraction per two weights) and
-feeds them to ``mma.m16n8k16`` with the rows of x, staged as f16 in shared memory, as the other
-operand. It reads row-major weights, or the :func:`blocked_layout` copy that makes each warp's
-loads contiguous. Measured on the decoder shapes (docs/benchmarks.md, runs 34-37) it is slower
-than :func:`int8_gemv` on row-major weights and 1-4% faster at two rows on ``c_attn``, ``[w1 |
-w2]`` and ``lm_head`` on blocked ones, which the model does not store: no shape runs it by
-default (:data:`.kernels.INT8_GEMV_BY_SHAPE`).
+feeds them to ``mma.m16n8k16`` with the rows of x, staged as f16 in shared memory by each warp
+for its share of K, as the other operand. It reads row-major weights, or the
+:func:`blocked_layout` copy that makes each warp's loads contiguous. Measured on the decoder shapes (docs/benchmarks.md, runs 34-41) it is slower
+than :func:`int8_gemv` on row-major weights; on blocked ones it is as fast or faster on every
+shape but ``c_attn`` at one row (1-5% at two rows). The model does not store that layout, so no
+shape runs it by default (:data:`.kernels.INT8_GEMV_BY_SHAPE`).
 """
 
 from __future__ import annotations
@@ -249,13 +249,10 @@ constexpr int WARPS = GROUPS * SPLITS;
 // per group and chunk that the warp reads as two 512-byte runs; else row-major [rows, k].
 constexpr int CHUNK_STRIDE = BLOCKED ? 64 : 4;  // uint4 from one chunk of a lane's row to the next
 
-// The power of two (its exponent) a row of x is scaled by on its way to f16, from the row's
-// largest |x|: 0 while that lies in [2^-6, 65504], where every bf16 of the row that matters is an
-// f16 too; else the one that puts it in [2^14, 2^15). inf and nan rows stay as they are.
-static __device__ __forceinline__ int row_shift(const u32 (*warp_max)[ROWS], int m) {
-    u32 bits = 0;
-#pragma unroll
-    for (int w = 0; w < WARPS; ++w) bits = max(bits, warp_max[w][m]);
+// The power of two (its exponent) a share of a row of x is scaled by on its way to f16, from the
+// float bits of its largest |x|: 0 while that lies in [2^-6, 65504], where every bf16 of it that
+// matters is an f16 too; else the one that puts it in [2^14, 2^15). inf and nan stay as they are.
+static __device__ __forceinline__ int shift_for(u32 bits) {
     const float top = __uint_as_float(bits);
     if (bits >= 0x7f800000u || bits == 0u || (top >= 0.015625f && top <= 65504.0f)) return 0;
     int e;
@@ -270,52 +267,47 @@ static __device__ __forceinline__ uint4 bf16x8_half8(uint4 v, float scale) {
 
 constexpr int STAGE_UNROLL = ROWS >= 8 ? 1 : 8 / ROWS;  // uint4 of x per thread and row in flight
 
-// x [ROWS, k] (bf16) -> xs (f16x2 words, rows xrow words apart), each row scaled by 2^row_shift.
-// The common case is one pass, every thread's loads in flight together; a row out of range is
-// converted again (both uniform across the block).
-static __device__ __forceinline__ void stage_x(u32* xs, int xrow, const bf16* x, int stride_x, int k,
-                                               u32 (*warp_max)[ROWS]) {
-    const int per_row = k >> 3;  // uint4 of 8 bf16
+// This warp's chunks [c_begin, c_end) of x [ROWS, k] (bf16) -> xs (f16x2 words, rows xrow words
+// apart, chunk c_begin at word 0), each row scaled by 2^shift[m] (shift_for the largest |x| of the
+// warp's share; its sums are scaled back before the shares are added). Only the warp waits for
+// it: every thread's loads in flight together, one pass unless a row is out of range.
+static __device__ __forceinline__ void stage_x(u32* xs, int xrow, const bf16* x, int stride_x, int c_begin,
+                                                    int c_end, int (&shift)[ROWS]) {
+    const int lane = threadIdx.x & 31;
+    const int n = (c_end - c_begin) * 8;  // uint4 of 8 bf16 per row of the share
     u32 top[ROWS];
 #pragma unroll
     for (int m = 0; m < ROWS; ++m) top[m] = 0u;
-    for (int c0 = threadIdx.x; c0 < per_row; c0 += STAGE_UNROLL * WARPS * 32) {
+    for (int i0 = lane; i0 < n; i0 += 32 * STAGE_UNROLL) {
         uint4 v[ROWS][STAGE_UNROLL];
 #pragma unroll
         for (int m = 0; m < ROWS; ++m)
 #pragma unroll
             for (int j = 0; j < STAGE_UNROLL; ++j) {
-                const int c = c0 + j * WARPS * 32;
-                v[m][j] = c < per_row ? load_cached(reinterpret_cast<const uint4*>(x + (long long)m * stride_x) + c)
-                                      : make_uint4(0, 0, 0, 0);
+                const int i = i0 + 32 * j;
+                const uint4* row = reinterpret_cast<const uint4*>(x + (long long)m * stride_x) + 8 * c_begin;
+                v[m][j] = i < n ? load_cached(row + i) : make_uint4(0, 0, 0, 0);
             }
 #pragma unroll
         for (int m = 0; m < ROWS; ++m)
 #pragma unroll
             for (int j = 0; j < STAGE_UNROLL; ++j) {
-                const int c = c0 + j * WARPS * 32;
-                if (c >= per_row) break;
+                const int i = i0 + 32 * j;
+                if (i >= n) break;
                 top[m] = abs_max_bits(v[m][j], top[m]);
-                *reinterpret_cast<uint4*>(xs + m * xrow + 4 * c) = bf16x8_half8(v[m][j], 1.0f);
+                *reinterpret_cast<uint4*>(xs + m * xrow + 4 * i) = bf16x8_half8(v[m][j], 1.0f);
             }
     }
 #pragma unroll
     for (int m = 0; m < ROWS; ++m) {
-        top[m] = __reduce_max_sync(0xffffffffu, top[m]);
-        if ((threadIdx.x & 31) == 0) warp_max[threadIdx.x >> 5][m] = top[m];
+        shift[m] = shift_for(__reduce_max_sync(0xffffffffu, top[m]));
+        if (shift[m] == 0) continue;  // rare: convert this row again, scaled
+        const uint4* row = reinterpret_cast<const uint4*>(x + (long long)m * stride_x) + 8 * c_begin;
+        for (int i = lane; i < n; i += 32)
+            *reinterpret_cast<uint4*>(xs + m * xrow + 4 * i) =
+                bf16x8_half8(load_cached(row + i), ldexpf(1.0f, shift[m]));
     }
-    __syncthreads();
-    bool again = false;
-#pragma unroll
-    for (int m = 0; m < ROWS; ++m) {
-        const int shift = row_shift(warp_max, m);
-        if (shift == 0) continue;
-        again = true;  // rare: convert this row again, scaled
-        const uint4* row = reinterpret_cast<const uint4*>(x + (long long)m * stride_x);
-        for (int c = threadIdx.x; c < per_row; c += WARPS * 32)
-            *reinterpret_cast<uint4*>(xs + m * xrow + 4 * c) = bf16x8_half8(load_cached(row + c), ldexpf(1.0f, shift));
-    }
-    if (again) __syncthreads();
+    __syncwarp();
 }
 
 // UNROLL chunks (64 weights of a row) from c0 on: this lane's 16 bytes of its two rows in each.
@@ -334,13 +326,14 @@ static __device__ __forceinline__ void load_chunks(uint4 (&wl)[UNROLL], uint4 (&
 // of each step in both, which here are this lane's 4 contiguous bytes (and x values) of the step,
 // so a lane's weights are 16 contiguous bytes per row and chunk, read straight from row-major q.
 static __device__ __forceinline__ void mma_chunks(float (&acc)[4], const uint4 (&wl)[UNROLL], const uint4 (&wh)[UNROLL],
-                                                  const u32* xs, int xrow, int c0, int c_end, int row8, int quad) {
+                                                  const u32* xs, int xrow, int c0, int c_end, int c_base, int row8,
+                                                  int quad) {
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u) {
         if (c0 + u >= c_end) break;
         uint4 x0 = make_uint4(0, 0, 0, 0), x1 = x0;  // columns past the rows of x: zero
         if (row8 < ROWS) {
-            const uint4* xp = reinterpret_cast<const uint4*>(xs + row8 * xrow + 32 * (c0 + u) + 8 * quad);
+            const uint4* xp = reinterpret_cast<const uint4*>(xs + row8 * xrow + 32 * (c0 + u - c_base) + 8 * quad);
             x0 = xp[0];
             x1 = xp[1];
         }
@@ -357,17 +350,13 @@ static __device__ __forceinline__ void mma_chunks(float (&acc)[4], const uint4 (
 // y [ROWS, n_out] = x @ (q * s).T (+ b); GATED: q is [w1 | w2] ([2 n_out, k]) and y the gate. A
 // warp owns a group of 16 weight rows (gated: 8 rows of each half, so that one lane holds both
 // halves of an output) over its SPLITS-th of K, on the tensor cores: weights as the 16 x 16
-// operand, converted to f16 exactly in registers, the rows of x (f16, staged in shared memory
-// once per block) as the 16 x 8 one, float32 sums. The block's SPLITS warps of a group add their
-// sums in shared memory in a fixed order: answers do not depend on timing.
+// operand, converted to f16 exactly in registers, the rows of x (f16, each warp staging its own
+// share in shared memory) as the 16 x 8 one, float32 sums. The block's SPLITS warps of a group add
+// their sums in shared memory in a fixed order: answers do not depend on timing.
 extern "C" __global__ void __launch_bounds__(WARPS * 32)
 vlq_int8_gemv_mma(const bf16* __restrict__ x, const signed char* __restrict__ q, const float* __restrict__ s,
                   const bf16* __restrict__ b, bf16* __restrict__ y, int n_out, int k, int stride_x, int stride_q) {
     extern __shared__ uint4 smem[];
-    __shared__ u32 warp_max[WARPS][ROWS];  // float bits of each warp's largest |x| per row
-    const int xrow = k / 2 + 4;  // f16x2 words per staged row of x; 16 bytes apart in banks
-    u32* xs = reinterpret_cast<u32*>(smem);
-    float4* partial = reinterpret_cast<float4*>(xs + ROWS * xrow);  // [WARPS, 32]
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, row8 = lane >> 2, quad = lane & 3;
     const int group = blockIdx.x * GROUPS + warp / SPLITS, split = warp % SPLITS;
     const bool active = group < (GATED ? n_out / 8 : n_out / 16);
@@ -382,20 +371,37 @@ vlq_int8_gemv_mma(const bf16* __restrict__ x, const signed char* __restrict__ q,
 
     uint4 wl[UNROLL], wh[UNROLL];
     load_chunks(wl, wh, lo, hi, c_begin, c_end);  // in flight while x is staged
-    stage_x(xs, xrow, x, stride_x, k, warp_max);
+    // f16x2 words per staged row of a share, 16 bytes more than the share: rows on other banks.
+    // Each warp's region of shared memory holds its share of x, then its 32 float4 of sums.
+    const int xrow = (chunks + SPLITS - 1) / SPLITS * 32 + 4;
+    u32* region = reinterpret_cast<u32*>(smem) + warp * max(ROWS * xrow, 128);
+    u32* xs = region;
+    int shift[ROWS];
+    stage_x(xs, xrow, x, stride_x, c_begin, c_end, shift);
     float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // rows row8, row8 + 8 x columns 2quad, 2quad + 1
     for (int c = c_begin; c < c_end;) {
-        mma_chunks(acc, wl, wh, xs, xrow, c, c_end, row8, quad);
+        mma_chunks(acc, wl, wh, xs, xrow, c, c_end, c_begin, row8, quad);
         c += UNROLL;
         if (c < c_end) load_chunks(wl, wh, lo, hi, c, c_end);
     }
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {  // this share's sums back from its scale
+        int s_m = 0;
+#pragma unroll
+        for (int m = 0; m < ROWS; ++m)
+            if (m == 2 * quad + j) s_m = shift[m];
+        acc[j] *= ldexpf(1.0f, -s_m);
+        acc[2 + j] *= ldexpf(1.0f, -s_m);
+    }
     if (SPLITS > 1) {
-        partial[warp * 32 + lane] = make_float4(acc[0], acc[1], acc[2], acc[3]);
+        __syncwarp();  // the warp's reads of its share are done before its sums overwrite it
+        reinterpret_cast<float4*>(region)[lane] = make_float4(acc[0], acc[1], acc[2], acc[3]);
         __syncthreads();
         if (split != 0) return;
 #pragma unroll
         for (int i = 1; i < SPLITS; ++i) {
-            const float4 p = partial[(warp + i) * 32 + lane];
+            const float4 p = reinterpret_cast<const float4*>(
+                reinterpret_cast<u32*>(smem) + (warp + i) * max(ROWS * xrow, 128))[lane];
             acc[0] += p.x; acc[1] += p.y; acc[2] += p.z; acc[3] += p.w;
         }
     }
@@ -404,16 +410,15 @@ vlq_int8_gemv_mma(const bf16* __restrict__ x, const signed char* __restrict__ q,
     for (int j = 0; j < 2; ++j) {
         const int m = 2 * quad + j;
         if (m >= ROWS) break;
-        const float inv = ldexpf(1.0f, -row_shift(warp_max, m));
         if (GATED) {
             const int n = lo_row;
-            float out = scaled(acc[j] * inv, s, b, n);
-            const float gate = round_bf16(scaled(acc[2 + j] * inv, s, b, n_out + n));
+            float out = scaled(acc[j], s, b, n);
+            const float gate = round_bf16(scaled(acc[2 + j], s, b, n_out + n));
             out = round_bf16(out) * round_bf16(gate / (1.0f + expf(-gate)));
             y[(long long)m * n_out + n] = to_bf16(out);
         } else {
-            y[(long long)m * n_out + lo_row] = to_bf16(scaled(acc[j] * inv, s, b, lo_row));
-            y[(long long)m * n_out + hi_row] = to_bf16(scaled(acc[2 + j] * inv, s, b, hi_row));
+            y[(long long)m * n_out + lo_row] = to_bf16(scaled(acc[j], s, b, lo_row));
+            y[(long long)m * n_out + hi_row] = to_bf16(scaled(acc[2 + j], s, b, hi_row));
         }
     }
 }
@@ -438,9 +443,9 @@ class MmaTile(NamedTuple):
     read by ``splits`` warps (one share of K each, added in shared memory), ``unroll`` chunks of
     64 weights per row in flight per warp (32 bytes a lane)."""
 
-    groups: int = 2
-    splits: int = 2
-    unroll: int = 2
+    groups: int = 1
+    splits: int = 8
+    unroll: int = 4
 
     @property
     def threads(self) -> int:
@@ -489,9 +494,10 @@ def available(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor | None = Non
 
 
 def mma_shared_bytes(rows: int, k: int, tile: MmaTile) -> int:
-    """Dynamic shared memory of the tensor-core GEMV: ``rows`` of x as f16 (16 bytes of padding
-    each) and one float4 per thread for the split-K sums."""
-    return rows * (2 * k + 16) + (16 * tile.threads if tile.splits > 1 else 0)
+    """Dynamic shared memory of the tensor-core GEMV: per warp, its share of K of the ``rows`` of
+    x as f16 (16 bytes of padding a row), which its 32 float4 of sums reuse (at least 512 bytes)."""
+    share = -(-(k // 64) // tile.splits) * 128  # bytes of one row's share
+    return tile.threads // 32 * max(rows * (share + 16), 512)
 
 
 def mma_available(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor | None = None,
@@ -562,8 +568,9 @@ def int8_gemv_mma(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: t
     """As :func:`int8_gemv` on the tensor cores, for 1-8 rows of x (callers check
     :func:`mma_available`); ``blocked``: ``q`` in :func:`blocked_layout` (``q`` still gives the
     shape). The rows of x go to the tensor cores as f16, which holds every bf16 from 2**-14 to
-    65504 exactly; a row whose largest ``|x|`` lies outside [2**-6, 65504] is scaled by a power of
-    two first (and its sums back), so answers match float32 math up to summation order."""
+    65504 exactly; each warp stages its own share of K, and a row whose largest ``|x|`` in that
+    share lies outside [2**-6, 65504] is scaled by a power of two first (and its sums back), so
+    answers match float32 math up to summation order."""
     m, k = x.shape
     rows = q.shape[0]
     n = rows // 2 if gated else rows

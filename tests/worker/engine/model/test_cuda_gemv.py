@@ -59,11 +59,14 @@ def test_the_tensor_core_gemv_does_not_run_on_cpu_tensors_and_falls_back_beyond_
         assert kernels.int8_gemv_variant(4096, 4096, cuda_gemv.MMA_MAX_ROWS + 1) == "dot"
 
 
-def test_the_tensor_core_gemv_stages_two_rows_of_the_mlps_k_within_48_kb():
-    tile = MmaTile(1, 8, 2)
-    assert cuda_gemv.mma_shared_bytes(2, 11008, tile) <= cuda_gemv.MMA_SHARED_LIMIT
-    assert cuda_gemv.mma_shared_bytes(3, 11008, tile) > cuda_gemv.MMA_SHARED_LIMIT
-    assert cuda_gemv.mma_shared_bytes(1, 4096, MmaTile(4, 1, 2)) == 2 * 4096 + 16  # no split-K sums
+def test_each_warp_of_the_tensor_core_gemv_stages_its_share_of_x_and_then_keeps_its_sums_there():
+    # 4096 = 64 chunks of 64: 8 per warp at 8 splits, 128 bytes of f16 a chunk, 16 of padding a row
+    assert cuda_gemv.mma_shared_bytes(2, 4096, MmaTile(1, 8, 2)) == 8 * 2 * (8 * 128 + 16)
+    assert cuda_gemv.mma_shared_bytes(1, 4096, MmaTile(4, 1, 2)) == 4 * (64 * 128 + 16)
+    assert cuda_gemv.mma_shared_bytes(1, 704, MmaTile(1, 8, 2)) == 8 * 512  # 32 float4 of sums a warp
+    # 172 chunks over 8 warps: 22 each at most; two rows of the MLP's K fit on the default tile
+    assert cuda_gemv.mma_shared_bytes(2, 11008, MmaTile()) == 8 * 2 * (22 * 128 + 16) <= cuda_gemv.MMA_SHARED_LIMIT
+    assert cuda_gemv.mma_shared_bytes(8, 11008, MmaTile()) > cuda_gemv.MMA_SHARED_LIMIT
 
 
 def test_disabling_the_cuda_gemv_logs_once_and_keeps_it_off(monkeypatch, caplog):
