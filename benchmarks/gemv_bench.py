@@ -225,6 +225,17 @@ def _family_row(family: str, candidates: list, graph_s, layers: list, x: torch.T
     return row
 
 
+def _tile_cases(gemv: Callable, x, q, scale, bias, ref, tile, label: str, gate: bool = True) -> dict[str, float]:
+    """One tile of a CUDA GEMV ``gemv(x, q, scale, bias, tile, gated)`` on one case: its error with
+    ``bias`` against ``ref`` and (``gate``) whether its gate is torch's ``w1 * silu(w2)`` of its
+    plain output (0 when it is, inf when not)."""
+    out = {f"{label} bias": ulp_error(gemv(x, q, scale, bias, tile), ref)}
+    if gate:
+        same = _gate_matches_torch(gemv(x, q, scale, None, tile, True), gemv(x, q, scale, None, tile))
+        out[f"{label} gated == torch gate"] = 0.0 if same else float("inf")
+    return out
+
+
 def cuda_edge_cases(device: torch.device, dtype: torch.dtype) -> dict[str, float]:
     """The CUDA GEMV on the cases the layer shapes do not cover, against float64 math (bf16 ulps):
     1-4 rows, widths that leave warps and lanes idle (N not a multiple of the rows per block, K
@@ -242,22 +253,18 @@ def cuda_edge_cases(device: torch.device, dtype: torch.dtype) -> dict[str, float
                 return {}
             ref = reference(x, q, scale) + bias.double()
             for tile in (CudaTile(), CudaTile(4, 2), CudaTile(1, 16, 256), CudaTile(8, 1)):
-                err = ulp_error(cuda_gemv.int8_gemv(x, q, scale, bias, tile), ref)
-                out[f"[{n}x{k}] M={m} bias {tuple(tile)}"] = err
-                if n % 2 == 0:
-                    same = _gate_matches_torch(cuda_gemv.int8_gemv(x, q, scale, None, tile, gated=True),
-                                               cuda_gemv.int8_gemv(x, q, scale, None, tile))
-                    out[f"[{n}x{k}] M={m} gated {tuple(tile)} == torch gate"] = 0.0 if same else float("inf")
+                out.update(_tile_cases(cuda_gemv.int8_gemv, x, q, scale, bias, ref, tile,
+                                       f"[{n}x{k}] M={m} {tuple(tile)}", gate=n % 2 == 0))
     return out
 
 
 def mma_edge_cases(device: torch.device, dtype: torch.dtype) -> dict[str, float]:
     """The tensor-core CUDA GEMV on the cases the layer shapes do not cover, against float64 math
-    (bf16 ulps): 1-8 rows (as many as fit its shared memory),
-    blocks with idle groups, uneven shares of K, a bias, the gate (through torch's ``w1 *
-    silu(w2)`` of its plain output), and rows of x that f16 cannot hold as they are (values past
-    65504, a row of tiny values, one huge value among ordinary ones, a zero row), which it scales
-    by a power of two. Empty when it is not available here."""
+    (bf16 ulps): 1-8 rows (as many as fit its shared memory), blocks with idle groups, uneven
+    shares of K, a bias, the gate (through torch's ``w1 * silu(w2)`` of its plain output), and
+    rows of x that f16 cannot hold as they are (values past 65504, a row of tiny values, one huge
+    value among ordinary ones, a zero row), which it scales by a power of two. Empty when it is
+    not available here."""
     gen = torch.Generator(device=device).manual_seed(6)
     out = {}
     tiles = (MmaTile(), MmaTile(1, 8, 4), MmaTile(4, 1, 1), MmaTile(3, 2, 3), MmaTile(1, 16, 2))
@@ -272,13 +279,9 @@ def mma_edge_cases(device: torch.device, dtype: torch.dtype) -> dict[str, float]
                 continue
             ref = reference(x, q, scale) + bias.double()
             for tile in tiles:
-                if not cuda_gemv.mma_available(x, q, tile=tile):
-                    continue
-                label = f"[{n}x{k}] M={m} {tuple(tile)}"
-                out[f"{label} bias"] = ulp_error(cuda_gemv.int8_gemv_mma(x, q, scale, bias, tile), ref)
-                same = _gate_matches_torch(cuda_gemv.int8_gemv_mma(x, q, scale, None, tile, True),
-                                           cuda_gemv.int8_gemv_mma(x, q, scale, None, tile))
-                out[f"{label} gated == torch gate"] = 0.0 if same else float("inf")
+                if cuda_gemv.mma_available(x, q, tile=tile):
+                    out.update(_tile_cases(cuda_gemv.int8_gemv_mma, x, q, scale, bias, ref, tile,
+                                           f"[{n}x{k}] M={m} {tuple(tile)}"))
         x = torch.randn(4, k, device=device, dtype=dtype, generator=gen)
         x[0] *= 1e5  # past f16's range
         x[1] *= 1e-9  # below it
