@@ -112,9 +112,11 @@ def test_inline_images_travel_as_data_uris(tmp_path: Path, settings: Settings, c
     folder, out = make_folder(tmp_path), tmp_path / "results.jsonl"
     with scripted_worker(settings):
         annotate(client, folder, out, AnnotateOptions(prompt="p", transport="inline"))
-    record = client.status(rows(out)[0]["job_id"])
-    url = record.job().request["messages"][0]["content"][0]["image_url"]["url"]
-    assert url.startswith("data:image/jpeg;base64,")
+    by_path = {row["path"]: row for row in rows(out)}  # rows come in the order jobs finish
+    for path, mime in {"a.jpg": "image/jpeg", "sub/b.PNG": "image/png", "sub/deeper/c.webp": "image/webp"}.items():
+        record = client.status(by_path[path]["job_id"])
+        url = record.job().request["messages"][0]["content"][0]["image_url"]["url"]
+        assert url.startswith(f"data:{mime};base64,"), (path, url[:40])
 
 
 def test_running_out_of_time_cancels_what_is_left(tmp_path: Path, settings: Settings, client: Client) -> None:
