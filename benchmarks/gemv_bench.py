@@ -236,22 +236,35 @@ def _tile_cases(gemv: Callable, x, q, scale, bias, ref, tile, label: str, gate: 
     return out
 
 
+def _edge_inputs(device: torch.device, dtype: torch.dtype, seed: int, shapes, max_rows: int):
+    """Per ``(n, k)`` of ``shapes``: an int8 weight, its scale, a bf16 bias and the cases ``(m, x,
+    x @ (q * scale).T + bias in float64)`` for 1 to ``max_rows`` random rows, made as they are
+    read."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    for n, k in shapes:
+        q, scale = kernels.quantize_int8(torch.randn(n, k, device=device, dtype=dtype, generator=gen) / math.sqrt(k))
+        bias = torch.randn(n, device=device, dtype=dtype, generator=gen)
+
+        def cases(q=q, scale=scale, bias=bias, k=k):
+            for m in range(1, max_rows + 1):
+                x = torch.randn(m, k, device=device, dtype=dtype, generator=gen)
+                yield m, x, reference(x, q, scale) + bias.double()
+
+        yield n, k, q, scale, bias, cases()
+
+
 def cuda_edge_cases(device: torch.device, dtype: torch.dtype) -> dict[str, float]:
     """The CUDA GEMV on the cases the layer shapes do not cover, against float64 math (bf16 ulps):
     1-4 rows, widths that leave warps and lanes idle (N not a multiple of the rows per block, K
     not a multiple of 512), a bias, the gate (its halves checked through the plain GEMV and
     torch's ``w1 * silu(w2)``, so a 1-ulp rounding of either half moves the gate by rounding
     only). Empty when the CUDA GEMV is not available here."""
-    gen = torch.Generator(device=device).manual_seed(5)
     out = {}
-    for n, k in ((1000, 4096), (4096, 11008), (37, 688)):
-        q, scale = kernels.quantize_int8(torch.randn(n, k, device=device, dtype=dtype, generator=gen) / math.sqrt(k))
-        bias = torch.randn(n, device=device, dtype=dtype, generator=gen)
-        for m in range(1, cuda_gemv.MAX_ROWS + 1):
-            x = torch.randn(m, k, device=device, dtype=dtype, generator=gen)
+    for n, k, q, scale, bias, cases in _edge_inputs(device, dtype, 5, ((1000, 4096), (4096, 11008), (37, 688)),
+                                                    cuda_gemv.MAX_ROWS):
+        for m, x, ref in cases:
             if not cuda_gemv.available(x, q):
                 return {}
-            ref = reference(x, q, scale) + bias.double()
             for tile in (CudaTile(), CudaTile(4, 2), CudaTile(1, 16, 256), CudaTile(8, 1)):
                 out.update(_tile_cases(cuda_gemv.int8_gemv, x, q, scale, bias, ref, tile,
                                        f"[{n}x{k}] M={m} {tuple(tile)}", gate=n % 2 == 0))
@@ -265,24 +278,20 @@ def mma_edge_cases(device: torch.device, dtype: torch.dtype) -> dict[str, float]
     rows of x that f16 cannot hold as they are (values past 65504, a row of tiny values, one huge
     value among ordinary ones, a zero row), which it scales by a power of two. Empty when it is
     not available here."""
-    gen = torch.Generator(device=device).manual_seed(6)
     out = {}
     tiles = (MmaTile(), MmaTile(1, 8, 4), MmaTile(4, 1, 1), MmaTile(3, 2, 3), MmaTile(1, 16, 2))
-    for n, k in ((1024, 4096), (4096, 11008), (48, 704)):
-        q, scale = kernels.quantize_int8(torch.randn(n, k, device=device, dtype=dtype, generator=gen) / math.sqrt(k))
-        bias = torch.randn(n, device=device, dtype=dtype, generator=gen)
-        for m in range(1, cuda_gemv.MMA_MAX_ROWS + 1):
-            x = torch.randn(m, k, device=device, dtype=dtype, generator=gen)
+    for n, k, q, scale, bias, cases in _edge_inputs(device, dtype, 6, ((1024, 4096), (4096, 11008), (48, 704)),
+                                                    cuda_gemv.MMA_MAX_ROWS):
+        for m, x, ref in cases:
             if not cuda_gemv.mma_available(x, q):
                 if m == 1:
                     return {}
                 continue
-            ref = reference(x, q, scale) + bias.double()
             for tile in tiles:
                 if cuda_gemv.mma_available(x, q, tile=tile):
                     out.update(_tile_cases(cuda_gemv.int8_gemv_mma, x, q, scale, bias, ref, tile,
                                            f"[{n}x{k}] M={m} {tuple(tile)}"))
-        x = torch.randn(4, k, device=device, dtype=dtype, generator=gen)
+        x = torch.randn(4, k, device=device, dtype=dtype, generator=torch.Generator(device=device).manual_seed(n))
         x[0] *= 1e5  # past f16's range
         x[1] *= 1e-9  # below it
         x[2, k // 3] = 3e6  # one value past it

@@ -87,3 +87,15 @@ def test_the_gate_check_compares_with_torchs_silu_of_the_halves():
     gate = plain[:, :4] * torch.nn.functional.silu(plain[:, 4:])
     assert gemv_bench._gate_matches_torch(gate, plain)
     assert not gemv_bench._gate_matches_torch(gate + 1, plain)
+
+
+def test_the_edge_case_inputs_give_one_to_max_rows_with_their_float64_answers():
+    made = list(gemv_bench._edge_inputs(torch.device("cpu"), torch.float32, 3, [(32, 64), (16, 128)], 3))
+    assert [(n, k, q.shape, q.dtype) for n, k, q, *_ in made] == [(32, 64, (32, 64), torch.int8),
+                                                                (16, 128, (16, 128), torch.int8)]
+    for n, k, q, scale, bias, cases in made:
+        cases = list(cases)
+        assert [m for m, _, _ in cases] == [1, 2, 3]
+        for m, x, ref in cases:
+            assert x.shape == (m, k)
+            assert torch.allclose(ref, gemv_bench.reference(x, q, scale) + bias.double())

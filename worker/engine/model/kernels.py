@@ -105,7 +105,7 @@ TILES: dict[tuple[int, int, int], tuple] = {
 # How int8 GEMVs of at most FMA_ROWS rows run: "dot" (_matmul_kernel: the int8 tile converted to
 # bf16 for the tensor cores, BLOCK_M 16 for 1-2 real rows), "fma" (_gemv_fma_kernel: no tensor
 # cores; each program streams BLOCK_N weight rows along K in 16-byte chunks, converts them to
-# float32 in registers and multiplies by the 1-2 rows of x) or "cuda" (cuda_gemv: the same
+# float32 in registers and multiplies by the 1-2 rows of x), "cuda" (cuda_gemv: the same
 # arithmetic in CUDA C++, each warp owning whole output rows, up to cuda_gemv.MAX_ROWS rows of x;
 # where it cannot compile, the FMA kernel at one row and the tensor cores above) or "mma"
 # (cuda_gemv.int8_gemv_mma, tensor cores in CUDA C++; on the row-major weights the model stores,
@@ -135,8 +135,8 @@ INT8_GEMV_BY_SHAPE: dict[tuple[int, int, int], str] = {
 
 
 def int8_gemv_variant(n: int, k: int, m: int) -> str:
-    """``"dot"``, ``"fma"``, ``"cuda"`` or ``"mma"``: how ``m`` rows times an int8 ``[n, k]`` weight run (a
-    CUDA graph keeps the kernel chosen when it was captured)."""
+    """``"dot"``, ``"fma"``, ``"cuda"`` or ``"mma"``: how ``m`` rows times an int8 ``[n, k]`` weight
+    run (a CUDA graph keeps the kernel chosen when it was captured)."""
     variant = INT8_GEMV_BY_SHAPE.get((n, k, m), INT8_GEMV if m <= FMA_ROWS else "dot")
     if ((variant == "fma" and m > FMA_ROWS) or (variant == "cuda" and m > cuda_gemv.MAX_ROWS)
             or (variant == "mma" and m > cuda_gemv.MMA_MAX_ROWS)):
