@@ -20,7 +20,7 @@ bf16 weights get the same timing for one FMA tile (reported only: the bf16 defau
 Run alone, ``python -m benchmarks.gemv_bench`` prints that comparison for the real architecture's
 shapes; ``--mma-only`` times the tensor-core CUDA GEMV's tiles, on row-major weights and on
 their blocked layout ("mma_blocked"), against the built-in CUDA GEMV tile only (docs/benchmarks.md,
-runs 34-42); ``--dot-sweep`` times the int8 tensor-core GEMV with wider tiles than the built-in
+runs 34-43); ``--dot-sweep`` times the int8 tensor-core GEMV with wider tiles than the built-in
 ones (:func:`dot_sweep`; runs 10 and 12).
 """
 

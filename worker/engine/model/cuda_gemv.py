@@ -20,8 +20,8 @@ its weights to f16 in registers (one byte permute and one packed subtraction per
 feeds them to ``mma.m16n8k16`` with the rows of x, staged as f16 in shared memory by each warp
 for its share of K, as the other operand. It reads row-major weights, or the
 :func:`blocked_layout` copy that makes each warp's loads contiguous. Measured on the decoder
-shapes (docs/benchmarks.md, runs 34-42) it is slower than :func:`int8_gemv` on row-major weights;
-on blocked ones it is within 0.6 us of it or faster on every shape, 1-5% faster at two rows. The
+shapes (docs/benchmarks.md, runs 34-43) it is slower than :func:`int8_gemv` on row-major weights;
+on blocked ones it is within 0.8 us of it or faster on every shape, 1-5% faster at two rows. The
 model does not store that layout, so no shape runs it by default
 (:data:`.kernels.INT8_GEMV_BY_SHAPE`).
 """

@@ -109,7 +109,7 @@ TILES: dict[tuple[int, int, int], tuple] = {
 # arithmetic in CUDA C++, each warp owning whole output rows, up to cuda_gemv.MAX_ROWS rows of x;
 # where it cannot compile, the FMA kernel at one row and the tensor cores above) or "mma"
 # (cuda_gemv.int8_gemv_mma, tensor cores in CUDA C++; on the row-major weights the model stores,
-# slower than "cuda" on the decoder shapes in runs 34-42, so no shape is set to it; where it
+# slower than "cuda" on the decoder shapes in runs 34-43, so no shape is set to it; where it
 # cannot run, "cuda").
 # INT8_GEMV_BY_SHAPE picks per weight shape and row count; INT8_GEMV is the default for the rest.
 # They differ only in float32 summation order (int8 answers are checked against their dequantised
