@@ -68,7 +68,7 @@ sys.path.insert(0, str(REPO))
 from benchmarks.gemv_bench import gemv_variants, int8_gemv, repeat_check  # noqa: E402
 from benchmarks.gemv_bench import summary_lines as gemv_summary_lines  # noqa: E402
 from worker.engine.engine import TorchEngine  # noqa: E402
-from worker.engine.model import kernels  # noqa: E402
+from worker.engine.model import cuda_gemv, kernels  # noqa: E402
 from worker.engine.model.args import QwenVLArgs, VisionArgs  # noqa: E402
 from worker.engine.model.decoder import rotary_inv_freq  # noqa: E402
 from worker.engine.model.fast import FastQwenVL  # noqa: E402
@@ -814,6 +814,16 @@ def int8_kernel_check(s: Setup) -> float:
     return worst
 
 
+def parse_cuda_tile(text: str) -> tuple[tuple[int, int, int], cuda_gemv.CudaTile]:
+    """``"N,K,M=WROWS,UNROLL,THREADS"`` -> ``((N, K, M), CudaTile(WROWS, UNROLL, THREADS))``."""
+    shape, _, tile = text.partition("=")
+    key = tuple(int(v) for v in shape.split(","))
+    values = tuple(int(v) for v in tile.split(","))
+    if len(key) != 3 or not 1 <= len(values) <= 3:
+        raise SystemExit(f"--cuda-tiles takes N,K,M=WROWS,UNROLL,THREADS, not {text!r}")
+    return key, cuda_gemv.CudaTile(*values)
+
+
 # -- main ----------------------------------------------------------------------------------------
 
 
@@ -837,6 +847,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="measure fast bf16 decode and each int8 decode variant this many times (interleaved) "
                              "and report the median")
     parser.add_argument("--json", type=Path, default=None, help="write every figure here")
+    parser.add_argument("--cuda-tiles", action="append", default=[], metavar="N,K,M=WROWS,UNROLL,THREADS",
+                        help="also measure int8 decode with this CUDA GEMV tile in place of the built-in one for "
+                             "that shape (repeatable; all given tiles make one variant)")
     a = parser.parse_args(argv)
     skip = set(filter(None, a.skip.split(",")))
 
@@ -1039,6 +1052,10 @@ def main(argv: list[str] | None = None) -> int:
             # all "fma", all "cuda"
             variants = {"chosen": (kernels.INT8_GEMV, dict(kernels.INT8_GEMV_BY_SHAPE), dict(kernels.FMA_TILES),
                                    dict(kernels.CUDA_TILES), dict(kernels.MMA_TILES))}
+            if a.cuda_tiles:  # the built-in choice with the given CUDA tiles, for a before / after
+                given = dict(parse_cuda_tile(t) for t in a.cuda_tiles)
+                variants["with --cuda-tiles"] = (*variants["chosen"][:3], {**kernels.CUDA_TILES, **given},
+                                                 variants["chosen"][4])
             if "gemv" not in skip and kernels.triton_ok(torch.empty(1, device=device)):
                 with guarded("int8 GEMV variants"):
                     section("int8 decode GEMVs, tensor cores ('dot') vs FMA (Triton) vs CUDA C++, per shape: us per "
@@ -1080,12 +1097,13 @@ def main(argv: list[str] | None = None) -> int:
                     for label in variants:
                         rate = statistics.median(runs[label])
                         name = f"int8 decode tok/s, batch {batch}, {new_tokens} new tokens"
+                        chosen_above = "gemv_variants" in report.info and label == "chosen"
                         report.add(Row(name if label == "chosen" else f"{name}, GEMV {label}", None, rate, "tok/s",
                                        INT8_SPEEDUP * bf16 if bf16 else None, "1.7 x bf16",
                                        (f"{rate / bf16:.2f} x bf16 fast; " if bf16 else "")
                                        + f"{rate / roofline:.0%} of int8 roofline"
-                                       + ("; GEMV per shape as chosen above" if len(variants) > 1 and label == "chosen"
-                                          else "") + spread(runs[label])))
+                                       + ("; GEMV per shape as chosen above" if chosen_above else "")
+                                       + spread(runs[label])))
             if fusions:
                 with separate_launches(builtin[0], builtin[1:]), int8_gemv("dot"):
                     for batch in (1, 2):

@@ -47,3 +47,14 @@ def test_bits_report_tells_equal_bits_and_runs_that_moved():
     calls = iter(range(1, 10))  # every call answers differently, the first unlike the reference
     moving = bits_report(lambda: base + next(calls), base, 2, "the reference")
     assert moving.startswith("equal to the reference: False") and moving.endswith("runs that differ: 2/2")
+
+
+def test_a_cuda_tile_flag_names_the_shape_and_the_tile():
+    import pytest
+
+    from worker.engine.model.cuda_gemv import CudaTile
+
+    assert engine_bench.parse_cuda_tile("12288,4096,2=4,1,128") == ((12288, 4096, 2), CudaTile(4, 1, 128))
+    assert engine_bench.parse_cuda_tile("4096,4096,1=2") == ((4096, 4096, 1), CudaTile(2))
+    with pytest.raises(SystemExit, match="N,K,M=WROWS,UNROLL,THREADS"):
+        engine_bench.parse_cuda_tile("4096,4096=2,2")

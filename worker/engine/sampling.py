@@ -124,26 +124,34 @@ class Sampler:
         logits: float32 [B, V] (row ``b`` belongs to slot ``b``); steps: int64 [B], how many
         answer tokens each slot has produced so far; active: bool [B], the slots whose token this
         step is for. Returns int64 [B] on the device, and counts the active rows' tokens for the
-        penalties (other rows are computed and ignored).
+        penalties (other rows are computed and ignored) while a request in use has any.
         """
         in_use = [p for p in self._params if p is not None]
+        greedy = all(p.greedy for p in in_use)
         logits = logits.float()
+        width = self.vocab_size
         if self.allowed_vocab < self.vocab_size:
-            logits = logits.clone()
-            logits[:, self.allowed_vocab:] = float("-inf")
+            if greedy:  # argmax of the allowed columns: a view, no copy
+                width = self.allowed_vocab
+                logits = logits[:, :width]
+            else:  # the softmax's sums run over the full row, as they always have
+                logits = logits.clone()
+                logits[:, self.allowed_vocab:] = float("-inf")
+        counts = self.counts[:, :width]
         if any(p.repetition_penalty != 1.0 for p in in_use):
             penalised = torch.where(logits > 0, logits / self.repetition_penalty[:, None],
                                     logits * self.repetition_penalty[:, None])
-            seen = self.prompt_seen | (self.counts > 0)
+            seen = self.prompt_seen[:, :width] | (counts > 0)
             logits = torch.where(seen, penalised, logits)
         if any(p.presence_penalty or p.frequency_penalty for p in in_use):
-            logits = (logits - self.frequency_penalty[:, None] * self.counts
-                      - self.presence_penalty[:, None] * (self.counts > 0).float())
+            logits = (logits - self.frequency_penalty[:, None] * counts
+                      - self.presence_penalty[:, None] * (counts > 0).float())
         next_ids = logits.argmax(dim=-1)  # [B]
-        if not all(p.greedy for p in in_use):
+        if not greedy:
             sampled = self._sample_random(logits, steps, in_use)
             next_ids = torch.where(self.greedy, next_ids, sampled)
-        self._record(next_ids, active)
+        if any(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty for p in in_use):
+            self._record(next_ids, active)  # only penalties read the counts: a slot's own request's
         return next_ids
 
     def _sample_random(self, logits: torch.Tensor, steps: torch.Tensor,

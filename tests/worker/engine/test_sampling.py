@@ -143,3 +143,13 @@ def test_seeds_of_any_size_split_into_two_words():
     assert split_seed(-1) == (0xFFFFFFFF, 0xFFFFFFFF)
     lo, hi = split_seed(1 << 70)
     assert 0 <= lo < 1 << 32 and 0 <= hi < 1 << 32
+
+
+def test_a_penalised_request_counts_its_own_answer_tokens_beside_unpenalised_ones():
+    s = sampler_with([GREEDY, GREEDY], 3)
+    logits = torch.tensor([[1.0, 0.5, 0.0], [1.0, 0.5, 0.0]])
+    assert run(s, logits) == [0, 0]  # nobody reads counts yet: none are kept
+    s.set_slot(1, SamplingParams(temperature=0.0, frequency_penalty=0.6), 1, prompt_ids=[])
+    assert run(s, logits) == [0, 0]
+    assert s.counts[1].tolist() == [1.0, 0.0, 0.0]
+    assert run(s, logits) == [0, 1]  # its own 0 was answered once: 1.0 - 0.6 < 0.5

@@ -1,0 +1,131 @@
+"""CUDA GEMV tiles timed where they run: inside the int8 decode graph.
+
+    python -m benchmarks.graph_tiles [--batches 2] [--shapes c_attn,gate_up,down,c_proj,lm_head]
+                                     [--replays 40] [--rounds 3] [--json FILE]
+
+:mod:`benchmarks.gemv_bench` times each GEMV alone, in a graph of calls to itself; inside the
+decode step, between the RMSNorm and attention kernels, the same kernels run up to 4 us faster or
+slower (docs/benchmarks.md, run 45), so a tile that wins alone need not win there. This builds the
+real architecture (``config.json`` as :mod:`benchmarks.engine_bench` finds it) with random int8
+weights and, per batch size and shape, in turn: captures the decode graph with each candidate
+CUDA GEMV tile (:func:`benchmarks.gemv_bench.cuda_candidates`) for that shape, the shapes before
+it on their best so far, and times graph replays (CUDA events; the median of ``--rounds`` runs
+of ``--replays`` replays, candidates interleaved round by round). It prints each candidate's us
+per step and, per batch size, the built-in tiles against the best, again interleaved. Every
+candidate tile's output was checked against float64 math by :mod:`benchmarks.gemv_bench`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.engine_bench import (  # noqa: E402
+    DEVICE_DIR, SHARED, environment, first_existing, llm_shapes, random_model)
+from benchmarks.gemv_bench import cuda_candidates  # noqa: E402
+from worker.engine.model import kernels  # noqa: E402
+from worker.engine.model.args import QwenVLArgs  # noqa: E402
+from worker.engine.model.cuda_gemv import CudaTile  # noqa: E402
+from worker.engine.model.fast import FastQwenVL  # noqa: E402
+from worker.engine.model.quant import quantize_llm  # noqa: E402
+
+POSITION = 300  # each row's new token: the seed's 285-token prompt plus a few decoded ones
+
+
+def step_us(fast: FastQwenVL, batch: int, replays: int) -> float:
+    """Capture the batch's decode graph with the tiles set now, then us per replay (CUDA events)."""
+    fast._decode_graphs.pop(batch, None)
+    torch.cuda.synchronize()
+    fast._decode_graphs[batch] = fast._capture_decode(batch)
+    device = fast.device
+    tokens = torch.zeros(batch, dtype=torch.long, device=device)
+    positions = torch.full((batch,), POSITION, dtype=torch.long, device=device)
+    slots = torch.arange(batch, device=device)
+    for _ in range(3):
+        fast.decode(tokens, positions, slots)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(replays):
+        fast.decode(tokens, positions, slots)
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1000 / replays
+
+
+def interleaved(fast: FastQwenVL, batch: int, settings: dict[str, dict], replays: int, rounds: int) -> dict[str, float]:
+    """Median us per step of each ``CUDA_TILES`` setting, the settings taking turns each round."""
+    runs: dict[str, list[float]] = {label: [] for label in settings}
+    saved = dict(kernels.CUDA_TILES)
+    try:
+        for _ in range(rounds):
+            for label, tiles in settings.items():
+                kernels.CUDA_TILES.clear()
+                kernels.CUDA_TILES.update(tiles)
+                runs[label].append(step_us(fast, batch, replays))
+    finally:
+        kernels.CUDA_TILES.clear()
+        kernels.CUDA_TILES.update(saved)
+    return {label: statistics.median(times) for label, times in runs.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batches", default="2")
+    parser.add_argument("--shapes", default="gate_up,c_attn,down,c_proj,lm_head")
+    parser.add_argument("--replays", type=int, default=40)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--json", type=Path, default=None)
+    a = parser.parse_args(argv)
+    device = torch.device("cuda")
+    for key, value in environment(device).items():
+        print(f"  {key}: {value}")
+    args = QwenVLArgs.from_hf_config(first_existing(DEVICE_DIR / "config.json", SHARED / "qwen-vl" / "config.json"))
+    model = random_model(args, device, torch.bfloat16)
+    quantize_llm(model)
+    torch.cuda.empty_cache()
+    fast = FastQwenVL(model)
+    batches = [int(b) for b in a.batches.split(",")]
+    fast.setup_cache(max(batches), 2048)
+    shapes = llm_shapes(args)
+    out: dict = {}
+    for batch in batches:
+        built_in = dict(kernels.CUDA_TILES)
+        best = dict(built_in)
+        for name in a.shapes.split(","):
+            n, k = shapes[name]
+            key = (n, k, batch)
+            if kernels.int8_gemv_variant(n, k, batch) != "cuda":
+                print(f"batch {batch} {name}: not on the CUDA GEMV, skipped", flush=True)
+                continue
+            candidates = {str(tuple(t)): {**best, key: t} for t in dict.fromkeys(
+                [built_in.get(key, CudaTile()), *cuda_candidates()])}
+            times = interleaved(fast, batch, candidates, a.replays, a.rounds)
+            pick = min(times, key=times.get)
+            best[key] = candidates[pick][key]
+            out[f"batch {batch} {name}"] = times
+            print(f"batch {batch} {name} {key}: built-in {tuple(built_in.get(key, CudaTile()))} "
+                  f"{times[str(tuple(built_in.get(key, CudaTile())))]:.1f} us/step, best {pick} {times[pick]:.1f}",
+                  flush=True)
+            for label, us in sorted(times.items(), key=lambda kv: kv[1])[:8]:
+                print(f"    {label}: {us:.1f}", flush=True)
+        final = interleaved(fast, batch, {"built-in": built_in, "best": best}, a.replays, 2 * a.rounds)
+        changed = {str(key): tuple(tile) for key, tile in best.items() if built_in.get(key) != tile}
+        out[f"batch {batch} final"] = {**final, "changed": changed}
+        print(f"batch {batch}: built-in {final['built-in']:.1f} us/step, best {final['best']:.1f}; changed {changed}",
+              flush=True)
+    if a.json:
+        a.json.write_text(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
