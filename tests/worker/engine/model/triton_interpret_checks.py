@@ -113,15 +113,17 @@ def check_attention() -> None:
     k_cache, v_cache = randn(rows, heads, length, d).to(BF16), randn(rows, heads, length, d).to(BF16)
     q = randn(2, heads, d).to(BF16)
     slots, lengths = torch.tensor([2, 0]), torch.tensor([100, 7])
-    kernels.ATTENTION_SPLITS, kernels.ATTENTION_BLOCK = 8, 16  # row 1: most ranges empty
-    before, after = separate_then_fused(lambda: kernels.decode_attention(q, k_cache, v_cache, slots, lengths))
-    assert torch.equal(before, after), "attention combine"
-    for b in range(2):
-        n = int(lengths[b])
-        expected = F.scaled_dot_product_attention(q[b][:, None].float(), k_cache[slots[b], :, :n].float(),
-                                                  v_cache[slots[b], :, :n].float())[:, 0].reshape(-1)
-        err = (after[b].float() - expected).norm() / expected.norm()
-        assert err < 2e-2, f"attention vs float math {err:.3g}"
+    # one block a range (row 1: most ranges empty), then four (the next block loaded ahead each step)
+    for splits in (8, 2):
+        kernels.ATTENTION_SPLITS, kernels.ATTENTION_BLOCK = splits, 16
+        before, after = separate_then_fused(lambda: kernels.decode_attention(q, k_cache, v_cache, slots, lengths))
+        assert torch.equal(before, after), "attention combine"
+        for b in range(2):
+            n = int(lengths[b])
+            expected = F.scaled_dot_product_attention(q[b][:, None].float(), k_cache[slots[b], :, :n].float(),
+                                                      v_cache[slots[b], :, :n].float())[:, 0].reshape(-1)
+            err = (after[b].float() - expected).norm() / expected.norm()
+            assert err < 2e-2, f"attention vs float math {err:.3g}, {splits} splits"
 
 
 def check_rotary_attention() -> None:
@@ -130,8 +132,9 @@ def check_rotary_attention() -> None:
     heads, d, rows, length = 2, 16, 3, 100
     inv_freq = torch.stack([1.0 / (10000 ** (torch.arange(0, d, 2).float() / d)) * a for a in (1.0, 0.7, 1.3)])
     logn = 1 + 0.05 * torch.rand(length, generator=GEN)
-    kernels.ATTENTION_SPLITS, kernels.ATTENTION_BLOCK = 8, 16
-    for positions, slots in (([99, 6], [2, 0]), ([0], [1]), ([47, 15], [0, 1])):
+    cases = [(8, positions, slots) for positions, slots in (([99, 6], [2, 0]), ([0], [1]), ([47, 15], [0, 1]))]
+    for splits, positions, slots in cases + [(2, [99, 40], [2, 0])]:  # 2 splits: several blocks a range
+        kernels.ATTENTION_SPLITS, kernels.ATTENTION_BLOCK = splits, 16
         positions, slots = torch.tensor(positions), torch.tensor(slots)
         qkv = randn(len(positions), 3 * heads * d).to(BF16)
         for scales in (logn, None):
@@ -140,7 +143,7 @@ def check_rotary_attention() -> None:
             q = kernels.rotary_to_cache(qkv, positions, slots, inv_freq, scales, separate_k, separate_v, heads)
             separate = kernels.decode_attention(q, separate_k, separate_v, slots, positions + 1)
             fused = kernels.rotary_attention(qkv, positions, slots, inv_freq, scales, k_cache, v_cache, heads)
-            where = f"positions {positions.tolist()} logn {scales is not None}"
+            where = f"positions {positions.tolist()} logn {scales is not None}, {splits} splits"
             assert torch.equal(fused, separate), f"rotary attention output, {where}"
             assert torch.equal(k_cache, separate_k) and torch.equal(v_cache, separate_v), f"cache, {where}"
 
