@@ -1,7 +1,7 @@
 """CUDA GEMV tiles timed where they run: inside the int8 decode graph.
 
     python -m benchmarks.graph_tiles [--batches 2] [--shapes c_attn,gate_up,down,c_proj,lm_head]
-                                     [--replays 40] [--rounds 3] [--json FILE]
+                                     [--replays 40] [--rounds 3] [--extra W,U,T;...] [--json FILE]
 
 :mod:`benchmarks.gemv_bench` times each GEMV alone, in a graph of calls to itself; inside the
 decode step, between the RMSNorm and attention kernels, the same kernels run up to 4 us faster or
@@ -12,7 +12,8 @@ CUDA GEMV tile (:func:`benchmarks.gemv_bench.cuda_candidates`) for that shape, t
 it on their best so far, and times graph replays (CUDA events; the median of ``--rounds`` runs
 of ``--replays`` replays, candidates interleaved round by round). It prints each candidate's us
 per step and, per batch size, the built-in tiles against the best, again interleaved. Every
-candidate tile's output was checked against float64 math by :mod:`benchmarks.gemv_bench`.
+built-in candidate's output is checked against float64 math by :mod:`benchmarks.gemv_bench`;
+``--extra`` tiles are not: check a pick there before taking it.
 """
 
 from __future__ import annotations
@@ -84,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--replays", type=int, default=40)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--extra", default="", metavar="W,U,T;W,U,T",
+                        help="more candidate tiles (wrows, unroll, threads), ';'-separated")
     a = parser.parse_args(argv)
     device = torch.device("cuda")
     for key, value in environment(device).items():
@@ -106,8 +109,9 @@ def main(argv: list[str] | None = None) -> int:
             if kernels.int8_gemv_variant(n, k, batch) != "cuda":
                 print(f"batch {batch} {name}: not on the CUDA GEMV, skipped", flush=True)
                 continue
+            extra = [CudaTile(*(int(v) for v in t.split(","))) for t in filter(None, a.extra.split(";"))]
             candidates = {str(tuple(t)): {**best, key: t} for t in dict.fromkeys(
-                [built_in.get(key, CudaTile()), *cuda_candidates()])}
+                [built_in.get(key, CudaTile()), *cuda_candidates(), *extra])}
             times = interleaved(fast, batch, candidates, a.replays, a.rounds)
             pick = min(times, key=times.get)
             best[key] = candidates[pick][key]
