@@ -21,8 +21,9 @@ feeds them to ``mma.m16n8k16`` with the rows of x, staged as f16 in shared memor
 for its share of K, as the other operand. It reads row-major weights, or the
 :func:`blocked_layout` copy that makes each warp's loads contiguous. Measured on the decoder
 shapes (docs/benchmarks.md, runs 34-43) it is slower than :func:`int8_gemv` on row-major weights;
-on blocked ones it is within 0.8 us of it or faster on every shape, 1-5% faster at two rows. The
-model does not store that layout, so no shape runs it by default
+on blocked ones it is within 0.8 us of it or faster on every shape, 1-5% faster at two rows, when
+each runs alone; inside the decode graph the FMA GEMV on row-major weights was faster still
+(runs 44-45, the model stored blocked for the test), so no shape runs it by default
 (:data:`.kernels.INT8_GEMV_BY_SHAPE`).
 """
 
