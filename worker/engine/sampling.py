@@ -138,20 +138,22 @@ class Sampler:
                 logits = logits.clone()
                 logits[:, self.allowed_vocab:] = float("-inf")
         counts = self.counts[:, :width]
-        if any(p.repetition_penalty != 1.0 for p in in_use):
+        repetition = any(p.repetition_penalty != 1.0 for p in in_use)
+        additive = any(p.presence_penalty or p.frequency_penalty for p in in_use)
+        if repetition:
             penalised = torch.where(logits > 0, logits / self.repetition_penalty[:, None],
                                     logits * self.repetition_penalty[:, None])
             seen = self.prompt_seen[:, :width] | (counts > 0)
             logits = torch.where(seen, penalised, logits)
-        if any(p.presence_penalty or p.frequency_penalty for p in in_use):
+        if additive:
             logits = (logits - self.frequency_penalty[:, None] * counts
                       - self.presence_penalty[:, None] * (counts > 0).float())
         next_ids = logits.argmax(dim=-1)  # [B]
         if not greedy:
             sampled = self._sample_random(logits, steps, in_use)
             next_ids = torch.where(self.greedy, next_ids, sampled)
-        if any(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty for p in in_use):
-            self._record(next_ids, active)  # only penalties read the counts: a slot's own request's
+        if repetition or additive:  # only penalties read the counts, each slot's its own request's
+            self._record(next_ids, active)
         return next_ids
 
     def _sample_random(self, logits: torch.Tensor, steps: torch.Tensor,

@@ -113,7 +113,7 @@ def check_attention() -> None:
     k_cache, v_cache = randn(rows, heads, length, d).to(BF16), randn(rows, heads, length, d).to(BF16)
     q = randn(2, heads, d).to(BF16)
     slots, lengths = torch.tensor([2, 0]), torch.tensor([100, 7])
-    # one block a range (row 1: most ranges empty), then four (the next block loaded ahead each step)
+    # one block a range (row 1: most ranges empty), then up to four blocks a range
     for splits in (8, 2):
         kernels.ATTENTION_SPLITS, kernels.ATTENTION_BLOCK = splits, 16
         before, after = separate_then_fused(lambda: kernels.decode_attention(q, k_cache, v_cache, slots, lengths))
