@@ -22,7 +22,8 @@ and every figure of the GPU-speed issue, each beside its limit and their ratio:
   CUDA GEMVs' candidate tiles (:mod:`benchmarks.gemv_bench`); then engine decode with the fastest
   kernel per shape ("chosen", the main int8 rows, also used for int8 TTFT and jobs), with the
   built-in choice, and with "dot", "fma" and "cuda" everywhere (``--skip gemv``: the built-in
-  choice only);
+  choice only; ``--cuda-tiles``: also with other CUDA GEMV tiles), and the int8 graph replay alone
+  against bf16's;
 - prefill and first-decode-step logits of the fast and the eager path against a float32 copy of
   the model (relative errors, greedy agreement);
 - a sweep of the Triton GEMV tiles per decoder-layer weight shape (``[w1 | w2]`` with the gate in
@@ -915,6 +916,7 @@ def main(argv: list[str] | None = None) -> int:
     report.info.update(params=n_params, llm_weight_bytes=weights, prompt_tokens=len(ids))
     kv_token = kv_bytes_per_token(args, dtype)
     decode_rates: dict[tuple[int, int], float] = {}
+    graph_rates: dict[int, float] = {}  # bf16 decode tok/s replaying the graph alone, per batch size
 
     builtin = (dict(kernels.TILES), kernels.ATTENTION_SPLITS, kernels.ATTENTION_BLOCK, kernels.ATTENTION_WARPS)
     fusions = "fusions" not in skip and kernels.triton_ok(torch.empty(1, device=device))
@@ -994,7 +996,7 @@ def main(argv: list[str] | None = None) -> int:
                                roofline, "roofline", f"fast = {fast / roofline:.0%} of roofline, target 85%"
                                + spread(runs)))
         for batch in (1, 2):
-            rate = measure_graph_decode(s, batch, 128)
+            rate = graph_rates[batch] = measure_graph_decode(s, batch, 128)
             roofline = batch * bandwidth / (weights + batch * kv_token * (len(ids) + 64))
             report.add(Row(f"decode tok/s, batch {batch}, graph replay only (no engine)", None, rate, "tok/s",
                            roofline, "roofline", f"{rate / roofline:.0%} of roofline"))
@@ -1115,6 +1117,12 @@ def main(argv: list[str] | None = None) -> int:
                                        (f"{rate / bf16:.2f} x bf16 fast (after); " if bf16 else "")
                                        + f"{rate / roofline:.0%} of int8 roofline"))
             with int8_gemv(*variants["chosen"]):
+                for batch in (1, 2):  # the engine's share of the int8 / bf16 ratio: the same without it
+                    rate = measure_graph_decode(s, batch, 128)
+                    bf16 = graph_rates.get(batch)
+                    report.add(Row(f"int8 decode tok/s, batch {batch}, graph replay only (no engine)", None, rate,
+                                   "tok/s", INT8_SPEEDUP * bf16 if bf16 else None, "1.7 x bf16 graph",
+                                   f"{rate / bf16:.2f} x bf16 graph replay" if bf16 else ""))
                 if "ttft" not in skip:
                     ttft = measure_ttft(s, True)
                     report.add(Row("int8 TTFT from preprocessed pixels", None, ttft[0], "ms", TTFT_LIMIT_MS, "limit",
