@@ -18,10 +18,9 @@ rows of x it
 bf16 weights get the same timing for one FMA tile (reported only: the bf16 default is unchanged).
 
 Run alone, ``python -m benchmarks.gemv_bench`` prints that comparison for the real architecture's
-shapes; ``--mma-only`` times the tensor-core CUDA GEMV's tiles, on row-major weights and on
-their blocked layout ("mma_blocked"), against the built-in CUDA GEMV tile only (docs/benchmarks.md,
-runs 34-43); ``--dot-sweep`` times the int8 tensor-core GEMV with wider tiles than the built-in
-ones (:func:`dot_sweep`; runs 10 and 12).
+shapes; ``--mma-only`` times the tensor-core CUDA GEMV's tiles against the built-in CUDA GEMV
+tile only (docs/benchmarks.md, runs 34-43); ``--dot-sweep`` times the int8 tensor-core GEMV with
+wider tiles than the built-in ones (:func:`dot_sweep`; runs 10 and 12).
 """
 
 from __future__ import annotations
@@ -181,20 +180,7 @@ FAMILIES = {
              _gate_checks(cuda_gemv.int8_gemv), CudaTile),
     "mma": (lambda x, q, s, t, gated=False: cuda_gemv.int8_gemv_mma(x, q, s, None, t, gated),
             _gate_checks(cuda_gemv.int8_gemv_mma), MmaTile),
-    # the same kernel on a blocked_layout copy of each weight (made before timing; benchmark only)
-    "mma_blocked": (lambda x, q, s, t, gated=False: cuda_gemv.int8_gemv_mma(x, q, s, None, t, gated,
-                                                                            _blocked(q, gated)),
-                    lambda *a: {}, MmaTile),
 }
-_BLOCKED: dict[tuple, torch.Tensor] = {}
-
-
-def _blocked(q: torch.Tensor, gated: bool) -> torch.Tensor:
-    """``q``'s blocked layout, made once per weight copy and kept until the shape is done."""
-    key = (q.data_ptr(), gated)
-    if key not in _BLOCKED:
-        _BLOCKED[key] = cuda_gemv.blocked_layout(q, gated)
-    return _BLOCKED[key]
 
 
 def _family_row(family: str, candidates: list, graph_s, layers: list, x: torch.Tensor, ref: torch.Tensor,
@@ -322,7 +308,7 @@ def gemv_variants(shapes: dict[str, tuple[int, int]], device: torch.device, dtyp
     worst = {"dot": 0.0, "fma": 0.0}
     sweeps = {"fma": lambda key, n_out, b: fma_candidates(n_out, b)[:2 if quick else None],
               "cuda": lambda key, n_out, b: cuda_candidates(),
-              "mma": lambda key, n_out, b: mma_candidates(), "mma_blocked": None, **(candidates or {})}
+              "mma": lambda key, n_out, b: mma_candidates(), **(candidates or {})}
     gen = torch.Generator(device=device).manual_seed(7)
     for family, edge_cases in (("cuda", cuda_edge_cases), ("mma", mma_edge_cases)):
         edge = edge_cases(device, dtype) if device.type == "cuda" and sweeps[family] else {}
@@ -361,14 +347,10 @@ def gemv_variants(shapes: dict[str, tuple[int, int]], device: torch.device, dtyp
                 mma_here = any(cuda_gemv.mma_available(x, q, tile=t) for t in mma_candidates())
                 runs = {"fma": bool(sweeps["fma"]),
                         "cuda": kind == "int8" and bool(sweeps["cuda"]) and cuda_gemv.available(x, q),
-                        "mma": kind == "int8" and bool(sweeps["mma"]) and mma_here,
-                        "mma_blocked": kind == "int8" and bool(sweeps["mma_blocked"]) and mma_here}
-                if runs["mma_blocked"]:
-                    for w_, _ in layers:
-                        _blocked(w_, gated)
+                        "mma": kind == "int8" and bool(sweeps["mma"]) and mma_here}
                 for family in (f for f in FAMILIES if runs[f]):
                     tiles = [t for t in sweeps[family]((n, k, m), out_n, weight_bytes)
-                             if not family.startswith("mma") or cuda_gemv.mma_available(x, q, tile=t)]
+                             if family != "mma" or cuda_gemv.mma_available(x, q, tile=t)]
                     row.update(_family_row(family, tiles, graph_s, layers, x, ref, gated, nbytes, label,
                                            kind == "int8", repeats))
                 times = {"dot": dot_s, **{f: row[f"{f}_us"] / 1e6 for f in FAMILIES if f"{f}_best" in row}}
@@ -384,7 +366,6 @@ def gemv_variants(shapes: dict[str, tuple[int, int]], device: torch.device, dtyp
                 rows_out.append(row)
                 _print_row(row)
             del layers
-            _BLOCKED.clear()
     return {"rows": rows_out, "choice": choice, "fma_tiles": picked["fma"], "cuda_tiles": picked["cuda"],
             "mma_tiles": picked["mma"], "worst_ulp": worst}
 
@@ -509,8 +490,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         candidates = None
         if a.mma_only:
-            candidates = {"fma": None, "cuda": lambda key, n_out, b: [kernels.CUDA_TILES.get(key, CudaTile())],
-                          "mma_blocked": lambda key, n_out, b: mma_candidates()}
+            candidates = {"fma": None, "cuda": lambda key, n_out, b: [kernels.CUDA_TILES.get(key, CudaTile())]}
         print("\n".join(summary_lines(gemv_variants(llm_shapes(args), device, dtype, clock.graph_s,
                                                      candidates=candidates))))
     return 0

@@ -18,13 +18,11 @@ build, bf16 activations, ``K`` a multiple of 16 and 16-byte aligned rows). Where
 :func:`int8_gemv_mma` is the same product on the tensor cores (1-8 rows of x): each warp converts
 its weights to f16 in registers (one byte permute and one packed subtraction per two weights) and
 feeds them to ``mma.m16n8k16`` with the rows of x, staged as f16 in shared memory by each warp
-for its share of K, as the other operand. It reads row-major weights, or the
-:func:`blocked_layout` copy that makes each warp's loads contiguous. Measured on the decoder
-shapes (docs/benchmarks.md, runs 34-43) it is slower than :func:`int8_gemv` on row-major weights;
-on blocked ones it is within 0.8 us of it or faster on every shape, 1-5% faster at two rows, when
-each runs alone; inside the decode graph the FMA GEMV on row-major weights was faster still
-(runs 44-45, the model stored blocked for the test), so no shape runs it by default
-(:data:`.kernels.INT8_GEMV_BY_SHAPE`).
+for its share of K, as the other operand. On the decoder shapes it is slower than
+:func:`int8_gemv` (docs/benchmarks.md, runs 34-45: also with the weights stored in a blocked
+layout that makes each warp's loads contiguous, which won alone but lost inside the decode graph
+and was removed after run 57), so no shape runs it by default (:data:`.kernels.INT8_GEMV_BY_SHAPE`);
+the benchmarks time it beside the others.
 """
 
 from __future__ import annotations
@@ -247,9 +245,6 @@ static __device__ __forceinline__ void mma(float (&c)[4], u32 a0, u32 a1, u32 a2
 }
 
 constexpr int WARPS = GROUPS * SPLITS;
-// BLOCKED: q is stored as [groups][chunks][2][8][4][16 bytes] (blocked_layout), one 1 KB block
-// per group and chunk that the warp reads as two 512-byte runs; else row-major [rows, k].
-constexpr int CHUNK_STRIDE = BLOCKED ? 64 : 4;  // uint4 from one chunk of a lane's row to the next
 
 // The power of two (its exponent) a share of a row of x is scaled by on its way to f16, from the
 // float bits of its largest |x|: 0 while that lies in [2^-6, 65504], where every bf16 of it that
@@ -318,8 +313,8 @@ static __device__ __forceinline__ void load_chunks(uint4 (&wl)[UNROLL], uint4 (&
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u) {
         const bool in = c0 + u < c_end;
-        wl[u] = in ? load_stream(lo + CHUNK_STRIDE * (c0 + u)) : make_uint4(0, 0, 0, 0);
-        wh[u] = in ? load_stream(hi + CHUNK_STRIDE * (c0 + u)) : make_uint4(0, 0, 0, 0);
+        wl[u] = in ? load_stream(lo + 4 * (c0 + u)) : make_uint4(0, 0, 0, 0);  // 64 bytes a chunk
+        wh[u] = in ? load_stream(hi + 4 * (c0 + u)) : make_uint4(0, 0, 0, 0);
     }
 }
 
@@ -366,10 +361,8 @@ vlq_int8_gemv_mma(const bf16* __restrict__ x, const signed char* __restrict__ q,
     const int c_begin = active ? split * chunks / SPLITS : 0, c_end = active ? (split + 1) * chunks / SPLITS : 0;
     const int lo_row = active ? (GATED ? group * 8 : group * 16) + row8 : 0;
     const int hi_row = GATED ? n_out + lo_row : lo_row + 8;
-    const uint4* lo = BLOCKED
-        ? reinterpret_cast<const uint4*>(q + (long long)(active ? group : 0) * chunks * 1024) + 4 * row8 + quad
-        : reinterpret_cast<const uint4*>(q + (long long)lo_row * stride_q) + quad;
-    const uint4* hi = BLOCKED ? lo + 32 : reinterpret_cast<const uint4*>(q + (long long)hi_row * stride_q) + quad;
+    const uint4* lo = reinterpret_cast<const uint4*>(q + (long long)lo_row * stride_q) + quad;
+    const uint4* hi = reinterpret_cast<const uint4*>(q + (long long)hi_row * stride_q) + quad;
 
     uint4 wl[UNROLL], wh[UNROLL];
     load_chunks(wl, wh, lo, hi, c_begin, c_end);  // in flight while x is staged
@@ -519,21 +512,10 @@ def macros(rows: int, tile: CudaTile, gated: bool, has_bias: bool) -> dict[str, 
             "HAS_BIAS": int(has_bias)}
 
 
-def mma_macros(rows: int, tile: MmaTile, gated: bool, has_bias: bool, blocked: bool = False) -> dict[str, int]:
+def mma_macros(rows: int, tile: MmaTile, gated: bool, has_bias: bool) -> dict[str, int]:
     """The compile-time settings of the tensor-core kernel for ``rows`` rows of x and ``tile``."""
     return {"ROWS": rows, "GROUPS": tile.groups, "SPLITS": tile.splits, "UNROLL": tile.unroll, "GATED": int(gated),
-            "HAS_BIAS": int(has_bias), "BLOCKED": int(blocked)}
-
-
-def blocked_layout(q: torch.Tensor, gated: bool = False) -> torch.Tensor:
-    """Row-major int8 ``q [N, K]`` -> the tensor-core GEMV's blocked layout, ``[N / 16, K / 64, 2, 8,
-    4, 16]``: per group of 16 rows (gated: 8 rows of each half) and chunk of 64 weights, the 8
-    low rows then the 8 high rows, 64 bytes each, so that a warp reads each chunk as two
-    512-byte runs."""
-    n, k = q.shape
-    if gated:
-        q = torch.stack([q[: n // 2].reshape(n // 16, 8, k), q[n // 2:].reshape(n // 16, 8, k)], dim=1)
-    return q.reshape(n // 16, 2, 8, k // 64, 4, 16).permute(0, 3, 1, 2, 4, 5).contiguous()
+            "HAS_BIAS": int(has_bias)}
 
 
 def _kernel(settings: dict[str, int], kernel: str = "gemv"):
@@ -565,11 +547,9 @@ def int8_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch
 
 
 def int8_gemv_mma(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
-                  tile: MmaTile | None = None, gated: bool = False,
-                  blocked: torch.Tensor | None = None) -> torch.Tensor:
+                  tile: MmaTile | None = None, gated: bool = False) -> torch.Tensor:
     """As :func:`int8_gemv` on the tensor cores, for 1-8 rows of x (callers check
-    :func:`mma_available`); ``blocked``: ``q`` in :func:`blocked_layout` (``q`` still gives the
-    shape). The rows of x go to the tensor cores as f16, which holds every bf16 from 2**-14 to
+    :func:`mma_available`). The rows of x go to the tensor cores as f16, which holds every bf16 from 2**-14 to
     65504 exactly; each warp stages its own share of K, and a row whose largest ``|x|`` in that
     share lies outside [2**-6, 65504] is scaled by a power of two first (and its sums back), so
     answers match float32 math up to summation order."""
@@ -578,10 +558,9 @@ def int8_gemv_mma(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: t
     n = rows // 2 if gated else rows
     tile = MmaTile(*(tile or MmaTile()))
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    kernel = _kernel(mma_macros(m, tile, gated, bias is not None, blocked is not None), "mma")
+    kernel = _kernel(mma_macros(m, tile, gated, bias is not None), "mma")
     groups = rows // 16  # gated: 8 rows of each half a group
     kernel(grid=(-(-groups // tile.groups), 1, 1), block=(tile.threads, 1, 1),
-           args=[x, q if blocked is None else blocked, scale, bias if bias is not None else scale, y, n, k,
-                 x.stride(0), q.stride(0)],
+           args=[x, q, scale, bias if bias is not None else scale, y, n, k, x.stride(0), q.stride(0)],
            shared_mem=mma_shared_bytes(m, k, tile))
     return y

@@ -89,19 +89,6 @@ def test_the_f16_byte_permute_conversion_gives_every_int8_value_exactly():
     assert np.array_equal(values.reshape(-1, 2), q.astype(np.float32))
 
 
-def test_the_blocked_layout_puts_each_lanes_16_bytes_of_both_rows_where_the_kernel_reads_them():
-    q = torch.randint(-128, 128, (64, 256), dtype=torch.int8)
-    for gated in (False, True):
-        blocked = cuda_gemv.blocked_layout(q, gated).flatten()
-        for group, chunk, row8, quad in [(0, 0, 0, 0), (1, 2, 5, 3), (3, 3, 7, 1)]:
-            at = (group * 4 + chunk) * 1024 + row8 * 64 + quad * 16
-            lo_row = group * 8 + row8 if gated else group * 16 + row8
-            hi_row = 32 + lo_row if gated else lo_row + 8
-            cols = slice(64 * chunk + 16 * quad, 64 * chunk + 16 * quad + 16)
-            assert torch.equal(blocked[at:at + 16], q[lo_row, cols])
-            assert torch.equal(blocked[at + 512:at + 528], q[hi_row, cols])
-
-
 def test_a_shape_on_the_cuda_gemv_falls_back_to_triton_beyond_its_rows():
     assert kernels.int8_gemv_variant(12288, 4096, 1) == "cuda"
     assert kernels.int8_gemv_variant(12288, 4096, cuda_gemv.MAX_ROWS + 1) == "dot"
@@ -131,10 +118,10 @@ def test_the_source_compiles_for_hopper_without_spilling_for_every_tile_in_use(t
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed here")
 @pytest.mark.parametrize("rows", [1, 2, 4])
 def test_the_tensor_core_source_compiles_for_hopper_without_spilling(tmp_path, rows):
-    for tile, gated, bias, blocked in [(MmaTile(), False, True, False), (MmaTile(1, 8, 2), True, False, True),
-                                       (MmaTile(4, 2, 2), False, False, True)]:
+    tiles = [(MmaTile(), False, True), (MmaTile(1, 8, 2), True, False), (MmaTile(4, 2, 2), False, False)]
+    for tile, gated, bias in tiles:
         assert_compiles_for_hopper_without_spilling(
-            cuda_gemv.MMA_SOURCE, cuda_gemv.mma_macros(rows, tile, gated, bias, blocked), tmp_path)
+            cuda_gemv.MMA_SOURCE, cuda_gemv.mma_macros(rows, tile, gated, bias), tmp_path)
 
 
 def test_tiles_launch_whole_warps():
