@@ -22,8 +22,7 @@ and every figure of the GPU-speed issue, each beside its limit and their ratio:
   CUDA GEMVs' candidate tiles (:mod:`benchmarks.gemv_bench`); then engine decode with the fastest
   kernel per shape ("chosen", the main int8 rows, also used for int8 TTFT and jobs), with the
   built-in choice, and with "dot", "fma" and "cuda" everywhere (``--skip gemv``: the built-in
-  choice only; ``--cuda-tiles``: also with other CUDA GEMV tiles; ``--separate-norms``: also with
-  the RMSNorms and residual adds as their own launches), and the int8 graph replay alone
+  choice only; ``--cuda-tiles``: also with other CUDA GEMV tiles), and the int8 graph replay alone
   against bf16's;
 - prefill and first-decode-step logits of the fast and the eager path against a float32 copy of
   the model (relative errors, greedy agreement);
@@ -849,9 +848,6 @@ def main(argv: list[str] | None = None) -> int:
                         help="measure fast bf16 decode and each int8 decode variant this many times (interleaved) "
                              "and report the median")
     parser.add_argument("--json", type=Path, default=None, help="write every figure here")
-    parser.add_argument("--separate-norms", action="store_true",
-                        help="also measure int8 decode with the RMSNorms and residual adds as their own launches "
-                             "(kernels.FUSED_NORMS off)")
     parser.add_argument("--cuda-tiles", action="append", default=[], metavar="N,K,M=WROWS,UNROLL,THREADS",
                         help="also measure int8 decode with this CUDA GEMV tile in place of the built-in one for "
                              "that shape (repeatable; all given tiles make one variant)")
@@ -1058,8 +1054,6 @@ def main(argv: list[str] | None = None) -> int:
             # all "fma", all "cuda"
             variants = {"chosen": (kernels.INT8_GEMV, dict(kernels.INT8_GEMV_BY_SHAPE), dict(kernels.FMA_TILES),
                                    dict(kernels.CUDA_TILES), dict(kernels.MMA_TILES))}
-            if a.separate_norms:  # the RMSNorms and residual adds as their own launches, for a before / after
-                variants["separate norms"] = (*variants["chosen"], False)
             if a.cuda_tiles:  # the built-in choice with the given CUDA tiles, for a before / after
                 given = dict(parse_cuda_tile(t) for t in a.cuda_tiles)
                 variants["with --cuda-tiles"] = (*variants["chosen"][:3], {**kernels.CUDA_TILES, **given},
@@ -1090,8 +1084,6 @@ def main(argv: list[str] | None = None) -> int:
                                 "all dot": ("dot", {}, tiles, cuda_tiles), "all fma": ("fma", {}, tiles, cuda_tiles)}
                     if result["cuda_tiles"]:
                         variants["all cuda"] = ("cuda", {}, tiles, cuda_tiles)
-                    if a.separate_norms:
-                        variants["separate norms"] = (*built_in, False)
             section("int8 decode (engine; each engine's CUDA graphs hold the GEMV variant it was built with)")
             reset_peak(s)
             for new_tokens in [int(v) for v in a.decode_tokens.split(",")]:

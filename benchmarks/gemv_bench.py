@@ -102,15 +102,13 @@ def reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor | None, chun
 
 @contextmanager
 def int8_gemv(default: str, by_shape: dict | None = None, tiles: dict | None = None, cuda_tiles: dict | None = None,
-              mma_tiles: dict | None = None, fused_norms: bool | None = None):
+              mma_tiles: dict | None = None):
     """Run the enclosed code with ``kernels.INT8_GEMV = default`` and the given per-shape tables
-    (``INT8_GEMV_BY_SHAPE``, ``FMA_TILES``, ``CUDA_TILES``, ``MMA_TILES``) and ``FUSED_NORMS``; the
-    previous settings come back after."""
+    (``INT8_GEMV_BY_SHAPE``, ``FMA_TILES``, ``CUDA_TILES``, ``MMA_TILES``); the previous settings come
+    back after."""
     tables = (kernels.INT8_GEMV_BY_SHAPE, kernels.FMA_TILES, kernels.CUDA_TILES, kernels.MMA_TILES)
-    saved = kernels.INT8_GEMV, [dict(t) for t in tables], kernels.FUSED_NORMS
+    saved = kernels.INT8_GEMV, [dict(t) for t in tables]
     kernels.INT8_GEMV = default
-    if fused_norms is not None:
-        kernels.FUSED_NORMS = fused_norms
     for table, new in zip(tables, (by_shape or {}, tiles, cuda_tiles, mma_tiles)):
         if new is not None:
             table.clear()
@@ -118,7 +116,7 @@ def int8_gemv(default: str, by_shape: dict | None = None, tiles: dict | None = N
     try:
         yield
     finally:
-        kernels.INT8_GEMV, kernels.FUSED_NORMS = saved[0], saved[2]
+        kernels.INT8_GEMV = saved[0]
         for table, old in zip(tables, saved[1]):
             table.clear()
             table.update(old)
@@ -256,47 +254,6 @@ def cuda_edge_cases(device: torch.device, dtype: torch.dtype) -> dict[str, float
             for tile in (CudaTile(), CudaTile(4, 2), CudaTile(1, 16, 256), CudaTile(8, 1)):
                 out.update(_tile_cases(cuda_gemv.int8_gemv, x, q, scale, bias, ref, tile,
                                        f"[{n}x{k}] M={m} {tuple(tile)}", gate=n % 2 == 0))
-                out.update(_norm_residual_cases(x, q, scale, bias, tile, f"[{n}x{k}] M={m} {tuple(tile)}"))
-    return out
-
-
-def torch_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """The eager model's RMSNorm (float32, rounded to x's dtype, times the weight)."""
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
-
-
-def _norm_residual_cases(x, q, scale, bias, tile, label: str) -> dict[str, float]:
-    """The CUDA GEMV's RMSNorm prologue and residual epilogue on one case: with a norm, its error
-    against float64 math on torch's normalised rows (the block's sum of squares may round the
-    scale differently from torch's by one float32 unit); with a residual, whether it is the
-    plain GEMV's output plus the residual, rounded as torch adds (0 when it is, inf when not)."""
-    m, k = x.shape
-    gen = torch.Generator(device=x.device).manual_seed(k + m)
-    residual_stream = 3 * torch.randn(m, k, device=x.device, dtype=x.dtype, generator=gen)
-    norm_weight = (1 + torch.rand(k, device=x.device, generator=gen)).to(x.dtype)
-    out = {}
-    if cuda_gemv.available(residual_stream, q, scale, bias, norm_weight):
-        normed = torch_rms_norm(residual_stream, norm_weight, 1e-6)
-        y = cuda_gemv.int8_gemv(residual_stream, q, scale, bias, tile, norm_weight=norm_weight, eps=1e-6)
-        out[f"{label} rms_norm prologue"] = ulp_error(y, reference(normed, q, scale) + bias.double())
-        if q.shape[0] % 2 == 0:
-            gate = cuda_gemv.int8_gemv(residual_stream, q, scale, None, tile, True, norm_weight, 1e-6)
-            plain = cuda_gemv.int8_gemv(residual_stream, q, scale, None, tile, norm_weight=norm_weight, eps=1e-6)
-            out[f"{label} rms_norm prologue, gated == torch gate"] = 0.0 if _gate_matches_torch(gate, plain) \
-                else float("inf")
-    residual = torch.randn(m, q.shape[0], device=x.device, dtype=x.dtype, generator=gen)
-    if cuda_gemv.available(x, q, scale, bias, residual=residual):
-        plain = cuda_gemv.int8_gemv(x, q, scale, bias, tile)
-        added = cuda_gemv.int8_gemv(x, q, scale, bias, tile, residual=residual)
-        out[f"{label} residual epilogue == torch add"] = 0.0 if torch.equal(added, residual + plain) else float("inf")
-        out_weight = (1 + torch.rand(q.shape[0], device=x.device, generator=gen)).to(x.dtype)
-        if cuda_gemv.available(x, q, scale, bias, out_weight, residual):
-            ticket = torch.zeros(1, dtype=torch.int32, device=x.device)
-            total, normed = cuda_gemv.int8_gemv_norm_out(x, q, scale, bias, residual, out_weight, 1e-6, ticket, tile)
-            out[f"{label} norm tail: sum == torch add"] = 0.0 if torch.equal(total, residual + plain) else float("inf")
-            out[f"{label} norm tail vs torch rms_norm"] = ulp_error(normed, torch_rms_norm(total, out_weight, 1e-6))
-            out[f"{label} norm tail: ticket back to 0"] = 0.0 if ticket.item() == 0 else float("inf")
     return out
 
 

@@ -1,8 +1,7 @@
 """CUDA GEMV tiles timed where they run: inside the int8 decode graph.
 
     python -m benchmarks.graph_tiles [--batches 2] [--shapes c_attn,gate_up,down,c_proj,lm_head]
-                                     [--replays 40] [--rounds 3] [--extra W,U,T;...] [--fused-norms]
-                                     [--json FILE]
+                                     [--replays 40] [--rounds 3] [--extra W,U,T;...] [--json FILE]
 
 :mod:`benchmarks.gemv_bench` times each GEMV alone, in a graph of calls to itself; inside the
 decode step, between the RMSNorm and attention kernels, the same kernels run up to 4 us faster or
@@ -45,8 +44,7 @@ POSITION = 300  # each row's new token: the seed's 285-token prompt plus a few d
 def step_us(fast: FastQwenVL, batch: int, replays: int) -> float:
     """Capture the batch's decode graph with the tiles set now, then us per replay (CUDA events).
     The capture writes position 0 of the cache rows, which is why FastQwenVL does it only in
-    setup_cache; here only the time counts (and :func:`fused_norms_ab` compares the logits of
-    the last replay, which every setting computes from the same cache)."""
+    setup_cache; here no answer is read, only the time."""
     fast._decode_graphs.pop(batch, None)
     torch.cuda.synchronize()
     fast._decode_graphs[batch] = fast._capture_decode(batch)
@@ -82,31 +80,6 @@ def interleaved(fast: FastQwenVL, batch: int, settings: dict[str, dict], replays
     return {label: statistics.median(times) for label, times in runs.items()}
 
 
-def fused_norms_ab(fast: FastQwenVL, batch: int, replays: int, rounds: int,
-                   modes: tuple[str, ...] = ("tail", "prologue", "")) -> dict[str, float]:
-    """The decode step with each ``kernels.FUSED_NORMS`` mode ("" : separate RMSNorm launches),
-    interleaved: median us per step each, and each mode's logits against the separate launches'
-    (relative error, whether every row's argmax is the same)."""
-    runs: dict[str, list[float]] = {mode: [] for mode in modes}
-    logits = {}
-    saved = kernels.FUSED_NORMS
-    try:
-        for _ in range(rounds):
-            for mode in modes:
-                kernels.FUSED_NORMS = mode
-                runs[mode].append(step_us(fast, batch, replays))
-                logits[mode] = fast._decode_graphs[batch].output.clone()
-    finally:
-        kernels.FUSED_NORMS = saved
-    out: dict[str, float] = {f"{mode or 'separate'} us": statistics.median(runs[mode]) for mode in modes}
-    plain = logits[""]
-    for mode in modes:
-        if mode:
-            out[f"{mode} logits rel err"] = ((logits[mode] - plain).norm() / plain.norm()).item()
-            out[f"{mode} same argmax"] = float(torch.equal(logits[mode].argmax(-1), plain.argmax(-1)))
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batches", default="2")
@@ -116,9 +89,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--extra", default="", metavar="W,U,T;W,U,T",
                         help="more candidate tiles (wrows, unroll, threads), ';'-separated")
-    parser.add_argument("--fused-norms", action="store_true",
-                        help="first time each batch's step with the RMSNorms and residual adds inside the GEMVs "
-                             "and without (kernels.FUSED_NORMS), interleaved, and compare their logits")
     a = parser.parse_args(argv)
     device = torch.device("cuda")
     for key, value in environment(device).items():
@@ -134,13 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     out: dict = {}
     extra = [CudaTile(*(int(v) for v in t.split(","))) for t in filter(None, a.extra.split(";"))]
     for batch in batches:
-        if a.fused_norms:
-            ab = out[f"batch {batch} fused norms"] = fused_norms_ab(fast, batch, a.replays, 2 * a.rounds)
-            print(f"batch {batch}: " + ", ".join(f"{k} {v:.1f}" if k.endswith("us") else f"{k} {v:.2e}"
-                                                 for k, v in ab.items()), flush=True)
         built_in = dict(kernels.CUDA_TILES)
         best = dict(built_in)
-        for name in filter(None, a.shapes.split(",")):
+        for name in a.shapes.split(","):
             n, k = shapes[name]
             key = (n, k, batch)
             if kernels.int8_gemv_variant(n, k, batch) != "cuda":
@@ -156,8 +122,6 @@ def main(argv: list[str] | None = None) -> int:
                   f"best {pick} {times[pick]:.1f}", flush=True)
             for label, us in sorted(times.items(), key=lambda kv: kv[1])[:8]:
                 print(f"    {label}: {us:.1f}", flush=True)
-        if not out.keys() - {f"batch {batch} fused norms"} - {k for k in out if not k.startswith(f"batch {batch} ")}:
-            continue  # no shape swept
         final = interleaved(fast, batch, {"built-in": built_in, "best": best}, a.replays, 2 * a.rounds)
         changed = {str(key): tuple(tile) for key, tile in best.items() if built_in.get(key) != tile}
         out[f"batch {batch} final"] = {**final, "changed": changed}

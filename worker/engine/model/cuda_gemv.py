@@ -28,7 +28,6 @@ the benchmarks time it beside the others.
 from __future__ import annotations
 
 import logging
-import struct
 from typing import NamedTuple
 
 import torch
@@ -91,70 +90,6 @@ static __device__ __forceinline__ void bf16x8_float(uint4 v, float* out) {
     out[6] = __uint_as_float(v.w << 16); out[7] = __uint_as_float(v.w & 0xffff0000u);
 }
 
-// x for the FMAs: with NORM the block's normalised rows in shared memory, else x itself (through L1).
-static __device__ __forceinline__ uint4 load_x(const uint4* p) {
-#if NORM
-    return *p;
-#else
-    return load_cached(p);
-#endif
-}
-
-#if NORM
-// The ROWS rows of x (the residual stream, k wide) -> rms_norm(x) * nw, into shared memory xs
-// (rows k apart), rounded as kernels.rms_norm rounds it: x / rms in float32 to bf16, times the
-// weight to bf16. Each thread adds its squares in a fixed order and the warps' sums are added in
-// warp order: the same bits every launch. Every thread of the block takes part.
-static __device__ __forceinline__ void normalize_rows(uint4* xs, const bf16* x, const bf16* nw, int stride_x, int k,
-                                                      float eps) {
-    __shared__ float partial[ROWS][THREADS / 32];
-    const int n8 = k >> 3;  // uint4 of 8 bf16 a row
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    float ss[ROWS];
-#pragma unroll
-    for (int m = 0; m < ROWS; ++m) ss[m] = 0.0f;
-    for (int i = threadIdx.x; i < n8; i += THREADS)
-#pragma unroll
-        for (int m = 0; m < ROWS; ++m) {
-            float f[8];
-            bf16x8_float(load_cached(reinterpret_cast<const uint4*>(x + (long long)m * stride_x) + i), f);
-#pragma unroll
-            for (int j = 0; j < 8; ++j) ss[m] = fmaf(f[j], f[j], ss[m]);
-        }
-#pragma unroll
-    for (int m = 0; m < ROWS; ++m) {
-#pragma unroll
-        for (int offset = 16; offset > 0; offset >>= 1) ss[m] += __shfl_xor_sync(0xffffffffu, ss[m], offset);
-        if (lane == 0) partial[m][warp] = ss[m];
-    }
-    __syncthreads();
-    float r[ROWS];
-#pragma unroll
-    for (int m = 0; m < ROWS; ++m) {
-        float total = 0.0f;
-#pragma unroll
-        for (int w = 0; w < THREADS / 32; ++w) total += partial[m][w];
-        r[m] = rsqrtf(total / (float)k + eps);
-    }
-    for (int i = threadIdx.x; i < n8; i += THREADS) {
-        float wf[8];
-        bf16x8_float(load_cached(reinterpret_cast<const uint4*>(nw) + i), wf);
-#pragma unroll
-        for (int m = 0; m < ROWS; ++m) {
-            float f[8];
-            bf16x8_float(load_cached(reinterpret_cast<const uint4*>(x + (long long)m * stride_x) + i), f);
-            u32 out[4];
-#pragma unroll
-            for (int j = 0; j < 4; ++j)
-                out[j] = (u32)to_bf16(round_bf16(f[2 * j] * r[m]) * wf[2 * j])
-                         | ((u32)to_bf16(round_bf16(f[2 * j + 1] * r[m]) * wf[2 * j + 1]) << 16);
-            xs[m * n8 + i] = make_uint4(out[0], out[1], out[2], out[3]);
-        }
-    }
-    __syncthreads();
-}
-#endif
-
 // The R weight rows of output group g (WROWS outputs, of both halves when gated: rows n and n_out + n).
 template <int R>
 static __device__ __forceinline__ void group_rows(const uint4* (&rows)[R], const signed char* q, int g, int n_out,
@@ -190,8 +125,8 @@ static __device__ __forceinline__ void fma_step(float (&acc)[ROWS][R], const uin
 #pragma unroll
         for (int m = 0; m < ROWS; ++m) {
             const uint4* xp = reinterpret_cast<const uint4*>(x + (long long)m * stride_x) + 2 * c;
-            bf16x8_float(load_x(xp), xf[m]);
-            bf16x8_float(load_x(xp + 1), xf[m] + 8);
+            bf16x8_float(load_cached(xp), xf[m]);
+            bf16x8_float(load_cached(xp + 1), xf[m] + 8);
         }
 #pragma unroll
         for (int r = 0; r < R; ++r) {
@@ -215,10 +150,10 @@ static __device__ __forceinline__ void fma_step(float (&acc)[ROWS][R], const uin
 }
 
 // Add up the lanes' sums of group g and store its outputs (lane 0): plain, or the gate as silu_mul
-// does it (each half rounded, silu rounded, the product rounded); RESIDUAL: plus res, rounded.
+// does it (each half rounded, silu rounded, the product rounded).
 template <int R>
 static __device__ __forceinline__ void finish_group(float (&acc)[ROWS][R], const float* s, const bf16* b, bf16* y,
-                                                    const bf16* res, int g, int n_out, float (&sq)[ROWS]) {
+                                                    int g, int n_out) {
 #pragma unroll
     for (int m = 0; m < ROWS; ++m)
 #pragma unroll
@@ -238,10 +173,7 @@ static __device__ __forceinline__ void finish_group(float (&acc)[ROWS][R], const
                 const float gate = round_bf16(scaled(acc[m][WROWS + r], s, b, n_out + n));
                 out = round_bf16(out) * round_bf16(gate / (1.0f + expf(-gate)));
             }
-            if (RESIDUAL) out = bf16_float(res[(long long)m * n_out + n]) + round_bf16(out);  // the eager add
-            const bf16 stored = to_bf16(out);
-            y[(long long)m * n_out + n] = stored;
-            if (NORM_OUT) sq[m] = fmaf(bf16_float(stored), bf16_float(stored), sq[m]);
+            y[(long long)m * n_out + n] = to_bf16(out);
         }
 }
 
@@ -253,122 +185,26 @@ static __device__ __forceinline__ void zero(float (&acc)[ROWS][R]) {
         for (int r = 0; r < R; ++r) acc[m][r] = 0.0f;
 }
 
-#if NORM_OUT
-// Once the whole launch has stored y: every block puts its sum of squares per row of y (sq: lane 0
-// of each warp, added in warp order) into partial[m * blocks + block] and takes a ticket; the last
-// block adds the partials in block order and writes xn = rms_norm(y) * nw, rounded as
-// kernels.rms_norm rounds it. The same bits whichever block is last.
-static __device__ __forceinline__ void norm_tail(const float (&sq)[ROWS], const bf16* y, const bf16* nw, bf16* xn,
-                                                 float* partial, unsigned int* ticket, int n_out, float eps) {
-    __shared__ float sums[ROWS][THREADS / 32];
-    __shared__ bool last;
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, blocks = gridDim.x;
-    if (lane == 0)
-#pragma unroll
-        for (int m = 0; m < ROWS; ++m) sums[m][warp] = sq[m];
-    __threadfence();  // this block's y, before its ticket
-    __syncthreads();
-    if (threadIdx.x == 0) {
-#pragma unroll
-        for (int m = 0; m < ROWS; ++m) {
-            float t = 0.0f;
-#pragma unroll
-            for (int w = 0; w < THREADS / 32; ++w) t += sums[m][w];
-            partial[m * blocks + blockIdx.x] = t;
-        }
-        __threadfence();
-        last = atomicAdd(ticket, 1u) == (unsigned int)blocks - 1;
-    }
-    __syncthreads();
-    if (!last) return;
-    __threadfence();
-    float ss[ROWS];
-#pragma unroll
-    for (int m = 0; m < ROWS; ++m) ss[m] = 0.0f;
-    for (int i = threadIdx.x; i < blocks; i += THREADS)
-#pragma unroll
-        for (int m = 0; m < ROWS; ++m) ss[m] += __ldcg(partial + m * blocks + i);
-#pragma unroll
-    for (int m = 0; m < ROWS; ++m) {
-#pragma unroll
-        for (int offset = 16; offset > 0; offset >>= 1) ss[m] += __shfl_xor_sync(0xffffffffu, ss[m], offset);
-        if (lane == 0) sums[m][warp] = ss[m];
-    }
-    __syncthreads();
-    float r[ROWS];
-#pragma unroll
-    for (int m = 0; m < ROWS; ++m) {
-        float t = 0.0f;
-#pragma unroll
-        for (int w = 0; w < THREADS / 32; ++w) t += sums[m][w];
-        r[m] = rsqrtf(t / (float)n_out + eps);
-    }
-    const int n8 = n_out >> 3;
-    for (int i = threadIdx.x; i < n8; i += THREADS) {
-        float wf[8];
-        bf16x8_float(load_cached(reinterpret_cast<const uint4*>(nw) + i), wf);
-#pragma unroll
-        for (int m = 0; m < ROWS; ++m) {
-            float f[8];
-            bf16x8_float(__ldcg(reinterpret_cast<const uint4*>(y + (long long)m * n_out) + i), f);
-            u32 out[4];
-#pragma unroll
-            for (int j = 0; j < 4; ++j)
-                out[j] = (u32)to_bf16(round_bf16(f[2 * j] * r[m]) * wf[2 * j])
-                         | ((u32)to_bf16(round_bf16(f[2 * j + 1] * r[m]) * wf[2 * j + 1]) << 16);
-            reinterpret_cast<uint4*>(xn + (long long)m * n_out)[i] = make_uint4(out[0], out[1], out[2], out[3]);
-        }
-    }
-    if (threadIdx.x == 0) *ticket = 0u;  // ready for the next launch
-}
-#endif
-
 // y [ROWS, n_out] = x @ (q * s).T (+ b); GATED: q is [w1 | w2] ([2 n_out, k]) and y the gate. Each
 // warp owns WROWS outputs whole: no split-K, no second pass, the same order of sums every time.
-// NORM: x is the residual stream and the product is taken with rms_norm(x) * nw (eps: float bits),
-// which the block makes first in its shared memory while its first weights load. RESIDUAL: y is
-// res + the product (res [ROWS, n_out]). NORM_OUT: the last block also writes rms_norm(y) * nw to
-// xn (norm_tail; partial: ROWS * blocks floats, ticket: zero before the launch, and after it).
 extern "C" __global__ void __launch_bounds__(THREADS)
 vlq_int8_gemv(const bf16* __restrict__ x, const signed char* __restrict__ q, const float* __restrict__ s,
-              const bf16* __restrict__ b, bf16* __restrict__ y, int n_out, int k, int stride_x, int stride_q,
-              const bf16* __restrict__ nw, const bf16* __restrict__ res, int eps_bits, bf16* __restrict__ xn,
-              float* __restrict__ partial, unsigned int* __restrict__ ticket) {
+              const bf16* __restrict__ b, bf16* __restrict__ y, int n_out, int k, int stride_x, int stride_q) {
     constexpr int R = WROWS * (GATED ? 2 : 1);  // weight rows per warp
     const int lane = threadIdx.x & 31;
     const int g = blockIdx.x * (THREADS / 32) + (threadIdx.x >> 5);  // this warp's output group
-    const bool active = g * WROWS < n_out;
-    if (!NORM && !NORM_OUT && !active) return;  // else every warp takes part in the block's norm
-    float sq[ROWS];
-#pragma unroll
-    for (int m = 0; m < ROWS; ++m) sq[m] = 0.0f;
-    if (active || NORM) {
+    if (g * WROWS >= n_out) return;
     const int chunks = k >> 4;  // 16 weights (bytes) a chunk
     const uint4* rows[R];
     group_rows<R>(rows, q, g, n_out, stride_q);
     float acc[ROWS][R];
     zero<R>(acc);
     uint4 w[UNROLL][R];
-#if NORM
-    extern __shared__ uint4 xs[];
-    load_step<R>(w, rows, lane, chunks);
-    normalize_rows(xs, x, nw, stride_x, k, __int_as_float(eps_bits));
-    if (!active) return;
-    const bf16* xin = reinterpret_cast<const bf16*>(xs);
-    const int stride_in = k;
-#else
-    const bf16* xin = x;
-    const int stride_in = stride_x;
-#endif
     for (int c0 = lane; c0 < chunks; c0 += 32 * UNROLL) {
-        if (!NORM || c0 != lane) load_step<R>(w, rows, c0, chunks);
-        fma_step<R>(acc, w, xin, stride_in, c0, chunks);
+        load_step<R>(w, rows, c0, chunks);
+        fma_step<R>(acc, w, x, stride_x, c0, chunks);
     }
-    finish_group<R>(acc, s, b, y, res, g, n_out, sq);
-    }
-#if NORM_OUT
-    norm_tail(sq, y, nw, xn, partial, ticket, n_out, __int_as_float(eps_bits));
-#endif
+    finish_group<R>(acc, s, b, y, g, n_out);
 }
 """
 
@@ -614,7 +450,6 @@ class MmaTile(NamedTuple):
 KERNELS = {"gemv": "vlq_int8_gemv", "mma": "vlq_int8_gemv_mma"}
 MMA_MAX_ROWS = 8  # the columns of one m16n8k16 step
 MMA_SHARED_LIMIT = 48 * 1024  # a block's shared memory without opting in
-NORM_SHARED_LIMIT = 48 * 1024
 
 _compiled: dict[tuple, object] = {}
 _disabled: dict[str, str] = {}  # kernel -> why it does not run in this process, once it failed
@@ -629,9 +464,7 @@ def disable(reason: str, kernel: str = "gemv") -> None:
     _disabled[kernel] = reason
 
 
-def compiler_ok(x: torch.Tensor, kernel: str = "gemv") -> bool:
-    """Whether ``kernel`` ("gemv" or "mma") can serve ``x`` here: a CUDA bf16 tensor, NVRTC through
-    torch, and no failure in this process."""
+def _compiler_ok(x: torch.Tensor, kernel: str = "gemv") -> bool:
     return (kernel not in _disabled and x.is_cuda and x.dtype == torch.bfloat16
             and hasattr(torch.cuda, "_compile_kernel"))
 
@@ -648,25 +481,11 @@ def _operands_ok(x: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor
 
 
 def available(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor | None = None,
-              bias: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
-              residual: torch.Tensor | None = None) -> bool:
+              bias: torch.Tensor | None = None) -> bool:
     """True when :func:`int8_gemv` runs ``x`` times ``q`` here: CUDA, NVRTC through torch, bf16
     ``x`` of 1-4 rows, ``K`` a multiple of 16, rows 16-byte aligned (float32 ``scale``, bf16
-    ``bias``); with ``norm_weight`` (bf16 ``[K]``) the normalised rows within 48 KB of shared
-    memory, with ``residual`` a contiguous bf16 ``[M, N]``."""
-    m, k = x.shape
-    n = q.shape[0]
-    return (compiler_ok(x) and _weight_ok(q) and 1 <= m <= MAX_ROWS and _operands_ok(x, scale, bias)
-            and (norm_weight is None or (norm_weight.dtype == torch.bfloat16 and norm_weight.is_contiguous() and (
-                (residual is not None and norm_weight.shape == (n,) and n % 8 == 0)
-                or (residual is None and norm_weight.shape == (k,) and norm_shared_bytes(m, k) <= NORM_SHARED_LIMIT))))
-            and (residual is None or (residual.dtype == torch.bfloat16 and residual.is_contiguous()
-                                      and residual.shape == (m, q.shape[0]))))
-
-
-def norm_shared_bytes(rows: int, k: int) -> int:
-    """Dynamic shared memory of :func:`int8_gemv` with a norm: the block's normalised rows of x."""
-    return rows * k * 2
+    ``bias``)."""
+    return (_compiler_ok(x) and _weight_ok(q) and 1 <= x.shape[0] <= MAX_ROWS and _operands_ok(x, scale, bias))
 
 
 def mma_shared_bytes(rows: int, k: int, tile: MmaTile) -> int:
@@ -682,17 +501,15 @@ def mma_available(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor | None =
     rows of x, ``K`` a multiple of 64, whole groups of 16 weight rows (gated: 8 of each half) and
     the staged rows of x within 48 KB of shared memory."""
     m, k = x.shape
-    return (compiler_ok(x, "mma") and _weight_ok(q) and 1 <= m <= MMA_MAX_ROWS and k % 64 == 0
+    return (_compiler_ok(x, "mma") and _weight_ok(q) and 1 <= m <= MMA_MAX_ROWS and k % 64 == 0
             and q.shape[0] % 16 == 0 and _operands_ok(x, scale, bias)
             and mma_shared_bytes(m, k, MmaTile(*(tile or MmaTile()))) <= MMA_SHARED_LIMIT)
 
 
-def macros(rows: int, tile: CudaTile, gated: bool, has_bias: bool, norm: bool = False,
-           residual: bool = False, norm_out: bool = False) -> dict[str, int]:
-    """The compile-time settings of the FMA kernel for ``rows`` rows of x and ``tile`` (``norm``,
-    ``residual``, ``norm_out``: see :func:`int8_gemv`)."""
+def macros(rows: int, tile: CudaTile, gated: bool, has_bias: bool) -> dict[str, int]:
+    """The compile-time settings of the FMA kernel for ``rows`` rows of x and ``tile``."""
     return {"ROWS": rows, "WROWS": tile.wrows, "UNROLL": tile.unroll, "THREADS": tile.threads, "GATED": int(gated),
-            "HAS_BIAS": int(has_bias), "NORM": int(norm), "RESIDUAL": int(residual), "NORM_OUT": int(norm_out)}
+            "HAS_BIAS": int(has_bias)}
 
 
 def mma_macros(rows: int, tile: MmaTile, gated: bool, has_bias: bool) -> dict[str, int]:
@@ -712,50 +529,20 @@ def _kernel(settings: dict[str, int], kernel: str = "gemv"):
     return compiled
 
 
-def int8_gemv_norm_out(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-                       residual: torch.Tensor, norm_weight: torch.Tensor, eps: float, ticket: torch.Tensor,
-                       tile: CudaTile | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``h = residual + x @ (q * scale).T (+ bias)`` and ``rms_norm(h, eps) * norm_weight``, both
-    bf16 ``[M, N]``, in one launch: the block that finishes last normalises ``h`` (``ticket``: one
-    int32 on the device, zero before the call and after it). Callers check :func:`available`
-    with ``residual`` and ``norm_weight`` ``[N]``."""
-    m, k = x.shape
-    n = q.shape[0]
-    tile = CudaTile(*(tile or CudaTile()))
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    xn = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    blocks = -(-n // (tile.wrows * (tile.threads // 32)))
-    partial = torch.empty(m, blocks, dtype=torch.float32, device=x.device)
-    kernel = _kernel(macros(m, tile, False, bias is not None, residual=True, norm_out=True))
-    eps_bits = struct.unpack("<i", struct.pack("<f", eps))[0]
-    kernel(grid=(blocks, 1, 1), block=(tile.threads, 1, 1),
-           args=[x, q, scale, bias if bias is not None else scale, y, n, k, x.stride(0), q.stride(0),
-                 norm_weight, residual, eps_bits, xn, partial, ticket])
-    return y, xn
-
-
 def int8_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
-              tile: CudaTile | None = None, gated: bool = False, norm_weight: torch.Tensor | None = None,
-              eps: float = 1e-6, residual: torch.Tensor | None = None) -> torch.Tensor:
+              tile: CudaTile | None = None, gated: bool = False) -> torch.Tensor:
     """``x [M, K]`` (bf16, M <= 4) times int8 ``q [N, K]`` with float32 ``scale [N]`` (+ bf16
     ``bias``) -> bf16 ``[M, N]``; ``gated``: ``q`` is ``[w1 | w2]`` and the result the gate,
-    ``[M, N / 2]``. ``norm_weight``: multiply ``rms_norm(x, eps) * norm_weight`` instead of ``x``
-    (as :func:`.kernels.rms_norm` rounds it; each block normalises the rows itself, so no
-    separate launch). ``residual [M, N]``: return ``residual + y``, rounded as the eager residual
-    add. Callers check :func:`available` first."""
+    ``[M, N / 2]``. Callers check :func:`available` first."""
     m, k = x.shape
     rows = q.shape[0]
     n = rows // 2 if gated else rows
     tile = CudaTile(*(tile or CudaTile()))
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    norm = norm_weight is not None
-    kernel = _kernel(macros(m, tile, gated, bias is not None, norm, residual is not None))
+    kernel = _kernel(macros(m, tile, gated, bias is not None))
     blocks = -(-n // (tile.wrows * (tile.threads // 32)))
-    eps_bits = struct.unpack("<i", struct.pack("<f", eps))[0]  # a float32 argument, as int bits
     kernel(grid=(blocks, 1, 1), block=(tile.threads, 1, 1),
-           args=[x, q, scale, bias if bias is not None else scale, y, n, k, x.stride(0), q.stride(0),
-                 norm_weight if norm else x, residual if residual is not None else x, eps_bits, y, scale, scale],
-           shared_mem=norm_shared_bytes(m, k) if norm else 0)
+           args=[x, q, scale, bias if bias is not None else scale, y, n, k, x.stride(0), q.stride(0)])
     return y
 
 

@@ -264,11 +264,8 @@ class FastQwenVL:
                      kv_len: int | None = None) -> torch.Tensor:
         decoder = self.model.transformer
         x = decoder.wte(tokens)  # [B, C]
-        if self._fuses_norms(x):
-            hidden = self._decode_layers_fused(x, positions, slots, kv_len)
-        else:
-            residual, pending = self._layers_forward(x, positions, slots, kv_len=kv_len)
-            hidden, _ = kernels.rms_norm(residual, decoder.ln_f.weight, self.args.llm.layer_norm_eps, pending)
+        residual, pending = self._layers_forward(x, positions, slots, kv_len=kv_len)
+        hidden, _ = kernels.rms_norm(residual, decoder.ln_f.weight, self.args.llm.layer_norm_eps, pending)
         return linear(hidden, self.model.lm_head).float()  # [B, V]
 
     def _layers_forward(self, x: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, *,
@@ -299,51 +296,6 @@ class FastQwenVL:
             h, residual = kernels.rms_norm(residual, layer.ln_2, eps, linear(attn, layer.c_proj))
             pending = linear(gated(h, layer.gate_up), layer.down)  # [M, C]
         return residual, pending
-
-    def _fuses_norms(self, x: torch.Tensor) -> bool:
-        """Whether a decode step of ``x``'s rows runs :meth:`_decode_layers_fused`: int8 layers
-        whose GEMVs all run on the CUDA GEMV (:func:`.kernels.fuses_norms`)."""
-        layer = self._layers[0] if self._layers else None
-        linears = () if layer is None else (layer.c_attn, layer.c_proj, layer.gate_up, layer.down)
-        if not linears or not all(isinstance(w, Int8Linear) for w in linears):
-            return False
-        return kernels.fuses_norms(x, [tuple(w.qweight.shape) for w in linears])
-
-    def _decode_layers_fused(self, x: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
-                             kv_len: int | None) -> torch.Tensor:
-        """The layers and ``ln_f`` of a decode step of int8 layers in five launches a layer: each
-        RMSNorm inside a GEMV (:data:`.kernels.FUSED_NORMS`) -> the final hidden states ``[B, C]``."""
-        decoder = self.model.transformer
-        args = self.args.llm
-        eps = args.layer_norm_eps
-        logn = decoder.logn if args.use_logn_attn else None
-        lengths = None if kernels.fuses_rotary(x) else positions + 1  # [B]
-        if kernels.FUSED_NORMS == "prologue":
-            residual = x
-            for layer in self._layers:
-                qkv = kernels.int8_linear(residual, layer.c_attn.qweight, layer.c_attn.scale, layer.c_attn.bias,
-                                          norm=(layer.ln_1, eps))  # [B, 3C]
-                attn = kernels.rotary_attention(qkv, positions, slots, decoder.slot_inv_freq, logn,
-                                                layer.k, layer.v, args.num_heads, kv_len, lengths)  # [B, C]
-                residual = kernels.int8_linear(attn, layer.c_proj.qweight, layer.c_proj.scale, layer.c_proj.bias,
-                                               residual=residual)  # [B, C]
-                gate = kernels.gated_linear(residual, layer.gate_up.qweight, layer.gate_up.scale,
-                                            layer.gate_up.bias, norm=(layer.ln_2, eps))  # [B, F]
-                residual = kernels.int8_linear(gate, layer.down.qweight, layer.down.scale, layer.down.bias,
-                                               residual=residual)
-            return kernels.rms_norm(residual, decoder.ln_f.weight, eps)[0]
-        h, residual = kernels.rms_norm(x, self._layers[0].ln_1, eps)  # [B, C]
-        follows = [layer.ln_1 for layer in self._layers[1:]] + [decoder.ln_f.weight]
-        for layer, next_norm in zip(self._layers, follows):
-            qkv = linear(h, layer.c_attn)  # [B, 3C]
-            attn = kernels.rotary_attention(qkv, positions, slots, decoder.slot_inv_freq, logn,
-                                            layer.k, layer.v, args.num_heads, kv_len, lengths)  # [B, C]
-            c_proj, down = layer.c_proj, layer.down
-            h, residual = kernels.linear_add_norm(attn, c_proj.qweight, c_proj.scale, c_proj.bias, residual,
-                                                  layer.ln_2, eps)  # [B, C] each
-            h, residual = kernels.linear_add_norm(gated(h, layer.gate_up), down.qweight, down.scale, down.bias,
-                                                  residual, next_norm, eps)
-        return h
 
     # -- graphs ----------------------------------------------------------------------------------
 

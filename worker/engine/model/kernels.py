@@ -36,7 +36,6 @@ streams of one device (they share the tickets); the serving path launches them o
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 from contextlib import contextmanager
 from typing import NamedTuple
 
@@ -307,19 +306,15 @@ def silu_mul(y: torch.Tensor) -> torch.Tensor:
 
 
 def gated_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None,
-                 bias: torch.Tensor | None = None, config: tuple | None = None, *,
-                 norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
+                 bias: torch.Tensor | None = None, config: tuple | None = None) -> torch.Tensor:
     """``x [M, K]`` through the fused ``[w1 | w2]`` weight ``[2F, K]`` (int8 with float32
-    ``scale [2F]``, or x's dtype), then the gate: ``w1(x) * silu(w2(x))`` ``[M, F]``. ``norm``:
-    of ``rms_norm(x)`` instead (:func:`norm_residual_linear`).
+    ``scale [2F]``, or x's dtype), then the gate: ``w1(x) * silu(w2(x))`` ``[M, F]``.
 
     The same bits as :func:`silu_mul` of :func:`int8_linear` / :func:`dense_linear`: each half
     rounded to x's dtype, silu rounded, the product rounded. For few rows on Triton (with
     :data:`FUSED_EPILOGUES`) it is one GEMV whose programs each read rows ``n`` and ``F + n`` of
     the weight and apply the gate before the store; ``config`` is the tile of the ``[2F, K]``
     shape, its ``BLOCK_N`` counting the rows of both halves."""
-    if norm is not None:
-        return norm_residual_linear(x, weight, scale, bias, config, gated=True, norm=norm)
     few = triton_ok(x) and x.shape[0] <= FEW_ROWS and FUSED_EPILOGUES
     if not few or (scale is None and DENSE_GEMV != "triton"):
         y = int8_linear(x, weight, scale, bias) if scale is not None else dense_linear(x, weight, bias)
@@ -447,14 +442,11 @@ def rotary_attention(qkv: torch.Tensor, positions: torch.Tensor, slots: torch.Te
 
 
 def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
-                bias: torch.Tensor | None = None, config: tuple | None = None, *,
-                norm: tuple[torch.Tensor, float] | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
+                bias: torch.Tensor | None = None, config: tuple | None = None) -> torch.Tensor:
     """``x [M, K]`` times int8 ``qweight [N, K]`` with float32 per-row ``scale [N]`` (+ ``bias``)
     -> ``[M, N]`` in x's dtype. Products accumulate in float32 and are scaled once per output,
     exactly ``(x @ (qweight * scale).T + bias)`` up to float32 rounding. ``config`` overrides the
-    tile shape (benchmarks). ``norm (weight, eps)`` and ``residual``: see :func:`norm_residual_linear`."""
-    if norm is not None or residual is not None:
-        return norm_residual_linear(x, qweight, scale, bias, config, norm=norm, residual=residual)
+    tile shape (benchmarks)."""
     if not triton_ok(x):
         y = x.float() @ qweight.float().T * scale
         if bias is not None:
@@ -474,69 +466,6 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 
 # How the fast path multiplies model-dtype weights by few rows: "cublas" (torch) or "triton".
 DENSE_GEMV = "triton"
-
-
-# Whether int8 decode runs each layer's RMSNorms inside the GEMVs that read them (c_attn, [w1 | w2])
-# and the residual adds inside the GEMVs whose outputs they add (c_proj, MLP c_proj), where the
-# CUDA GEMV serves every layer shape: five launches a layer instead of seven.
-FUSED_NORMS = ""  # off: runs 59-60 measured both modes slower (docs/benchmarks.md)
-
-
-def norm_residual_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None,
-                         bias: torch.Tensor | None = None, config: tuple | None = None, *, gated: bool = False,
-                         norm: tuple[torch.Tensor, float] | None = None,
-                         residual: torch.Tensor | None = None) -> torch.Tensor:
-    """``residual + linear(rms_norm(x) * norm_weight)``, each part optional: ``norm`` is
-    ``(norm_weight, eps)`` (then ``x`` is the residual stream), ``residual [M, N]`` is added to
-    the product (never with ``gated``). On the CUDA GEMV (int8 weights) one launch; elsewhere
-    :func:`rms_norm`, the GEMV and a torch add, with the same roundings."""
-    m, k = x.shape
-    if residual is not None and gated:
-        raise ValueError("a residual add after the MLP's gate is not a layer of this model")
-    if (config is None and triton_ok(x) and scale is not None and weight.dtype == torch.int8
-            and int8_gemv_variant(weight.shape[0], k, m) == "cuda"):
-        y = _int8_gemv_cuda(x, weight, scale, bias, CUDA_TILES.get((weight.shape[0], k, m)), gated, norm, residual)
-        if y is not None:
-            return y
-    if norm is not None:
-        x = rms_norm(x, norm[0], norm[1])[0]
-    if gated:
-        return gated_linear(x, weight, scale, bias, config)
-    y = int8_linear(x, weight, scale, bias, config) if scale is not None else dense_linear(x, weight, bias, config)
-    return y if residual is None else residual + y
-
-
-def linear_add_norm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None,
-                    residual: torch.Tensor, norm_weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``rms_norm(residual, norm_weight, eps, add=linear(x))``: ``(normed, residual + linear(x))``,
-    both ``[M, N]``. On the CUDA GEMV (int8 weights) one launch, whose last block normalises the
-    sum; elsewhere the GEMV and :func:`rms_norm`, with the same roundings."""
-    m, k = x.shape
-    n = weight.shape[0]
-    if (triton_ok(x) and scale is not None and weight.dtype == torch.int8 and int8_gemv_variant(n, k, m) == "cuda"
-            and cuda_gemv.available(x, weight, scale, bias, norm_weight, residual)):
-        ticket = _tickets(x.device, 1)
-        if ticket is not None:
-            try:
-                total, normed = cuda_gemv.int8_gemv_norm_out(x, weight, scale, bias, residual, norm_weight, eps,
-                                                             ticket, CUDA_TILES.get((n, k, m)))
-                return normed, total
-            except Exception as e:  # NVRTC refusing: serve on with the separate kernels
-                cuda_gemv.disable(f"{type(e).__name__}: {e}")
-    y = int8_linear(x, weight, scale, bias) if scale is not None else dense_linear(x, weight, bias)
-    return rms_norm(residual, norm_weight, eps, y)
-
-
-def fuses_norms(x: torch.Tensor, shapes: Sequence[tuple[int, int]]) -> bool:
-    """Whether decoding ``x``'s rows through int8 weights of every ``(N, K)`` in ``shapes`` should
-    take the RMSNorms and residual adds into the GEMVs (:data:`FUSED_NORMS`): where the CUDA GEMV
-    serves all of them, and on a CPU (the same steps in torch, the same bits)."""
-    if not FUSED_NORMS:
-        return False
-    if not triton_ok(x):
-        return True
-    return (cuda_gemv.compiler_ok(x)
-            and all(int8_gemv_variant(n, k, x.shape[0]) == "cuda" for n, k in shapes))
 
 
 def _matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None,
@@ -586,15 +515,13 @@ def _matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, b
 
 
 def _int8_gemv_cuda(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-                    tile: CudaTile | None, gated: bool, norm: tuple[torch.Tensor, float] | None = None,
-                    residual: torch.Tensor | None = None) -> torch.Tensor | None:
+                    tile: CudaTile | None, gated: bool) -> torch.Tensor | None:
     """The CUDA GEMV, or None where it cannot run: this torch cannot compile it, or compiling
     failed once (logged; every later call then takes the Triton kernels)."""
-    norm_weight, eps = norm if norm is not None else (None, 0.0)
-    if not cuda_gemv.available(x, weight, scale, bias, norm_weight, residual):
+    if not cuda_gemv.available(x, weight, scale, bias):
         return None
     try:
-        return cuda_gemv.int8_gemv(x, weight, scale, bias, tile, gated, norm_weight, eps, residual)
+        return cuda_gemv.int8_gemv(x, weight, scale, bias, tile, gated)
     except Exception as e:  # NVRTC missing or refusing: serve on with the Triton GEMVs
         cuda_gemv.disable(f"{type(e).__name__}: {e}")
         return None

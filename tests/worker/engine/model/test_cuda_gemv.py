@@ -77,7 +77,7 @@ def test_disabling_the_cuda_gemv_logs_once_and_keeps_it_off(monkeypatch, caplog)
     assert [r.message for r in caplog.records if "CUDA int8 GEMV is off" in r.message] == [
         "the CUDA int8 GEMV is off in this process (RuntimeError: nvrtc missing); the next fastest GEMV serves "
         "instead"]
-    assert not cuda_gemv.compiler_ok(torch.zeros(1, dtype=torch.bfloat16))
+    assert not cuda_gemv._compiler_ok(torch.zeros(1, dtype=torch.bfloat16))
     assert "mma" not in cuda_gemv._disabled  # the tensor-core kernel is judged on its own
 
 
