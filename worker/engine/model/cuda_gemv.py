@@ -185,37 +185,6 @@ static __device__ __forceinline__ void zero(float (&acc)[ROWS][R]) {
         for (int r = 0; r < R; ++r) acc[m][r] = 0.0f;
 }
 
-#if STAGES
-// STAGES: the weights go through shared memory instead of registers. Each thread keeps STAGES
-// steps of its own 16-byte chunks in flight with cp.async (L2 only, no registers held while they
-// land) and reads each step back when it is due; a thread reads only what it copied, so its own
-// cp.async.wait_group is all the synchronisation there is.
-static __device__ __forceinline__ void copy_async(uint4* dst, const uint4* src) {
-    const unsigned to = (unsigned)__cvta_generic_to_shared(dst);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(to), "l"(src) : "memory");
-}
-
-// One step (UNROLL chunks of each of the R rows) from chunk c0 on into this thread's slot.
-template <int R>
-static __device__ __forceinline__ void issue_stage(uint4* slot, const uint4* const (&rows)[R], int c0, int chunks) {
-#pragma unroll
-    for (int u = 0; u < UNROLL; ++u)
-#pragma unroll
-        for (int r = 0; r < R; ++r)
-            if (c0 + 32 * u < chunks) copy_async(slot + (u * R + r) * THREADS, rows[r] + c0 + 32 * u);
-    asm volatile("cp.async.commit_group;" ::: "memory");  // empty past the end: the count stays the same
-}
-
-template <int R>
-static __device__ __forceinline__ void read_stage(uint4 (&w)[UNROLL][R], const uint4* slot, int c0, int chunks) {
-#pragma unroll
-    for (int u = 0; u < UNROLL; ++u)
-#pragma unroll
-        for (int r = 0; r < R; ++r)
-            w[u][r] = c0 + 32 * u < chunks ? slot[(u * R + r) * THREADS] : make_uint4(0, 0, 0, 0);
-}
-#endif
-
 // y [ROWS, n_out] = x @ (q * s).T (+ b); GATED: q is [w1 | w2] ([2 n_out, k]) and y the gate. Each
 // warp owns WROWS outputs whole: no split-K, no second pass, the same order of sums every time.
 extern "C" __global__ void __launch_bounds__(THREADS)
@@ -231,28 +200,10 @@ vlq_int8_gemv(const bf16* __restrict__ x, const signed char* __restrict__ q, con
     float acc[ROWS][R];
     zero<R>(acc);
     uint4 w[UNROLL][R];
-#if STAGES
-    // slot i of this thread: ring + i * UNROLL * R * THREADS + threadIdx.x, its uint4 THREADS apart
-    // (consecutive threads on consecutive 16 bytes: no bank conflicts)
-    extern __shared__ uint4 ring[];
-    constexpr int SLOT = UNROLL * R * THREADS;
-    uint4* mine = ring + threadIdx.x;
-#pragma unroll
-    for (int i = 0; i < STAGES; ++i) issue_stage<R>(mine + i * SLOT, rows, lane + i * 32 * UNROLL, chunks);
-    int slot = 0;
-    for (int c0 = lane; c0 < chunks; c0 += 32 * UNROLL) {
-        asm volatile("cp.async.wait_group %0;" ::"n"(STAGES - 1) : "memory");
-        read_stage<R>(w, mine + slot * SLOT, c0, chunks);
-        fma_step<R>(acc, w, x, stride_x, c0, chunks);
-        issue_stage<R>(mine + slot * SLOT, rows, c0 + STAGES * 32 * UNROLL, chunks);  // after its data is used
-        slot = slot + 1 == STAGES ? 0 : slot + 1;
-    }
-#else
     for (int c0 = lane; c0 < chunks; c0 += 32 * UNROLL) {
         load_step<R>(w, rows, c0, chunks);
         fma_step<R>(acc, w, x, stride_x, c0, chunks);
     }
-#endif
     finish_group<R>(acc, s, b, y, g, n_out);
 }
 """
@@ -473,21 +424,13 @@ MMA_SOURCE = _HELPERS + _MMA_KERNEL
 
 class CudaTile(NamedTuple):
     """Launch shape of the CUDA GEMV: ``wrows`` output rows per warp (of each half, gated),
-    ``unroll`` 16-byte loads per weight row and thread in flight per step, ``threads`` per block;
-    ``stages`` > 0: that many steps in flight through shared memory (``cp.async``) instead of one
-    through registers.
+    ``unroll`` 16-byte loads per weight row and thread in flight per step, ``threads`` per block.
     The default was within 5% of the best tile on every Qwen-VL decoder shape at one row
     (docs/benchmarks.md, runs 27-31)."""
 
     wrows: int = 1
     unroll: int = 2
     threads: int = 128
-    stages: int = 0
-
-    def shared_bytes(self, gated: bool) -> int:
-        """Dynamic shared memory of a launch: ``stages`` steps of 16-byte chunks per thread and
-        weight row (0 when the weights go through registers)."""
-        return self.stages * self.unroll * self.wrows * (2 if gated else 1) * self.threads * 16
 
 
 class MmaTile(NamedTuple):
@@ -566,7 +509,7 @@ def mma_available(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor | None =
 def macros(rows: int, tile: CudaTile, gated: bool, has_bias: bool) -> dict[str, int]:
     """The compile-time settings of the FMA kernel for ``rows`` rows of x and ``tile``."""
     return {"ROWS": rows, "WROWS": tile.wrows, "UNROLL": tile.unroll, "THREADS": tile.threads, "GATED": int(gated),
-            "HAS_BIAS": int(has_bias), "STAGES": tile.stages}
+            "HAS_BIAS": int(has_bias)}
 
 
 def mma_macros(rows: int, tile: MmaTile, gated: bool, has_bias: bool) -> dict[str, int]:
@@ -598,12 +541,8 @@ def int8_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     kernel = _kernel(macros(m, tile, gated, bias is not None))
     blocks = -(-n // (tile.wrows * (tile.threads // 32)))
-    shared = tile.shared_bytes(gated)
-    if shared > 48 * 1024 and getattr(kernel, "_max_shared_mem_bytes", 0) < shared:
-        kernel.set_shared_memory_config(shared)
     kernel(grid=(blocks, 1, 1), block=(tile.threads, 1, 1),
-           args=[x, q, scale, bias if bias is not None else scale, y, n, k, x.stride(0), q.stride(0)],
-           shared_mem=shared)
+           args=[x, q, scale, bias if bias is not None else scale, y, n, k, x.stride(0), q.stride(0)])
     return y
 
 
