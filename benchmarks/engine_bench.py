@@ -816,12 +816,13 @@ def int8_kernel_check(s: Setup) -> float:
 
 
 def parse_cuda_tile(text: str) -> tuple[tuple[int, int, int], cuda_gemv.CudaTile]:
-    """``"N,K,M=WROWS,UNROLL,THREADS"`` -> ``((N, K, M), CudaTile(WROWS, UNROLL, THREADS))``."""
+    """``"N,K,M=WROWS,UNROLL,THREADS[,KSPLIT]"`` -> ``((N, K, M), CudaTile(WROWS, UNROLL, THREADS,
+    KSPLIT))``."""
     shape, _, tile = text.partition("=")
     key = tuple(int(v) for v in shape.split(","))
     values = tuple(int(v) for v in tile.split(","))
-    if len(key) != 3 or not 1 <= len(values) <= 3:
-        raise SystemExit(f"--cuda-tiles takes N,K,M=WROWS,UNROLL,THREADS, not {text!r}")
+    if len(key) != 3 or not 1 <= len(values) <= 4:
+        raise SystemExit(f"--cuda-tiles takes N,K,M=WROWS,UNROLL,THREADS[,KSPLIT], not {text!r}")
     return key, cuda_gemv.CudaTile(*values)
 
 
@@ -848,7 +849,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="measure fast bf16 decode and each int8 decode variant this many times (interleaved) "
                              "and report the median")
     parser.add_argument("--json", type=Path, default=None, help="write every figure here")
-    parser.add_argument("--cuda-tiles", action="append", default=[], metavar="N,K,M=WROWS,UNROLL,THREADS",
+    parser.add_argument("--cuda-tiles", action="append", default=[], metavar="N,K,M=WROWS,UNROLL,THREADS[,KSPLIT]",
                         help="also measure int8 decode with this CUDA GEMV tile in place of the built-in one for "
                              "that shape (repeatable; all given tiles make one variant)")
     a = parser.parse_args(argv)

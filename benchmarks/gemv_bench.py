@@ -59,13 +59,14 @@ def fma_candidates(n: int, weight_bytes: int) -> list[FmaTile]:
 
 def cuda_candidates() -> list[CudaTile]:
     """CUDA GEMV launch shapes tried for every shape: 1-8 output rows per warp, 1-16 loads of 16
-    bytes per weight row and thread in flight, 128 or 256 threads a block."""
+    bytes per weight row and thread in flight, 32-256 threads a block, 1-4 warps per row group."""
     return [CudaTile(1, 4), CudaTile(1, 8), CudaTile(1, 16), CudaTile(2, 2), CudaTile(2, 4), CudaTile(2, 8),
             CudaTile(4, 1), CudaTile(4, 2), CudaTile(4, 4), CudaTile(8, 1), CudaTile(2, 8, 256), CudaTile(1, 8, 256),
             CudaTile(4, 2, 256), CudaTile(2, 1), CudaTile(1, 2), CudaTile(3, 2), CudaTile(2, 3), CudaTile(2, 2, 64),
             CudaTile(2, 2, 256), CudaTile(1, 1), CudaTile(1, 1, 64), CudaTile(1, 2, 64), CudaTile(1, 2, 256),
             CudaTile(1, 3), CudaTile(2, 1, 64), CudaTile(1, 1, 32), CudaTile(1, 2, 32), CudaTile(2, 1, 32),
-            CudaTile(2, 2, 32), CudaTile(4, 1, 64), CudaTile(4, 2, 64), CudaTile(1, 4, 64), CudaTile(4, 1, 32)]
+            CudaTile(2, 2, 32), CudaTile(4, 1, 64), CudaTile(4, 2, 64), CudaTile(1, 4, 64), CudaTile(4, 1, 32),
+            CudaTile(1, 1, 128, 2), CudaTile(1, 2, 128, 2), CudaTile(2, 2, 256, 4)]
 
 
 def mma_candidates() -> list[MmaTile]:
@@ -251,7 +252,8 @@ def cuda_edge_cases(device: torch.device, dtype: torch.dtype) -> dict[str, float
         for m, x, ref in cases:
             if not cuda_gemv.available(x, q):
                 return {}
-            for tile in (CudaTile(), CudaTile(4, 2), CudaTile(1, 16, 256), CudaTile(8, 1)):
+            for tile in (CudaTile(), CudaTile(4, 2), CudaTile(1, 16, 256), CudaTile(8, 1), CudaTile(2, 2, 128, 2),
+                         CudaTile(1, 1, 256, 8)):
                 out.update(_tile_cases(cuda_gemv.int8_gemv, x, q, scale, bias, ref, tile,
                                        f"[{n}x{k}] M={m} {tuple(tile)}", gate=n % 2 == 0))
     return out

@@ -1,7 +1,8 @@
 """CUDA GEMV tiles timed where they run: inside the int8 decode graph.
 
     python -m benchmarks.graph_tiles [--batches 2] [--shapes c_attn,gate_up,down,c_proj,lm_head]
-                                     [--replays 40] [--rounds 3] [--extra W,U,T;...] [--json FILE]
+                                     [--replays 40] [--rounds 3] [--extra W,U,T[,S];...] [--only-extra]
+                                     [--json FILE]
 
 :mod:`benchmarks.gemv_bench` times each GEMV alone, in a graph of calls to itself; inside the
 decode step, between the RMSNorm and attention kernels, the same kernels run up to 4 us faster or
@@ -87,8 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--replays", type=int, default=40)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", type=Path, default=None)
-    parser.add_argument("--extra", default="", metavar="W,U,T;W,U,T",
-                        help="more candidate tiles (wrows, unroll, threads), ';'-separated")
+    parser.add_argument("--extra", default="", metavar="W,U,T[,S];W,U,T[,S]",
+                        help="more candidate tiles (wrows, unroll, threads[, ksplit]), ';'-separated")
+    parser.add_argument("--only-extra", action="store_true",
+                        help="try only the built-in tile and the --extra ones, not the standard candidates")
     a = parser.parse_args(argv)
     device = torch.device("cuda")
     for key, value in environment(device).items():
@@ -113,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"batch {batch} {name}: not on the CUDA GEMV, skipped", flush=True)
                 continue
             current = built_in.get(key, CudaTile())
-            candidates = {str(tuple(t)): {**best, key: t} for t in dict.fromkeys([current, *cuda_candidates(), *extra])}
+            standard = [] if a.only_extra else cuda_candidates()
+            candidates = {str(tuple(t)): {**best, key: t} for t in dict.fromkeys([current, *standard, *extra])}
             times = interleaved(fast, batch, candidates, a.replays, a.rounds)
             pick = min(times, key=times.get)
             best[key] = candidates[pick][key]

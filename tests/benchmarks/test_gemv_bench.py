@@ -99,3 +99,10 @@ def test_the_edge_case_inputs_give_one_to_max_rows_with_their_float64_answers():
         for m, x, ref in cases:
             assert x.shape == (m, k)
             assert torch.allclose(ref, gemv_bench.reference(x, q, scale) + bias.double())
+
+
+def test_cuda_candidates_are_distinct_and_split_k_over_whole_groups_of_warps():
+    tiles = gemv_bench.cuda_candidates()
+    assert len(set(tiles)) == len(tiles)
+    assert any(tile.ksplit > 1 for tile in tiles)
+    assert all(tile.groups >= 1 and tile.groups * tile.ksplit * 32 == tile.threads for tile in tiles)

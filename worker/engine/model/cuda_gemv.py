@@ -3,12 +3,13 @@
 ``y [M, N] = x [M, K] @ (q [N, K] * scale [N]).T (+ bias [N])`` for 1-4 rows of bf16 ``x``, int8
 ``q`` and float32 ``scale``; ``gated``: ``q`` is ``[w1 | w2]`` (``[2N, K]``) and ``y`` is
 ``w1(x) * silu(w2(x))``, rounded as :func:`.kernels.silu_mul` rounds it. This is the kernel the
-Triton GEMVs of :mod:`.kernels` could not be made into: every warp owns ``wrows`` output rows
-whole (no split-K, no second pass), and every thread first issues all of its ``unroll`` 16-byte
+Triton GEMVs of :mod:`.kernels` could not be made into: ``ksplit`` warps of one block own
+``wrows`` output rows whole, each over its slice of K (one warp by default; no second launch),
+and every thread first issues all of its ``unroll`` 16-byte
 weight loads per row (``ld.global.nc`` without L1 allocation: each weight byte is read once),
 then converts them to float32 with one byte permute and a subtraction per weight and does one
-FMA per weight and row of ``x``. Each warp adds its lanes' sums with shuffles at the end, in a
-fixed order: answers do not depend on timing.
+FMA per weight and row of ``x``. Each warp adds its lanes' sums with shuffles at the end, and a
+group's warps add theirs in the block, in a fixed order: answers do not depend on timing.
 
 :func:`int8_gemv` launches it on the current stream (so CUDA graphs capture it);
 :func:`available` says whether this torch can compile it (``torch.cuda._compile_kernel``, a CUDA
@@ -149,8 +150,10 @@ static __device__ __forceinline__ void fma_step(float (&acc)[ROWS][R], const uin
     }
 }
 
-// Add up the lanes' sums of group g and store its outputs (lane 0): plain, or the gate as silu_mul
-// does it (each half rounded, silu rounded, the product rounded).
+// Add up the lanes' sums of group g (with KSPLIT, then the group's warps' sums, in split order) and
+// store its outputs (lane 0 of the group's first warp): plain, or the gate as silu_mul does it (each
+// half rounded, silu rounded, the product rounded). Every warp of the block calls it (KSPLIT > 1:
+// it holds a barrier); those of groups past the end store nothing.
 template <int R>
 static __device__ __forceinline__ void finish_group(float (&acc)[ROWS][R], const float* s, const bf16* b, bf16* y,
                                                     int g, int n_out) {
@@ -161,7 +164,27 @@ static __device__ __forceinline__ void finish_group(float (&acc)[ROWS][R], const
 #pragma unroll
             for (int offset = 16; offset > 0; offset >>= 1)
                 acc[m][r] += __shfl_xor_sync(0xffffffffu, acc[m][r], offset);
-    if ((threadIdx.x & 31) != 0) return;
+#if KSPLIT > 1
+    __shared__ float sums[THREADS / 32][ROWS][R];
+    const int warp = threadIdx.x >> 5;
+    if ((threadIdx.x & 31) == 0)
+#pragma unroll
+        for (int m = 0; m < ROWS; ++m)
+#pragma unroll
+            for (int r = 0; r < R; ++r) sums[warp][m][r] = acc[m][r];
+    __syncthreads();
+    if (warp % KSPLIT != 0) return;
+#pragma unroll
+    for (int m = 0; m < ROWS; ++m)
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            float total = sums[warp][m][r];
+#pragma unroll
+            for (int split = 1; split < KSPLIT; ++split) total += sums[warp + split][m][r];
+            acc[m][r] = total;
+        }
+#endif
+    if ((threadIdx.x & 31) != 0 || g * WROWS >= n_out) return;
 #pragma unroll
     for (int m = 0; m < ROWS; ++m)
 #pragma unroll
@@ -186,23 +209,27 @@ static __device__ __forceinline__ void zero(float (&acc)[ROWS][R]) {
 }
 
 // y [ROWS, n_out] = x @ (q * s).T (+ b); GATED: q is [w1 | w2] ([2 n_out, k]) and y the gate. Each
-// warp owns WROWS outputs whole: no split-K, no second pass, the same order of sums every time.
+// group of WROWS outputs is owned whole by KSPLIT warps of one block, each walking its own slice of
+// K (whole multiples of 32 chunks); their sums are added in the block in slice order (KSPLIT 1: one
+// warp, no barrier). No second launch, the same order of sums every time.
 extern "C" __global__ void __launch_bounds__(THREADS)
 vlq_int8_gemv(const bf16* __restrict__ x, const signed char* __restrict__ q, const float* __restrict__ s,
               const bf16* __restrict__ b, bf16* __restrict__ y, int n_out, int k, int stride_x, int stride_q) {
     constexpr int R = WROWS * (GATED ? 2 : 1);  // weight rows per warp
-    const int lane = threadIdx.x & 31;
-    const int g = blockIdx.x * (THREADS / 32) + (threadIdx.x >> 5);  // this warp's output group
-    if (g * WROWS >= n_out) return;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = blockIdx.x * (THREADS / 32 / KSPLIT) + warp / KSPLIT;  // this warp's output group
+    if (KSPLIT == 1 && g * WROWS >= n_out) return;
     const int chunks = k >> 4;  // 16 weights (bytes) a chunk
+    const int per_split = (chunks + 32 * KSPLIT - 1) / (32 * KSPLIT) * 32;
+    const int c_begin = (warp % KSPLIT) * per_split, c_end = g * WROWS < n_out ? min(c_begin + per_split, chunks) : 0;
     const uint4* rows[R];
     group_rows<R>(rows, q, g, n_out, stride_q);
     float acc[ROWS][R];
     zero<R>(acc);
     uint4 w[UNROLL][R];
-    for (int c0 = lane; c0 < chunks; c0 += 32 * UNROLL) {
-        load_step<R>(w, rows, c0, chunks);
-        fma_step<R>(acc, w, x, stride_x, c0, chunks);
+    for (int c0 = c_begin + lane; c0 < c_end; c0 += 32 * UNROLL) {
+        load_step<R>(w, rows, c0, c_end);
+        fma_step<R>(acc, w, x, stride_x, c0, c_end);
     }
     finish_group<R>(acc, s, b, y, g, n_out);
 }
@@ -424,13 +451,21 @@ MMA_SOURCE = _HELPERS + _MMA_KERNEL
 
 class CudaTile(NamedTuple):
     """Launch shape of the CUDA GEMV: ``wrows`` output rows per warp (of each half, gated),
-    ``unroll`` 16-byte loads per weight row and thread in flight per step, ``threads`` per block.
+    ``unroll`` 16-byte loads per weight row and thread in flight per step, ``threads`` per block,
+    ``ksplit`` warps of the block per group of rows, each over its slice of K (more warps for
+    narrow matrices; their sums added in the block).
     The default was within 5% of the best tile on every Qwen-VL decoder shape at one row
     (docs/benchmarks.md, runs 27-31)."""
 
     wrows: int = 1
     unroll: int = 2
     threads: int = 128
+    ksplit: int = 1
+
+    @property
+    def groups(self) -> int:
+        """Output groups (``wrows`` rows each) per block: its warps over ``ksplit``."""
+        return self.threads // 32 // self.ksplit
 
 
 class MmaTile(NamedTuple):
@@ -509,7 +544,7 @@ def mma_available(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor | None =
 def macros(rows: int, tile: CudaTile, gated: bool, has_bias: bool) -> dict[str, int]:
     """The compile-time settings of the FMA kernel for ``rows`` rows of x and ``tile``."""
     return {"ROWS": rows, "WROWS": tile.wrows, "UNROLL": tile.unroll, "THREADS": tile.threads, "GATED": int(gated),
-            "HAS_BIAS": int(has_bias)}
+            "HAS_BIAS": int(has_bias), "KSPLIT": tile.ksplit}
 
 
 def mma_macros(rows: int, tile: MmaTile, gated: bool, has_bias: bool) -> dict[str, int]:
@@ -540,7 +575,7 @@ def int8_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch
     tile = CudaTile(*(tile or CudaTile()))
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     kernel = _kernel(macros(m, tile, gated, bias is not None))
-    blocks = -(-n // (tile.wrows * (tile.threads // 32)))
+    blocks = -(-n // (tile.wrows * tile.groups))
     kernel(grid=(blocks, 1, 1), block=(tile.threads, 1, 1),
            args=[x, q, scale, bias if bias is not None else scale, y, n, k, x.stride(0), q.stride(0)])
     return y

@@ -144,22 +144,24 @@ def int8_gemv_variant(n: int, k: int, m: int) -> str:
     return variant
 
 
-# CUDA GEMV tiles, (N, K, rows of x) -> cuda_gemv.CudaTile (wrows, unroll, threads): per shape the
+# CUDA GEMV tiles, (N, K, rows of x) -> cuda_gemv.CudaTile (wrows, unroll, threads, ksplit): per shape the
 # tile whose slowest time over the GPU benchmark's runs on H100 80GB HBM3s (runs 24-31, 3-6 runs
 # each) was the lowest; every tile within 0.5 bf16 ulp of float64 math. A tile's time moves by up to
 # 10% between VMs, so the pick is the steadiest, not the fastest once. Small blocks and few loads per
 # lane won: more warps resident beat more bytes in flight per warp. At two rows c_attn and [w1 | w2]
 # then moved to the tiles fastest inside the decode graph, where the GEMVs run between the small
 # kernels (benchmarks/graph_tiles.py, run 46: 3,355 -> 3,325 us a batch-2 step; alone they were not
-# the fastest). The rest run CudaTile().
+# the fastest). At one row the two narrow GEMVs (c_proj, MLP c_proj) moved to two warps a row, each
+# over half of K, which fills the card with twice the warps (run 64: 3,046 -> 3,022 us a batch-1
+# step; at two rows no split tile beat the one-warp tiles). The rest run CudaTile().
 CUDA_TILES: dict[tuple[int, int, int], CudaTile] = {
     (12288, 4096, 1): CudaTile(2, 1, 128),  # c_attn
     (12288, 4096, 2): CudaTile(4, 2, 256),
-    (4096, 4096, 1): CudaTile(1, 2, 128),  # attention c_proj
+    (4096, 4096, 1): CudaTile(1, 1, 128, 2),  # attention c_proj
     (4096, 4096, 2): CudaTile(2, 2, 64),
     (22016, 4096, 1): CudaTile(1, 1, 64),  # [w1 | w2] with the gate (one row of each half)
     (22016, 4096, 2): CudaTile(1, 1, 128),
-    (4096, 11008, 1): CudaTile(1, 2, 128),  # MLP c_proj
+    (4096, 11008, 1): CudaTile(1, 1, 128, 2),  # MLP c_proj
     (4096, 11008, 2): CudaTile(2, 2, 64),
     (151936, 4096, 1): CudaTile(1, 3, 128),  # lm_head
     (151936, 4096, 2): CudaTile(2, 3, 128),

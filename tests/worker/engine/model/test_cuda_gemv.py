@@ -127,3 +127,10 @@ def test_the_tensor_core_source_compiles_for_hopper_without_spilling(tmp_path, r
 def test_tiles_launch_whole_warps():
     assert all(tile.threads % 32 == 0 and tile.wrows >= 1 and tile.unroll >= 1
                for tile in [*kernels.CUDA_TILES.values(), CudaTile()])
+
+
+def test_tiles_split_k_over_whole_groups_of_warps():
+    assert CudaTile().ksplit == 1 and CudaTile().groups == 4
+    assert CudaTile(1, 1, 128, 2).groups == 2
+    assert all(tile.ksplit >= 1 and tile.groups >= 1 and tile.groups * tile.ksplit * 32 == tile.threads
+               for tile in [*kernels.CUDA_TILES.values(), CudaTile(2, 2, 256, 4)])
