@@ -1053,12 +1053,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  LLM weights read per decode step: {int8_weights / 1e9:.3f} GB")
             # GEMV variants: "chosen" (per shape, from the timings below), the built-in choice, all "dot",
             # all "fma", all "cuda"
-            variants = {"chosen": (kernels.INT8_GEMV, dict(kernels.INT8_GEMV_BY_SHAPE), dict(kernels.FMA_TILES),
-                                   dict(kernels.CUDA_TILES), dict(kernels.MMA_TILES))}
-            if a.cuda_tiles:  # the built-in choice with the given CUDA tiles, for a before / after
-                given = dict(parse_cuda_tile(t) for t in a.cuda_tiles)
-                variants["with --cuda-tiles"] = (*variants["chosen"][:3], {**kernels.CUDA_TILES, **given},
-                                                 variants["chosen"][4])
+            built_in = (kernels.INT8_GEMV, dict(kernels.INT8_GEMV_BY_SHAPE), dict(kernels.FMA_TILES),
+                        dict(kernels.CUDA_TILES), dict(kernels.MMA_TILES))
+            variants = {"chosen": built_in}
             if "gemv" not in skip and kernels.triton_ok(torch.empty(1, device=device)):
                 with guarded("int8 GEMV variants"):
                     section("int8 decode GEMVs, tensor cores ('dot') vs FMA (Triton) vs CUDA C++, per shape: us per "
@@ -1079,12 +1076,14 @@ def main(argv: list[str] | None = None) -> int:
                     tiles = {**kernels.FMA_TILES, **result["fma_tiles"]}
                     cuda_tiles = {**kernels.CUDA_TILES, **result["cuda_tiles"]}
                     mma_tiles = {**kernels.MMA_TILES, **result["mma_tiles"]}
-                    built_in = variants["chosen"]
                     variants = {"chosen": ("dot", result["choice"], tiles, cuda_tiles, mma_tiles),
                                 "built-in choice": built_in,
                                 "all dot": ("dot", {}, tiles, cuda_tiles), "all fma": ("fma", {}, tiles, cuda_tiles)}
                     if result["cuda_tiles"]:
                         variants["all cuda"] = ("cuda", {}, tiles, cuda_tiles)
+            if a.cuda_tiles:  # the built-in choice with the given CUDA tiles, for a before / after
+                given = dict(parse_cuda_tile(t) for t in a.cuda_tiles)
+                variants["with --cuda-tiles"] = (*built_in[:3], {**built_in[3], **given}, built_in[4])
             section("int8 decode (engine; each engine's CUDA graphs hold the GEMV variant it was built with)")
             reset_peak(s)
             for new_tokens in [int(v) for v in a.decode_tokens.split(",")]:

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from benchmarks import engine_bench
+from worker.engine.model.cuda_gemv import CudaTile
 
 
 def test_the_seed_prompt_has_the_seed_token_count(qwen_tiktoken):
@@ -27,12 +30,14 @@ def test_the_benchmark_runs_on_a_cpu_with_the_tiny_config(qwen_tiktoken, sample_
     out = tmp_path / "bench.json"
     code = engine_bench.main(["--tiny", "--device", "cpu", "--quick", "--tokenizer", str(qwen_tiktoken),
                               "--image", str(sample_images / "demo.jpeg"), "--max-seq-len", "512",
-                              "--decode-tokens", "3", "--skip", "eager,jobs", "--json", str(out)])
+                              "--decode-tokens", "3", "--skip", "eager,jobs", "--json", str(out),
+                              "--cuda-tiles", "4096,4096,1=1,1,128,2"])
     assert code == 0
     report = json.loads(out.read_text())
     names = [row["name"] for row in report["rows"]]
     assert "TTFT from preprocessed pixels" in names and "decode tok/s, batch 2, 3 new tokens" in names
     assert any(name.startswith("int8 decode") for name in names)
+    assert "int8 decode tok/s, batch 2, 3 new tokens, GEMV with --cuda-tiles" in names
     assert report["info"]["correctness"]["greedy steps fast == eager"] == "17/17"
 
 
@@ -50,11 +55,10 @@ def test_bits_report_tells_equal_bits_and_runs_that_moved():
 
 
 def test_a_cuda_tile_flag_names_the_shape_and_the_tile():
-    import pytest
-
-    from worker.engine.model.cuda_gemv import CudaTile
-
     assert engine_bench.parse_cuda_tile("12288,4096,2=4,1,128") == ((12288, 4096, 2), CudaTile(4, 1, 128))
     assert engine_bench.parse_cuda_tile("4096,4096,1=2") == ((4096, 4096, 1), CudaTile(2))
+    assert engine_bench.parse_cuda_tile("4096,4096,1=1,1,128,2") == ((4096, 4096, 1), CudaTile(1, 1, 128, 2))
     with pytest.raises(SystemExit, match="N,K,M=WROWS,UNROLL,THREADS"):
         engine_bench.parse_cuda_tile("4096,4096=2,2")
+    with pytest.raises(SystemExit):
+        engine_bench.parse_cuda_tile("4096,4096,1=1,1,128,2,9")
