@@ -7,10 +7,11 @@ Builds the real Qwen-VL-Chat architecture (``config.json`` as :mod:`benchmarks.e
 finds it) with random bf16 weights, prefills the seed's 1-image prompt into each cache row and
 profiles ``--steps`` decode graph replays per batch size, bf16 then int8 (``torch.profiler``,
 CUDA activity). Per kernel (name and launch grid, so the GEMVs of different shapes stay apart) it
-prints launches and microseconds per step; per step the time from the first kernel's start to the last one's end, the sum of
-kernel durations and the idle time between kernels. Kernel durations under the profiler are the
-GPU's own; the span includes the profiler's small per-kernel overhead. ``--separate-rotary``
-profiles each case a second time with rotary and attention as two launches
+prints launches and microseconds per step; per step the time from the first kernel's start to the
+last one's end, the sum of kernel durations and the idle time between kernels, also per pair of
+kernels (which kernel follows which). Kernel durations under the profiler are the GPU's own; the
+span includes the profiler's small per-kernel overhead. ``--separate-rotary`` profiles each case
+a second time with rotary and attention as two launches
 (``kernels.FUSED_ROTARY = False``), for a before/after in the same run; ``--int8-gemvs
 built-in,triton`` profiles int8 with the built-in GEMV choice and again with the CUDA GEMVs on
 their Triton stand-ins.
@@ -59,8 +60,19 @@ def summarize(kernels: list[dict], steps: int) -> dict:
     rows = sorted(({"name": name, "grid": list(grid), "per_step": len(d) / steps, "us_per_launch": sum(d) / len(d),
                     "us_per_step": sum(d) / steps} for (name, grid), d in groups.items()),
                   key=lambda r: -r["us_per_step"])
+    gaps: dict[tuple[str, str], list[float]] = defaultdict(list)  # idle before a kernel, by the kernel before it
+    for before, k in zip(kernels, kernels[1:]):
+        gaps[(short_name(before["name"]), short_name(k["name"]))].append(k["ts"] - before["ts"] - before["dur"])
+    transitions = sorted(({"after": a, "before": b, "per_step": len(g) / steps, "us_per_gap": sum(g) / len(g),
+                           "us_per_step": sum(g) / steps} for (a, b), g in gaps.items()),
+                         key=lambda r: -r["us_per_step"])
     return {"span_us": span / steps, "busy_us": busy / steps, "idle_us": (span - busy) / steps,
-            "launches_per_step": len(kernels) / steps, "kernels": rows}
+            "launches_per_step": len(kernels) / steps, "kernels": rows, "idle_by_transition": transitions}
+
+
+def short_name(name: str) -> str:
+    """A kernel's name without its template arguments and parameter list."""
+    return name.split("<")[0].split("(")[0].removeprefix("void ").strip()
 
 
 def profile_decode(fast: FastQwenVL, ids: list[int], batch: int, steps: int, device: torch.device) -> dict:
@@ -92,6 +104,10 @@ def print_summary(label: str, result: dict) -> None:
     for r in result["kernels"]:
         print(f"  {r['us_per_step']:8.1f} us/step  {r['per_step']:5.1f} x {r['us_per_launch']:7.2f} us  "
               f"{r['name'][:60]} grid {tuple(r['grid'])}")
+    print("  idle between kernels, by the pair (the steps' first kernels follow the previous step's last):")
+    for r in result["idle_by_transition"][:8]:
+        print(f"  {r['us_per_step']:8.1f} us/step  {r['per_step']:5.1f} x {r['us_per_gap']:7.2f} us  "
+              f"{r['after'][:40]} -> {r['before'][:40]}")
 
 
 def main(argv: list[str] | None = None) -> int:

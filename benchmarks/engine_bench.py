@@ -23,13 +23,15 @@ and every figure of the GPU-speed issue, each beside its limit and their ratio:
   kernel per shape ("chosen", the main int8 rows, also used for int8 TTFT and jobs), with the
   built-in choice, and with "dot", "fma" and "cuda" everywhere (``--skip gemv``: the built-in
   choice only; ``--cuda-tiles``: also with other CUDA GEMV tiles), and the int8 graph replay alone
-  against bf16's;
+  against bf16's; ``--triton-attention``: bf16 and int8 decode also with the Triton decode
+  attention in place of the CUDA one (:mod:`benchmarks.attention_bench`), interleaved;
 - prefill and first-decode-step logits of the fast and the eager path against a float32 copy of
   the model (relative errors, greedy agreement);
 - a sweep of the Triton GEMV tiles per decoder-layer weight shape (``[w1 | w2]`` with the gate in
-  its epilogue; ``lm_head`` keeps its built-in tile) and of the decode-attention split against
-  cuBLAS, whose winners are used for the run (``--keep-tiles``: reported only; ``--skip sweep``:
-  not run; the built-in table is ``worker.engine.model.kernels.TILES``);
+  its epilogue; ``lm_head`` keeps its built-in tile) and of the Triton decode attention's split
+  (the fallback where the CUDA attention cannot run) against cuBLAS, whose winners are used for
+  the run (``--keep-tiles``: reported only; ``--skip sweep``: not run; the built-in table is
+  ``worker.engine.model.kernels.TILES``);
 - the fused epilogues (gate, split-K sums and the attention combine done by the last program of
   each tile): bit-for-bit equality with the separate launches on the GPU, repeated (a race would
   show as a moving answer), each kernel's time both ways, and decode before/after: the engine and
@@ -648,9 +650,9 @@ def sweep_tiles(s: Setup, candidates: list[tuple]) -> list[dict]:
 
 
 def sweep_attention(s: Setup, candidates: list[tuple]) -> list[dict]:
-    """Decode attention as decoding runs it (rotary, cache write and attention in one launch:
-    ``kernels.rotary_attention``), per (split, block, warps), at 1 and 2 rows of 350 and 800
-    positions; the best by the sum of the four times is kept."""
+    """The Triton decode attention (rotary, cache write and attention in one launch:
+    ``kernels.rotary_attention`` where the CUDA kernel does not run), per (split, block, warps), at
+    1 and 2 rows of 350 and 800 positions; the best by the sum of the four times is kept."""
     llm = s.args.llm
     heads, d = llm.num_heads, llm.head_dim
     rows, totals = [], {}
@@ -666,8 +668,9 @@ def sweep_attention(s: Setup, candidates: list[tuple]) -> list[dict]:
             slots = torch.arange(batch, device=s.device)
             for length in (350, 800):
                 positions = torch.full((batch,), length - 1, device=s.device)
-                t = s.clock.graph_s([lambda: kernels.rotary_attention(qkv, positions, slots, inv_freq, logn, k_cache,
-                                                                      v_cache, heads)] * 20)
+                with kernels.attention_kernel("triton"):
+                    t = s.clock.graph_s([lambda: kernels.rotary_attention(qkv, positions, slots, inv_freq, logn,
+                                                                          k_cache, v_cache, heads)] * 20)
                 kv = 2 * batch * heads * length * d * 2
                 rows.append({"config": cfg, "B": batch, "length": length, "us": t * 1e6, "GBps": kv / t / 1e9})
                 times.append(t)
@@ -751,8 +754,10 @@ def fused_epilogue_checks(s: Setup, repeats: int = 20) -> dict:
         q = kernels.rotary_to_cache(qkv, pos, slots, inv_freq, logn, sep_k, sep_v, heads)
         separate = kernels.decode_attention(q, sep_k, sep_v, slots, pos + 1)
         fused_k, fused_v = k_cache.clone(), v_cache.clone()
-        report = bits_report(lambda: kernels.rotary_attention(qkv, pos, slots, inv_freq, logn, fused_k, fused_v, heads),
-                             separate, repeats, "rotary_to_cache + decode_attention")
+        with kernels.attention_kernel("triton"):  # the Triton kernel's epilogue (the CUDA one: attention_bench)
+            report = bits_report(lambda: kernels.rotary_attention(qkv, pos, slots, inv_freq, logn, fused_k, fused_v,
+                                                                  heads), separate, repeats,
+                                 "rotary_to_cache + decode_attention")
         same_cache = torch.equal(fused_k, sep_k) and torch.equal(fused_v, sep_v)  # every run writes the same
         out[f"rotary + attention, positions {positions}"] = f"{report}, same cache: {same_cache}"
     s.clock.sync()
@@ -852,6 +857,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cuda-tiles", action="append", default=[], metavar="N,K,M=WROWS,UNROLL,THREADS[,KSPLIT]",
                         help="also measure int8 decode with this CUDA GEMV tile in place of the built-in one for "
                              "that shape (repeatable; all given tiles make one variant)")
+    parser.add_argument("--triton-attention", action="store_true",
+                        help="also measure decode (bf16 and int8, engine and graph replay) with the Triton decode "
+                             "attention in place of the CUDA one, interleaved, for a before / after")
     a = parser.parse_args(argv)
     skip = set(filter(None, a.skip.split(",")))
 
@@ -991,16 +999,31 @@ def main(argv: list[str] | None = None) -> int:
                 avg_len = len(ids) + new_tokens / 2
                 roofline = batch * bandwidth / (weights + batch * kv_token * avg_len)
                 eager = measure_decode(s, False, batch, new_tokens) if "eager" not in skip else None
-                runs = [measure_decode(s, True, batch, new_tokens) for _ in range(a.repeats)]
+                runs, before = [], []
+                for _ in range(a.repeats):  # interleaved with the Triton attention's runs, if asked
+                    runs.append(measure_decode(s, True, batch, new_tokens))
+                    if a.triton_attention:
+                        with kernels.attention_kernel("triton"):
+                            before.append(measure_decode(s, True, batch, new_tokens))
                 fast = decode_rates[(batch, new_tokens)] = statistics.median(runs)
                 report.add(Row(f"decode tok/s, batch {batch}, {new_tokens} new tokens", eager, fast, "tok/s",
                                roofline, "roofline", f"fast = {fast / roofline:.0%} of roofline, target 85%"
                                + spread(runs)))
+                if before:
+                    rate = decode_rates[(batch, new_tokens, "triton")] = statistics.median(before)
+                    report.add(Row(f"decode tok/s, batch {batch}, {new_tokens} new tokens, Triton attention", None,
+                                   rate, "tok/s", roofline, "roofline", f"{rate / roofline:.0%} of roofline"
+                                   + spread(before)))
         for batch in (1, 2):
-            rate = graph_rates[batch] = measure_graph_decode(s, batch, 128)
             roofline = batch * bandwidth / (weights + batch * kv_token * (len(ids) + 64))
+            rate = graph_rates[batch] = measure_graph_decode(s, batch, 128)
             report.add(Row(f"decode tok/s, batch {batch}, graph replay only (no engine)", None, rate, "tok/s",
                            roofline, "roofline", f"{rate / roofline:.0%} of roofline"))
+            if a.triton_attention:
+                with kernels.attention_kernel("triton"):
+                    rate = graph_rates[(batch, "triton")] = measure_graph_decode(s, batch, 128)
+                report.add(Row(f"decode tok/s, batch {batch}, graph replay only, Triton attention", None, rate,
+                               "tok/s", roofline, "roofline", f"{rate / roofline:.0%} of roofline"))
         if fusions:
             with separate_launches(builtin[0], builtin[1:]):
                 for batch in (1, 2):
@@ -1084,6 +1107,10 @@ def main(argv: list[str] | None = None) -> int:
             if a.cuda_tiles:  # the built-in choice with the given CUDA tiles, for a before / after
                 given = dict(parse_cuda_tile(t) for t in a.cuda_tiles)
                 variants["with --cuda-tiles"] = (*built_in[:3], {**built_in[3], **given}, built_in[4])
+            attention_of = {label: kernels.DECODE_ATTENTION for label in variants}
+            if a.triton_attention:
+                variants["chosen, Triton attention"] = variants["chosen"]
+                attention_of["chosen, Triton attention"] = "triton"
             section("int8 decode (engine; each engine's CUDA graphs hold the GEMV variant it was built with)")
             reset_peak(s)
             for new_tokens in [int(v) for v in a.decode_tokens.split(",")]:
@@ -1094,15 +1121,17 @@ def main(argv: list[str] | None = None) -> int:
                     runs = {label: [] for label in variants}
                     for _ in range(a.repeats):  # interleaved, so that a drift of the card hits every variant
                         for label, variant in variants.items():
-                            with int8_gemv(*variant):
+                            with int8_gemv(*variant), kernels.attention_kernel(attention_of[label]):
                                 runs[label].append(measure_decode(s, True, batch, new_tokens))
                     for label in variants:
                         rate = statistics.median(runs[label])
                         name = f"int8 decode tok/s, batch {batch}, {new_tokens} new tokens"
                         chosen_above = "gemv_variants" in report.info and label == "chosen"
+                        base = (decode_rates.get((batch, new_tokens, "triton"), bf16)  # bf16 with the same attention
+                                if attention_of[label] == "triton" else bf16)
                         report.add(Row(name if label == "chosen" else f"{name}, GEMV {label}", None, rate, "tok/s",
-                                       INT8_SPEEDUP * bf16 if bf16 else None, "1.7 x bf16",
-                                       (f"{rate / bf16:.2f} x bf16 fast; " if bf16 else "")
+                                       INT8_SPEEDUP * base if base else None, "1.7 x bf16",
+                                       (f"{rate / base:.2f} x bf16 fast; " if base else "")
                                        + f"{rate / roofline:.0%} of int8 roofline"
                                        + ("; GEMV per shape as chosen above" if chosen_above else "")
                                        + spread(runs[label])))
@@ -1118,11 +1147,14 @@ def main(argv: list[str] | None = None) -> int:
                                        + f"{rate / roofline:.0%} of int8 roofline"))
             with int8_gemv(*variants["chosen"]):
                 for batch in (1, 2):  # the engine's share of the int8 / bf16 ratio: the same without it
-                    rate = measure_graph_decode(s, batch, 128)
-                    bf16 = graph_rates.get(batch)
-                    report.add(Row(f"int8 decode tok/s, batch {batch}, graph replay only (no engine)", None, rate,
-                                   "tok/s", INT8_SPEEDUP * bf16 if bf16 else None, "1.7 x bf16 graph",
-                                   f"{rate / bf16:.2f} x bf16 graph replay" if bf16 else ""))
+                    for kind in ("cuda", "triton") if a.triton_attention else (kernels.DECODE_ATTENTION,):
+                        with kernels.attention_kernel(kind):
+                            rate = measure_graph_decode(s, batch, 128)
+                        bf16 = graph_rates.get(batch if kind == kernels.DECODE_ATTENTION else (batch, kind))
+                        label = ", Triton attention" if kind == "triton" and a.triton_attention else ""
+                        report.add(Row(f"int8 decode tok/s, batch {batch}, graph replay only (no engine){label}", None,
+                                       rate, "tok/s", INT8_SPEEDUP * bf16 if bf16 else None, "1.7 x bf16 graph",
+                                       f"{rate / bf16:.2f} x bf16 graph replay" if bf16 else ""))
                 if "ttft" not in skip:
                     ttft = measure_ttft(s, True)
                     report.add(Row("int8 TTFT from preprocessed pixels", None, ttft[0], "ms", TTFT_LIMIT_MS, "limit",

@@ -42,8 +42,9 @@ from worker.engine.model.quant import quantize_llm  # noqa: E402
 POSITION = 300  # each row's new token: the seed's 285-token prompt plus a few decoded ones
 
 
-def step_us(fast: FastQwenVL, batch: int, replays: int) -> float:
-    """Capture the batch's decode graph with the tiles set now, then us per replay (CUDA events).
+def step_us(fast: FastQwenVL, batch: int, replays: int, position: int = POSITION) -> float:
+    """Capture the batch's decode graph with the tiles set now, then us per replay (CUDA events),
+    each row's new token at ``position``.
     The capture writes position 0 of the cache rows, which is why FastQwenVL does it only in
     setup_cache; here no answer is read, only the time."""
     fast._decode_graphs.pop(batch, None)
@@ -51,7 +52,7 @@ def step_us(fast: FastQwenVL, batch: int, replays: int) -> float:
     fast._decode_graphs[batch] = fast._capture_decode(batch)
     device = fast.device
     tokens = torch.zeros(batch, dtype=torch.long, device=device)
-    positions = torch.full((batch,), POSITION, dtype=torch.long, device=device)
+    positions = torch.full((batch,), position, dtype=torch.long, device=device)
     slots = torch.arange(batch, device=device)
     for _ in range(3):
         fast.decode(tokens, positions, slots)

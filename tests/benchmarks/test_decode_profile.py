@@ -28,3 +28,13 @@ def test_summarize_splits_a_step_into_kernel_time_and_idle_time_per_kernel_and_g
     assert result["launches_per_step"] == 3
     assert [(r["name"], r["grid"], r["us_per_step"]) for r in result["kernels"]] == [
         ("gemv", [8], 10.0), ("gemv", [4], 5.0), ("norm", [1], 2.0)]
+
+
+def test_summarize_tells_the_idle_time_before_each_kernel_by_the_kernel_it_follows():
+    kernels = [{"name": "void gemv<8>(int)", "grid": (8,), "ts": 0.0, "dur": 10.0},
+               {"name": "norm", "grid": (1,), "ts": 10.5, "dur": 2.0},
+               {"name": "void gemv<4>(int)", "grid": (4,), "ts": 13.0, "dur": 5.0},
+               {"name": "norm", "grid": (1,), "ts": 18.25, "dur": 2.0}]
+    pairs = {(r["after"], r["before"]): (r["per_step"], r["us_per_gap"])
+             for r in decode_profile.summarize(kernels, steps=1)["idle_by_transition"]}
+    assert pairs == {("gemv", "norm"): (2.0, 0.375), ("norm", "gemv"): (1.0, 0.5)}

@@ -31,13 +31,15 @@ def test_the_benchmark_runs_on_a_cpu_with_the_tiny_config(qwen_tiktoken, sample_
     code = engine_bench.main(["--tiny", "--device", "cpu", "--quick", "--tokenizer", str(qwen_tiktoken),
                               "--image", str(sample_images / "demo.jpeg"), "--max-seq-len", "512",
                               "--decode-tokens", "3", "--skip", "eager,jobs", "--json", str(out),
-                              "--cuda-tiles", "4096,4096,1=1,1,128,2"])
+                              "--cuda-tiles", "4096,4096,1=1,1,128,2", "--triton-attention"])
     assert code == 0
     report = json.loads(out.read_text())
     names = [row["name"] for row in report["rows"]]
     assert "TTFT from preprocessed pixels" in names and "decode tok/s, batch 2, 3 new tokens" in names
     assert any(name.startswith("int8 decode") for name in names)
     assert "int8 decode tok/s, batch 2, 3 new tokens, GEMV with --cuda-tiles" in names
+    assert "decode tok/s, batch 2, 3 new tokens, Triton attention" in names
+    assert "int8 decode tok/s, batch 2, 3 new tokens, GEMV chosen, Triton attention" in names
     assert report["info"]["correctness"]["greedy steps fast == eager"] == "17/17"
 
 

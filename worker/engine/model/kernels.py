@@ -18,7 +18,9 @@ can be captured in a CUDA graph.
   program of each head to finish does the combine).
   :func:`rotary_attention` is both in one launch for decoding: every program rotates its own
   copy of the query, and the program whose range holds the new position writes the new key and
-  value into the cache and uses them from its registers.
+  value into the cache and uses them from its registers. On Hopper that launch is the CUDA C++
+  kernel of :mod:`.cuda_attention` (:data:`DECODE_ATTENTION`), whose blocks combine their ranges
+  in distributed shared memory.
 - :func:`int8_linear`: ``x @ (q * scale).T + bias`` for int8 per-output-channel weights,
   without materialising the dequantised matrix (a GEMV-shaped kernel when ``x`` has few rows: on
   the tensor cores, or for 1-2 rows of the shapes in :data:`INT8_GEMV_BY_SHAPE` an FMA GEMV in
@@ -42,7 +44,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from . import cuda_gemv
+from . import cuda_attention, cuda_gemv
+from .cuda_attention import AttentionTile
 from .cuda_gemv import CudaTile, MmaTile
 
 try:  # Triton ships with CUDA builds of torch; CPU-only installs run the torch versions
@@ -246,6 +249,27 @@ def fused_epilogues(on: bool):
 # rotary_to_cache then decode_attention; the same bits either way (benchmarks time both).
 FUSED_ROTARY = True
 
+# Which kernel runs that one launch: "cuda" (cuda_attention: each head's blocks a cluster that
+# combines its ranges in distributed shared memory; Hopper and later, else Triton) or "triton"
+# (_rotary_attention_kernel). They differ in float32 summation order only.
+# Inside the decode graph the CUDA kernel takes about 10-70 us off a step (bf16 and int8, batch 1
+# and 2), though alone it is no faster (docs/benchmarks.md, runs 67-72: benchmarks/attention_bench.py).
+DECODE_ATTENTION = "cuda"
+ATTENTION_TILE = AttentionTile()
+
+
+@contextmanager
+def attention_kernel(kind: str, tile: AttentionTile | None = None):
+    """Decode with the ``kind`` attention kernel ("cuda" or "triton"; for CUDA, ``tile``) inside
+    the block (graphs keep the kernel they were captured with); the previous setting comes back after."""
+    global DECODE_ATTENTION, ATTENTION_TILE
+    saved = DECODE_ATTENTION, ATTENTION_TILE
+    DECODE_ATTENTION, ATTENTION_TILE = kind, tile or ATTENTION_TILE
+    try:
+        yield
+    finally:
+        DECODE_ATTENTION, ATTENTION_TILE = saved
+
 # One int32 ticket per output tile (or attention head), zero between launches.
 TICKETS = 1 << 15
 _ticket_buffers: dict[torch.device, torch.Tensor] = {}
@@ -423,6 +447,10 @@ def rotary_attention(qkv: torch.Tensor, positions: torch.Tensor, slots: torch.Te
     ``lengths``: ``positions + 1`` if the caller has it (the two-launch path reads it).
     On Triton (with :data:`FUSED_EPILOGUES` and :data:`FUSED_ROTARY`) one launch with the same
     arithmetic, so the same bits, as the two kernels; otherwise the two."""
+    if DECODE_ATTENTION == "cuda" and fuses_rotary(qkv):
+        out = _cuda_attention(qkv, positions, slots, inv_freq, logn, k_cache, v_cache, heads)
+        if out is not None:
+            return out
     b = qkv.shape[0]
     d = k_cache.shape[-1]
     tickets = _tickets(qkv.device, b * heads) if fuses_rotary(qkv) else None
@@ -438,6 +466,21 @@ def rotary_attention(qkv: torch.Tensor, positions: torch.Tensor, slots: torch.Te
         H=heads, D=d, HALF=d // 2, SPLITS=splits, BLOCK=ATTENTION_BLOCK, HAS_LOGN=logn is not None,
         num_warps=ATTENTION_WARPS)
     return out
+
+
+def _cuda_attention(qkv: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, inv_freq: torch.Tensor,
+                    logn: torch.Tensor | None, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    heads: int) -> torch.Tensor | None:
+    """The CUDA decode attention on :data:`ATTENTION_TILE`, or None where it cannot run (this
+    card or torch, these layouts, or a compile that failed once: logged, Triton from then on)."""
+    if not cuda_attention.available(qkv, positions, slots, inv_freq, logn, k_cache, v_cache, heads, ATTENTION_TILE):
+        return None
+    try:
+        return cuda_attention.rotary_attention(qkv, positions, slots, inv_freq, logn, k_cache, v_cache, heads,
+                                               ATTENTION_TILE)
+    except Exception as e:  # NVRTC missing or refusing: serve on with the Triton kernel
+        cuda_attention.disable(f"{type(e).__name__}: {e}")
+        return None
 
 
 # -- int8 weight-only linear ---------------------------------------------------------------------
