@@ -81,6 +81,8 @@ def check_case(batch: int, positions: list[int], logn_on: bool, tile: AttentionT
     ref_k, ref_v = k_cache.clone(), v_cache.clone()
     q = kernels.rotary_to_cache(qkv, pos, slots, inv_freq, logn, ref_k, ref_v, HEADS)  # [B, H, D]
     ref = reference(q, ref_k, ref_v, pos, slots)
+    assert cuda_attention.available(qkv, pos, slots, inv_freq, logn, k_cache, v_cache, HEADS, tile), \
+        f"the CUDA kernel cannot run {tile} here"
     outs, caches = {}, {}
     for kernel in ("triton", "cuda"):
         k, v = k_cache.clone(), v_cache.clone()
@@ -100,7 +102,7 @@ def check_case(batch: int, positions: list[int], logn_on: bool, tile: AttentionT
         row[f"{kernel}_mean_ulp"] = float(u.mean())
     row["caches_bit_equal"] = all(torch.equal(a, b) for a, b in zip(caches["cuda"], caches["triton"]))
     row["cache_matches_reference"] = all(torch.equal(a, b) for a, b in zip(caches["cuda"], (ref_k, ref_v)))
-    for kernel, (k, v) in caches.items():  # where it differs from the rotary kernel's: (k/v, slot, head, position, channel)
+    for kernel, (k, v) in caches.items():  # where it differs from the rotary kernel's: (k/v, slot, head, pos, channel)
         wrong = [(name, *map(int, i)) for name, a, r in (("k", k, ref_k), ("v", v, ref_v))
                  for i in (a != r).nonzero()[:4]]
         row[f"{kernel}_cache_differs_at"] = wrong

@@ -924,8 +924,8 @@ def main(argv: list[str] | None = None) -> int:
               a.max_seq_len, a.quick)
     report.info.update(params=n_params, llm_weight_bytes=weights, prompt_tokens=len(ids))
     kv_token = kv_bytes_per_token(args, dtype)
-    decode_rates: dict[tuple[int, int], float] = {}
-    graph_rates: dict[int, float] = {}  # bf16 decode tok/s replaying the graph alone, per batch size
+    decode_rates: dict[tuple, float] = {}  # bf16 tok/s per (batch, new tokens[, "triton" attention])
+    graph_rates: dict[object, float] = {}  # bf16 tok/s replaying the graph alone, per batch (or (batch, "triton"))
 
     builtin = (dict(kernels.TILES), kernels.ATTENTION_SPLITS, kernels.ATTENTION_BLOCK, kernels.ATTENTION_WARPS)
     fusions = "fusions" not in skip and kernels.triton_ok(torch.empty(1, device=device))

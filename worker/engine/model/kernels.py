@@ -270,6 +270,7 @@ def attention_kernel(kind: str, tile: AttentionTile | None = None):
     finally:
         DECODE_ATTENTION, ATTENTION_TILE = saved
 
+
 # One int32 ticket per output tile (or attention head), zero between launches.
 TICKETS = 1 << 15
 _ticket_buffers: dict[torch.device, torch.Tensor] = {}
@@ -446,7 +447,9 @@ def rotary_attention(qkv: torch.Tensor, positions: torch.Tensor, slots: torch.Te
     ``slots[b]`` and attends to positions ``0 .. positions[b]``. Returns ``[B, heads * D]``.
     ``lengths``: ``positions + 1`` if the caller has it (the two-launch path reads it).
     On Triton (with :data:`FUSED_EPILOGUES` and :data:`FUSED_ROTARY`) one launch with the same
-    arithmetic, so the same bits, as the two kernels; otherwise the two."""
+    arithmetic, so the same bits, as the two kernels; otherwise the two. With both set and
+    :data:`DECODE_ATTENTION` "cuda", the CUDA kernel where it runs (the same cache bits, the output
+    summed in another order)."""
     if DECODE_ATTENTION == "cuda" and fuses_rotary(qkv):
         out = _cuda_attention(qkv, positions, slots, inv_freq, logn, k_cache, v_cache, heads)
         if out is not None:
