@@ -33,12 +33,11 @@ from typing import NamedTuple
 
 import torch
 
+from .cuda_gemv import BF16_HELPERS, compiled
+
 log = logging.getLogger(__name__)
 
-SOURCE = r"""
-typedef unsigned short bf16;
-typedef unsigned int u32;
-
+SOURCE = BF16_HELPERS + r"""
 constexpr int HALF = D / 2;
 constexpr int DPT = D / TPP;         // channels of a position per thread
 #if D / TPP >= 8
@@ -53,14 +52,6 @@ constexpr int WARPS = THREADS / 32;
 constexpr unsigned FULL = 0xffffffffu;
 #define NEG_INF __int_as_float(0xff800000)  // -inf (NVRTC has no math.h)
 
-static __device__ __forceinline__ float bf16_float(bf16 h) { return __uint_as_float((u32)h << 16); }
-
-static __device__ __forceinline__ bf16 to_bf16(float f) {
-    bf16 h;  // round to nearest even, as torch rounds
-    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
-    return h;
-}
-
 // the cache: each byte read once per launch, kept out of L1
 static __device__ __forceinline__ void load_once(const bf16* p, uint4& v) {
     asm volatile("ld.global.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
@@ -71,12 +62,7 @@ static __device__ __forceinline__ void load_once(const bf16* p, uint2& v) {
     asm volatile("ld.global.L1::no_allocate.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(p));
 }
 
-static __device__ __forceinline__ void to_float(uint4 v, float* out) {
-    out[0] = __uint_as_float(v.x << 16); out[1] = __uint_as_float(v.x & 0xffff0000u);
-    out[2] = __uint_as_float(v.y << 16); out[3] = __uint_as_float(v.y & 0xffff0000u);
-    out[4] = __uint_as_float(v.z << 16); out[5] = __uint_as_float(v.z & 0xffff0000u);
-    out[6] = __uint_as_float(v.w << 16); out[7] = __uint_as_float(v.w & 0xffff0000u);
-}
+static __device__ __forceinline__ void to_float(uint4 v, float* out) { bf16x8_float(v, out); }
 
 static __device__ __forceinline__ void to_float(uint2 v, float* out) {
     out[0] = __uint_as_float(v.x << 16); out[1] = __uint_as_float(v.x & 0xffff0000u);
@@ -307,7 +293,6 @@ class AttentionTile(NamedTuple):
     unroll: int = 3
 
 
-_compiled: dict[tuple, object] = {}
 _disabled: list[str] = []
 
 
@@ -363,15 +348,6 @@ def available(qkv: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, i
             and _fits_int(*k_cache.stride(), qkv.stride(0), inv_freq.stride(0)))
 
 
-def _kernel(settings: dict[str, int]):
-    key = tuple(sorted(settings.items()))
-    compiled = _compiled.get(key)
-    if compiled is None:
-        options = [f"-D{k}={v}" for k, v in settings.items()]
-        compiled = _compiled[key] = torch.cuda._compile_kernel(SOURCE, KERNEL, nvcc_options=options)
-    return compiled
-
-
 def rotary_attention(qkv: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, inv_freq: torch.Tensor,
                      logn: torch.Tensor | None, k_cache: torch.Tensor, v_cache: torch.Tensor, heads: int,
                      tile: AttentionTile | None = None) -> torch.Tensor:
@@ -382,7 +358,7 @@ def rotary_attention(qkv: torch.Tensor, positions: torch.Tensor, slots: torch.Te
     b = qkv.shape[0]
     d = k_cache.shape[-1]
     out = torch.empty(b, heads * d, dtype=qkv.dtype, device=qkv.device)
-    kernel = _kernel(macros(d, tile, logn is not None))
+    kernel = compiled(SOURCE, KERNEL, macros(d, tile, logn is not None))
     kernel(grid=(tile.cluster, b * heads, 1), block=(tile.threads, 1, 1),
            args=[qkv, positions, slots, inv_freq, logn if logn is not None else inv_freq, k_cache, v_cache, out,
                  heads, qkv.stride(0), inv_freq.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),

@@ -37,10 +37,31 @@ log = logging.getLogger(__name__)
 
 MAX_ROWS = 4
 
-_HELPERS = r"""
+# bf16 <-> float32 in CUDA C++, shared by the CUDA kernels of this package (NVRTC: no headers).
+BF16_HELPERS = r"""
 typedef unsigned short bf16;
 typedef unsigned int u32;
 
+static __device__ __forceinline__ bf16 to_bf16(float f) {
+    bf16 h;  // round to nearest even, as torch rounds
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+
+static __device__ __forceinline__ float bf16_float(bf16 h) { return __uint_as_float((u32)h << 16); }
+
+static __device__ __forceinline__ float round_bf16(float f) { return bf16_float(to_bf16(f)); }
+
+static __device__ __forceinline__ void bf16x8_float(uint4 v, float* out) {  // the 8 bf16 of 16 bytes
+    out[0] = __uint_as_float(v.x << 16); out[1] = __uint_as_float(v.x & 0xffff0000u);
+    out[2] = __uint_as_float(v.y << 16); out[3] = __uint_as_float(v.y & 0xffff0000u);
+    out[4] = __uint_as_float(v.z << 16); out[5] = __uint_as_float(v.z & 0xffff0000u);
+    out[6] = __uint_as_float(v.w << 16); out[7] = __uint_as_float(v.w & 0xffff0000u);
+}
+
+"""
+
+_HELPERS = BF16_HELPERS + r"""
 static __device__ __forceinline__ uint4 load_stream(const uint4* p) {
     uint4 v;  // weights: read once, kept out of L1
     asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
@@ -53,16 +74,6 @@ static __device__ __forceinline__ uint4 load_cached(const uint4* p) {
     asm("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
     return v;
 }
-
-static __device__ __forceinline__ bf16 to_bf16(float f) {
-    bf16 h;  // round to nearest even, as torch rounds
-    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
-    return h;
-}
-
-static __device__ __forceinline__ float bf16_float(bf16 h) { return __uint_as_float((u32)h << 16); }
-
-static __device__ __forceinline__ float round_bf16(float f) { return bf16_float(to_bf16(f)); }
 
 // scale, bias, round: the Triton epilogue's order (y = acc * s; y += b; bf16).
 static __device__ __forceinline__ float scaled(float acc, const float* s, const bf16* b, int n) {
@@ -82,13 +93,6 @@ static __device__ __forceinline__ void int8x4_float(u32 w, float* out) {
     out[1] = __uint_as_float(__byte_perm(t, 0x4B000000u, 0x7541)) - 8388736.0f;
     out[2] = __uint_as_float(__byte_perm(t, 0x4B000000u, 0x7542)) - 8388736.0f;
     out[3] = __uint_as_float(__byte_perm(t, 0x4B000000u, 0x7543)) - 8388736.0f;
-}
-
-static __device__ __forceinline__ void bf16x8_float(uint4 v, float* out) {
-    out[0] = __uint_as_float(v.x << 16); out[1] = __uint_as_float(v.x & 0xffff0000u);
-    out[2] = __uint_as_float(v.y << 16); out[3] = __uint_as_float(v.y & 0xffff0000u);
-    out[4] = __uint_as_float(v.z << 16); out[5] = __uint_as_float(v.z & 0xffff0000u);
-    out[6] = __uint_as_float(v.w << 16); out[7] = __uint_as_float(v.w & 0xffff0000u);
 }
 
 // The R weight rows of output group g (WROWS outputs, of both halves when gated: rows n and n_out + n).
@@ -553,15 +557,20 @@ def mma_macros(rows: int, tile: MmaTile, gated: bool, has_bias: bool) -> dict[st
             "HAS_BIAS": int(has_bias)}
 
 
-def _kernel(settings: dict[str, int], kernel: str = "gemv"):
-    """``kernel`` ("gemv" or "mma") compiled with ``settings`` (once per process and setting)."""
-    key = (kernel, *sorted(settings.items()))
-    compiled = _compiled.get(key)
-    if compiled is None:
+def compiled(source: str, name: str, settings: dict[str, int]):
+    """Kernel ``name`` of ``source`` compiled by NVRTC with ``settings`` as macros, once per process
+    and setting (the CUDA kernels of this package share the cache)."""
+    key = (name, *sorted(settings.items()))
+    kernel = _compiled.get(key)
+    if kernel is None:
         options = [f"-D{k}={v}" for k, v in settings.items()]
-        source = SOURCE if kernel == "gemv" else MMA_SOURCE
-        compiled = _compiled[key] = torch.cuda._compile_kernel(source, KERNELS[kernel], nvcc_options=options)
-    return compiled
+        kernel = _compiled[key] = torch.cuda._compile_kernel(source, name, nvcc_options=options)
+    return kernel
+
+
+def _kernel(settings: dict[str, int], kernel: str = "gemv"):
+    """``kernel`` ("gemv" or "mma") compiled with ``settings``."""
+    return compiled(SOURCE if kernel == "gemv" else MMA_SOURCE, KERNELS[kernel], settings)
 
 
 def int8_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
