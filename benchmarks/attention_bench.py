@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -35,8 +35,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.engine_bench import (  # noqa: E402
-    DEVICE_DIR, SHARED, Clock, environment, first_existing, random_model)
-from benchmarks.graph_tiles import step_us  # noqa: E402
+    DEVICE_DIR, SHARED, Clock, attention_alone, environment, first_existing, random_model)
+from benchmarks.graph_tiles import interleaved, medians  # noqa: E402
 from worker.engine.model import cuda_attention, kernels  # noqa: E402
 from worker.engine.model.args import QwenVLArgs  # noqa: E402
 from worker.engine.model.cuda_attention import AttentionTile  # noqa: E402
@@ -130,38 +130,25 @@ def checks(tiles: list[AttentionTile], device: torch.device) -> list[dict]:
 
 
 def alone(tiles: list[AttentionTile], device: torch.device) -> list[dict]:
-    clock = Clock(device)
-    k_cache = torch.randn(2, HEADS, 4096, D, device=device, dtype=torch.bfloat16)
-    v_cache = torch.randn_like(k_cache)
-    inv_freq = torch.stack([rotary_inv_freq(D, BASE, 1.0, device)] * 2)
-    logn = torch.ones(4096, device=device)
     rows = []
-    variants = [("triton", None)] + [("cuda", t) for t in tiles]
-    for kernel, tile in variants:
-        times = []
-        for batch in (1, 2):
-            qkv = torch.randn(batch, 3 * HEADS * D, device=device, dtype=torch.bfloat16)
-            slots = torch.arange(batch, device=device)
-            for length in (350, 800):
-                positions = torch.full((batch,), length - 1, device=device)
-                if kernel == "cuda":
-                    assert cuda_attention.available(qkv, positions, slots, inv_freq, logn, k_cache, v_cache, HEADS,
-                                                    tile), f"the CUDA kernel cannot run {tile} here"
-                with kernels.attention_kernel(kernel, tile):
-                    t = clock.graph_s([lambda: kernels.rotary_attention(qkv, positions, slots, inv_freq, logn,
-                                                                        k_cache, v_cache, HEADS)] * 20)
-                kv = 2 * batch * HEADS * length * D * 2
-                rows.append({"kernel": kernel, "tile": list(tile) if tile else None, "B": batch, "length": length,
-                             "us": t * 1e6, "GBps": kv / t / 1e9})
-                times.append(f"B={batch} L={length} {t * 1e6:.2f} us ({kv / t / 1e9:.0f} GB/s)")
-        print(f"  alone {kernel} {tuple(tile) if tile else ''}: " + ", ".join(times), flush=True)
+    for kernel, tile in [("triton", None)] + [("cuda", t) for t in tiles]:
+        def runs_cuda(*inputs, tile=tile):
+            assert cuda_attention.available(*inputs, tile), f"the CUDA kernel cannot run {tile} here"
+
+        with kernels.attention_kernel(kernel, tile):
+            times = attention_alone(Clock(device), device, torch.bfloat16, HEADS, D, BASE,
+                                    runs_cuda if kernel == "cuda" else None)
+        rows += [{"kernel": kernel, "tile": list(tile) if tile else None, **r} for r in times]
+        print(f"  alone {kernel} {tuple(tile) if tile else ''}: " + ", ".join(
+            f"B={r['B']} L={r['length']} {r['us']:.2f} us ({r['GBps']:.0f} GB/s)" for r in times), flush=True)
     return rows
 
 
 def step(tiles: list[AttentionTile], positions: list[int], rounds: int, replays: int, device: torch.device) -> dict:
     args = QwenVLArgs.from_hf_config(first_existing(DEVICE_DIR / "config.json", SHARED / "qwen-vl" / "config.json"))
     model = random_model(args, device, torch.bfloat16)
-    variants = {"triton": ("triton", None), **{f"cuda {tuple(t)}": ("cuda", t) for t in tiles}}
+    settings = {"triton": lambda: kernels.attention_kernel("triton"),
+                **{f"cuda {tuple(t)}": partial(kernels.attention_kernel, "cuda", t) for t in tiles}}
     out = {}
     for weights in ("bf16", "int8"):
         if weights == "int8":
@@ -171,15 +158,11 @@ def step(tiles: list[AttentionTile], positions: list[int], rounds: int, replays:
         fast.setup_cache(2, 2048)
         for batch in (1, 2):
             for position in positions:
-                runs: dict[str, list[float]] = {label: [] for label in variants}
-                for _ in range(rounds):
-                    for label, (kernel, tile) in variants.items():
-                        with kernels.attention_kernel(kernel, tile):
-                            runs[label].append(step_us(fast, batch, replays, position))
-                medians = {label: statistics.median(v) for label, v in runs.items()}
-                out[f"{weights} batch {batch} position {position}"] = {"median_us": medians, "runs": runs}
+                runs = interleaved(fast, batch, settings, replays, rounds, position)
+                median_us = medians(runs)
+                out[f"{weights} batch {batch} position {position}"] = {"median_us": median_us, "runs": runs}
                 print(f"  step {weights} batch {batch} position {position}: "
-                      + ", ".join(f"{k} {v:.1f}" for k, v in medians.items()) + " us", flush=True)
+                      + ", ".join(f"{k} {v:.1f}" for k, v in median_us.items()) + " us", flush=True)
         del fast
         torch.cuda.empty_cache()
     return out

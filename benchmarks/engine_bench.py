@@ -649,33 +649,43 @@ def sweep_tiles(s: Setup, candidates: list[tuple]) -> list[dict]:
     return rows
 
 
-def sweep_attention(s: Setup, candidates: list[tuple]) -> list[dict]:
-    """The Triton decode attention (rotary, cache write and attention in one launch:
-    ``kernels.rotary_attention`` where the CUDA kernel does not run), per (split, block, warps), at
-    1 and 2 rows of 350 and 800 positions; the best by the sum of the four times is kept."""
-    llm = s.args.llm
-    heads, d = llm.num_heads, llm.head_dim
-    rows, totals = [], {}
-    k_cache = torch.randn(2, heads, 4096, d, device=s.device, dtype=s.dtype)
+def attention_alone(clock: Clock, device: torch.device, dtype: torch.dtype, heads: int, d: int, rotary_base: float,
+                    check=None) -> list[dict]:
+    """The decode attention as set now (``kernels.rotary_attention``: rotary, cache write and
+    attention in one launch) timed alone, at 1 and 2 rows of 350 and 800 positions: us per call in
+    a CUDA graph of 20 calls, and GB/s of keys and values read. ``check`` is first called with each
+    case's arguments."""
+    k_cache = torch.randn(2, heads, 4096, d, device=device, dtype=dtype)
     v_cache = torch.randn_like(k_cache)
-    inv_freq = torch.stack([rotary_inv_freq(d, llm.rotary_emb_base, 1.0, s.device)] * 2)
-    logn = torch.ones(4096, device=s.device)
+    inv_freq = torch.stack([rotary_inv_freq(d, rotary_base, 1.0, device)] * 2)
+    logn = torch.ones(4096, device=device)
+    rows = []
+    for batch in (1, 2):
+        qkv = torch.randn(batch, 3 * heads * d, device=device, dtype=dtype)
+        slots = torch.arange(batch, device=device)
+        for length in (350, 800):
+            inputs = (qkv, torch.full((batch,), length - 1, device=device), slots, inv_freq, logn, k_cache, v_cache,
+                      heads)
+            if check is not None:
+                check(*inputs)
+            t = clock.graph_s([lambda: kernels.rotary_attention(*inputs)] * 20)
+            kv = 2 * batch * heads * length * d * 2
+            rows.append({"B": batch, "length": length, "us": t * 1e6, "GBps": kv / t / 1e9})
+    return rows
+
+
+def sweep_attention(s: Setup, candidates: list[tuple]) -> list[dict]:
+    """The Triton decode attention (:func:`attention_alone`; it runs where the CUDA kernel does
+    not) per (split, block, warps); the best by the sum of the four times is kept."""
+    llm = s.args.llm
+    rows, totals = [], {}
     for cfg in candidates:
         kernels.ATTENTION_SPLITS, kernels.ATTENTION_BLOCK, kernels.ATTENTION_WARPS = cfg
-        times = []
-        for batch in (1, 2):
-            qkv = torch.randn(batch, 3 * heads * d, device=s.device, dtype=s.dtype)
-            slots = torch.arange(batch, device=s.device)
-            for length in (350, 800):
-                positions = torch.full((batch,), length - 1, device=s.device)
-                with kernels.attention_kernel("triton"):
-                    t = s.clock.graph_s([lambda: kernels.rotary_attention(qkv, positions, slots, inv_freq, logn,
-                                                                          k_cache, v_cache, heads)] * 20)
-                kv = 2 * batch * heads * length * d * 2
-                rows.append({"config": cfg, "B": batch, "length": length, "us": t * 1e6, "GBps": kv / t / 1e9})
-                times.append(t)
-        totals[cfg] = sum(times)
-        print(f"   attention {cfg}: " + ", ".join(f"B={r['B']} L={r['length']} {r['us']:.1f} us" for r in rows[-4:]),
+        with kernels.attention_kernel("triton"):
+            times = attention_alone(s.clock, s.device, s.dtype, llm.num_heads, llm.head_dim, llm.rotary_emb_base)
+        rows += [{"config": cfg, **r} for r in times]
+        totals[cfg] = sum(r["us"] for r in times)
+        print(f"   attention {cfg}: " + ", ".join(f"B={r['B']} L={r['length']} {r['us']:.1f} us" for r in times),
               flush=True)
     best = min(totals, key=totals.get)
     kernels.ATTENTION_SPLITS, kernels.ATTENTION_BLOCK, kernels.ATTENTION_WARPS = best

@@ -23,7 +23,9 @@ import argparse
 import json
 import statistics
 import sys
+from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -32,7 +34,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.engine_bench import (  # noqa: E402
     DEVICE_DIR, SHARED, environment, first_existing, llm_shapes, random_model)
-from benchmarks.gemv_bench import cuda_candidates  # noqa: E402
+from benchmarks.gemv_bench import cuda_candidates, int8_gemv  # noqa: E402
 from worker.engine.model import kernels  # noqa: E402
 from worker.engine.model.args import QwenVLArgs  # noqa: E402
 from worker.engine.model.cuda_gemv import CudaTile  # noqa: E402
@@ -66,19 +68,24 @@ def step_us(fast: FastQwenVL, batch: int, replays: int, position: int = POSITION
     return start.elapsed_time(end) * 1000 / replays
 
 
-def interleaved(fast: FastQwenVL, batch: int, settings: dict[str, dict], replays: int, rounds: int) -> dict[str, float]:
-    """Median us per step of each ``CUDA_TILES`` setting, the settings taking turns each round."""
+def interleaved(fast: FastQwenVL, batch: int, settings: dict[str, Callable[[], AbstractContextManager]],
+                replays: int, rounds: int, position: int = POSITION) -> dict[str, list[float]]:
+    """us per step with each setting (a context the graph is captured in), the settings taking
+    turns each round: every round's time, per setting."""
     runs: dict[str, list[float]] = {label: [] for label in settings}
-    saved = dict(kernels.CUDA_TILES)
-    try:
-        for _ in range(rounds):
-            for label, tiles in settings.items():
-                kernels.CUDA_TILES.clear()
-                kernels.CUDA_TILES.update(tiles)
-                runs[label].append(step_us(fast, batch, replays))
-    finally:
-        kernels.CUDA_TILES.clear()
-        kernels.CUDA_TILES.update(saved)
+    for _ in range(rounds):
+        for label, setting in settings.items():
+            with setting():
+                runs[label].append(step_us(fast, batch, replays, position))
+    return runs
+
+
+def with_tiles(tiles: dict) -> Callable[[], AbstractContextManager]:
+    """The setting "the built-in GEMV choice with these ``CUDA_TILES``"."""
+    return lambda: int8_gemv(kernels.INT8_GEMV, dict(kernels.INT8_GEMV_BY_SHAPE), cuda_tiles=tiles)
+
+
+def medians(runs: dict[str, list[float]]) -> dict[str, float]:
     return {label: statistics.median(times) for label, times in runs.items()}
 
 
@@ -119,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
             current = built_in.get(key, CudaTile())
             standard = [] if a.only_extra else cuda_candidates()
             candidates = {str(tuple(t)): {**best, key: t} for t in dict.fromkeys([current, *standard, *extra])}
-            times = interleaved(fast, batch, candidates, a.replays, a.rounds)
+            times = medians(interleaved(fast, batch, {label: with_tiles(tiles) for label, tiles in candidates.items()},
+                                        a.replays, a.rounds))
             pick = min(times, key=times.get)
             best[key] = candidates[pick][key]
             out[f"batch {batch} {name}"] = times
@@ -127,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"best {pick} {times[pick]:.1f}", flush=True)
             for label, us in sorted(times.items(), key=lambda kv: kv[1])[:8]:
                 print(f"    {label}: {us:.1f}", flush=True)
-        final = interleaved(fast, batch, {"built-in": built_in, "best": best}, a.replays, 2 * a.rounds)
+        final = medians(interleaved(fast, batch, {"built-in": with_tiles(built_in), "best": with_tiles(best)},
+                                    a.replays, 2 * a.rounds))
         changed = {str(key): tuple(tile) for key, tile in best.items() if built_in.get(key) != tile}
         out[f"batch {batch} final"] = {**final, "changed": changed}
         print(f"batch {batch}: built-in {final['built-in']:.1f} us/step, best {final['best']:.1f}; changed {changed}",

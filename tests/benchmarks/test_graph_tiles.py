@@ -1,0 +1,32 @@
+"""The in-graph tile timing's bookkeeping (the timing itself needs a GPU)."""
+
+from contextlib import contextmanager
+
+from benchmarks import graph_tiles
+from worker.engine.model import kernels
+from worker.engine.model.cuda_gemv import CudaTile
+
+
+def test_settings_take_turns_each_round_and_each_is_captured_inside_its_own_context(monkeypatch):
+    active, order = [], []
+
+    @contextmanager
+    def setting(label):
+        active.append(label)
+        yield
+        active.pop()
+
+    monkeypatch.setattr(graph_tiles, "step_us", lambda fast, batch, replays, position: order.append(
+        (tuple(active), batch, position)) or float(len(order)))
+    runs = graph_tiles.interleaved(None, 2, {"a": lambda: setting("a"), "b": lambda: setting("b")}, 40, 2, 700)
+    assert order == [(("a",), 2, 700), (("b",), 2, 700)] * 2 and not active
+    assert runs == {"a": [1.0, 3.0], "b": [2.0, 4.0]}
+    assert graph_tiles.medians(runs) == {"a": 2.0, "b": 3.0}
+
+
+def test_a_tile_setting_changes_only_the_cuda_tiles_and_gives_them_back():
+    tiles, choice = dict(kernels.CUDA_TILES), dict(kernels.INT8_GEMV_BY_SHAPE)
+    other = {**tiles, (4096, 4096, 2): CudaTile(1, 1, 128, 2)}
+    with graph_tiles.with_tiles(other)():
+        assert kernels.CUDA_TILES == other and kernels.INT8_GEMV_BY_SHAPE == choice
+    assert kernels.CUDA_TILES == tiles and kernels.INT8_GEMV_BY_SHAPE == choice
