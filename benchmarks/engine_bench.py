@@ -25,6 +25,8 @@ and every figure of the GPU-speed issue, each beside its limit and their ratio:
   choice only; ``--cuda-tiles``: also with other CUDA GEMV tiles), and the int8 graph replay alone
   against bf16's; ``--triton-attention``: bf16 and int8 decode also with the Triton decode
   attention in place of the CUDA one (:mod:`benchmarks.attention_bench`), interleaved;
+  ``--separate-norms``: int8 decode also with the RMSNorms as their own launches instead of inside
+  the CUDA GEMVs (:mod:`benchmarks.step_bench`), interleaved;
 - prefill and first-decode-step logits of the fast and the eager path against a float32 copy of
   the model (relative errors, greedy agreement);
 - a sweep of the Triton GEMV tiles per decoder-layer weight shape (``[w1 | w2]`` with the gate in
@@ -867,6 +869,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cuda-tiles", action="append", default=[], metavar="N,K,M=WROWS,UNROLL,THREADS[,KSPLIT]",
                         help="also measure int8 decode with this CUDA GEMV tile in place of the built-in one for "
                              "that shape (repeatable; all given tiles make one variant)")
+    parser.add_argument("--separate-norms", action="store_true",
+                        help="also measure int8 decode (engine and graph replay) with the RMSNorms as their own "
+                             "launches instead of inside the CUDA GEMVs, interleaved, for a before / after")
     parser.add_argument("--triton-attention", action="store_true",
                         help="also measure decode (bf16 and int8, engine and graph replay) with the Triton decode "
                              "attention in place of the CUDA one, interleaved, for a before / after")
@@ -1118,9 +1123,15 @@ def main(argv: list[str] | None = None) -> int:
                 given = dict(parse_cuda_tile(t) for t in a.cuda_tiles)
                 variants["with --cuda-tiles"] = (*built_in[:3], {**built_in[3], **given}, built_in[4])
             attention_of = {label: kernels.DECODE_ATTENTION for label in variants}
+            norms_of = {label: kernels.NORM_IN_GEMV for label in variants}
             if a.triton_attention:
                 variants["chosen, Triton attention"] = variants["chosen"]
                 attention_of["chosen, Triton attention"] = "triton"
+                norms_of["chosen, Triton attention"] = kernels.NORM_IN_GEMV
+            if a.separate_norms:
+                variants["chosen, RMSNorms apart"] = variants["chosen"]
+                attention_of["chosen, RMSNorms apart"] = kernels.DECODE_ATTENTION
+                norms_of["chosen, RMSNorms apart"] = False
             section("int8 decode (engine; each engine's CUDA graphs hold the GEMV variant it was built with)")
             reset_peak(s)
             for new_tokens in [int(v) for v in a.decode_tokens.split(",")]:
@@ -1131,7 +1142,8 @@ def main(argv: list[str] | None = None) -> int:
                     runs = {label: [] for label in variants}
                     for _ in range(a.repeats):  # interleaved, so that a drift of the card hits every variant
                         for label, variant in variants.items():
-                            with int8_gemv(*variant), kernels.attention_kernel(attention_of[label]):
+                            with int8_gemv(*variant), kernels.attention_kernel(attention_of[label]), \
+                                    kernels.norms_in_gemv(norms_of[label]):
                                 runs[label].append(measure_decode(s, True, batch, new_tokens))
                     for label in variants:
                         rate = statistics.median(runs[label])
@@ -1163,6 +1175,13 @@ def main(argv: list[str] | None = None) -> int:
                         bf16 = graph_rates.get(batch if kind == kernels.DECODE_ATTENTION else (batch, kind))
                         label = ", Triton attention" if kind == "triton" and a.triton_attention else ""
                         report.add(Row(f"int8 decode tok/s, batch {batch}, graph replay only (no engine){label}", None,
+                                       rate, "tok/s", INT8_SPEEDUP * bf16 if bf16 else None, "1.7 x bf16 graph",
+                                       f"{rate / bf16:.2f} x bf16 graph replay" if bf16 else ""))
+                    if a.separate_norms:
+                        with kernels.norms_in_gemv(False):
+                            rate = measure_graph_decode(s, batch, 128)
+                        bf16 = graph_rates.get(batch)
+                        report.add(Row(f"int8 decode tok/s, batch {batch}, graph replay only, RMSNorms apart", None,
                                        rate, "tok/s", INT8_SPEEDUP * bf16 if bf16 else None, "1.7 x bf16 graph",
                                        f"{rate / bf16:.2f} x bf16 graph replay" if bf16 else ""))
                 if "ttft" not in skip:

@@ -2,7 +2,7 @@
 
     python -m benchmarks.graph_tiles [--batches 2] [--shapes c_attn,gate_up,down,c_proj,lm_head]
                                      [--replays 40] [--rounds 3] [--extra W,U,T[,S];...] [--only-extra]
-                                     [--json FILE]
+                                     [--norm-tiles] [--json FILE]
 
 :mod:`benchmarks.gemv_bench` times each GEMV alone, in a graph of calls to itself; inside the
 decode step, between the RMSNorm and attention kernels, the same kernels run up to 4 us faster or
@@ -14,7 +14,9 @@ it on their best so far, and times graph replays (CUDA events; the median of ``-
 of ``--replays`` replays, candidates interleaved round by round). It prints each candidate's us
 per step and, per batch size, the built-in tiles against the best, again interleaved. Every
 built-in candidate's output is checked against float64 math by :mod:`benchmarks.gemv_bench`;
-``--extra`` tiles are not: check a pick there before taking it.
+``--extra`` tiles are not: check a pick there before taking it. ``--norm-tiles`` tunes
+``kernels.NORM_TILES`` instead, the tiles of the GEMVs that run the RMSNorm inside (give
+``--shapes c_attn,gate_up,lm_head``); :mod:`benchmarks.step_bench` checks the built-in ones.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import argparse
 import json
 import statistics
 import sys
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -80,9 +82,25 @@ def interleaved(fast: FastQwenVL, batch: int, settings: dict[str, Callable[[], A
     return runs
 
 
-def with_tiles(tiles: dict) -> Callable[[], AbstractContextManager]:
-    """The setting "the built-in GEMV choice with these ``CUDA_TILES``"."""
+def with_tiles(tiles: dict, table: str = "cuda") -> Callable[[], AbstractContextManager]:
+    """The setting "the built-in GEMV choice with these ``CUDA_TILES``" (``table`` "norm": with
+    these ``NORM_TILES``, the tiles of the GEMVs with the RMSNorm inside)."""
+    if table == "norm":
+        return lambda: norm_tiles(tiles)
     return lambda: int8_gemv(kernels.INT8_GEMV, dict(kernels.INT8_GEMV_BY_SHAPE), cuda_tiles=tiles)
+
+
+@contextmanager
+def norm_tiles(tiles: dict):
+    """``kernels.NORM_TILES = tiles`` inside the block."""
+    saved = dict(kernels.NORM_TILES)
+    kernels.NORM_TILES.clear()
+    kernels.NORM_TILES.update(tiles)
+    try:
+        yield
+    finally:
+        kernels.NORM_TILES.clear()
+        kernels.NORM_TILES.update(saved)
 
 
 def medians(runs: dict[str, list[float]]) -> dict[str, float]:
@@ -98,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--extra", default="", metavar="W,U,T[,S];W,U,T[,S]",
                         help="more candidate tiles (wrows, unroll, threads[, ksplit]), ';'-separated")
+    parser.add_argument("--norm-tiles", action="store_true",
+                        help="tune NORM_TILES (the GEMVs with the RMSNorm inside: c_attn, gate_up, lm_head) instead "
+                             "of CUDA_TILES")
     parser.add_argument("--only-extra", action="store_true",
                         help="try only the built-in tile and the --extra ones, not the standard candidates")
     a = parser.parse_args(argv)
@@ -114,8 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     shapes = llm_shapes(args)
     out: dict = {}
     extra = [CudaTile(*(int(v) for v in t.split(","))) for t in filter(None, a.extra.split(";"))]
+    table = "norm" if a.norm_tiles else "cuda"
     for batch in batches:
-        built_in = dict(kernels.CUDA_TILES)
+        built_in = dict(kernels.NORM_TILES if a.norm_tiles else kernels.CUDA_TILES)
         best = dict(built_in)
         for name in a.shapes.split(","):
             n, k = shapes[name]
@@ -126,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
             current = built_in.get(key, CudaTile())
             standard = [] if a.only_extra else cuda_candidates()
             candidates = {str(tuple(t)): {**best, key: t} for t in dict.fromkeys([current, *standard, *extra])}
-            times = medians(interleaved(fast, batch, {label: with_tiles(tiles) for label, tiles in candidates.items()},
+            times = medians(interleaved(fast, batch,
+                                        {label: with_tiles(tiles, table) for label, tiles in candidates.items()},
                                         a.replays, a.rounds))
             pick = min(times, key=times.get)
             best[key] = candidates[pick][key]
@@ -135,8 +158,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"best {pick} {times[pick]:.1f}", flush=True)
             for label, us in sorted(times.items(), key=lambda kv: kv[1])[:8]:
                 print(f"    {label}: {us:.1f}", flush=True)
-        final = medians(interleaved(fast, batch, {"built-in": with_tiles(built_in), "best": with_tiles(best)},
-                                    a.replays, 2 * a.rounds))
+        final = medians(interleaved(fast, batch, {"built-in": with_tiles(built_in, table),
+                                                  "best": with_tiles(best, table)}, a.replays, 2 * a.rounds))
         changed = {str(key): tuple(tile) for key, tile in best.items() if built_in.get(key) != tile}
         out[f"batch {batch} final"] = {**final, "changed": changed}
         print(f"batch {batch}: built-in {final['built-in']:.1f} us/step, best {final['best']:.1f}; changed {changed}",

@@ -30,3 +30,11 @@ def test_a_tile_setting_changes_only_the_cuda_tiles_and_gives_them_back():
     with graph_tiles.with_tiles(other)():
         assert kernels.CUDA_TILES == other and kernels.INT8_GEMV_BY_SHAPE == choice
     assert kernels.CUDA_TILES == tiles and kernels.INT8_GEMV_BY_SHAPE == choice
+
+
+def test_a_norm_tile_setting_changes_only_the_norm_tiles_and_gives_them_back():
+    tiles, norm = dict(kernels.CUDA_TILES), dict(kernels.NORM_TILES)
+    other = {**norm, (12288, 4096, 2): CudaTile(4, 2, 128)}
+    with graph_tiles.with_tiles(other, "norm")():
+        assert kernels.NORM_TILES == other and kernels.CUDA_TILES == tiles
+    assert kernels.NORM_TILES == norm and kernels.CUDA_TILES == tiles

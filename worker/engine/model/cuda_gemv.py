@@ -11,6 +11,13 @@ then converts them to float32 with one byte permute and a subtraction per weight
 FMA per weight and row of ``x``. Each warp adds its lanes' sums with shuffles at the end, and a
 group's warps add theirs in the block, in a fixed order: answers do not depend on timing.
 
+Two fusions spare the decode step its RMSNorm launches (:func:`.kernels.norm_linear`): with
+``norm`` the kernel first puts x through the decoder's RMSNorm, each block into its shared
+memory, and its grid holds only the blocks that fit on the card at once (:func:`resident_blocks`),
+each walking many output groups, so that x is normalised once per resident block; with
+``residual`` it adds the residual stream to its output. Both round as the separate launches do;
+the norm adds its squares in its own fixed order (docs/benchmarks.md, runs 78-87).
+
 :func:`int8_gemv` launches it on the current stream (so CUDA graphs capture it);
 :func:`available` says whether this torch can compile it (``torch.cuda._compile_kernel``, a CUDA
 build, bf16 activations, ``K`` a multiple of 16 and 16-byte aligned rows). Where it cannot,
@@ -28,7 +35,9 @@ the benchmarks time it beside the others.
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import struct
 from typing import NamedTuple
 
 import torch
@@ -85,6 +94,14 @@ static __device__ __forceinline__ float scaled(float acc, const float* s, const 
 """
 
 _FMA_KERNEL = r"""
+#if NORM
+constexpr int NORM_LOADS = NORM_K / 8 / THREADS;  // 16-byte pieces of each row of x per thread
+
+// Where piece i (8 values) of a row of x sits in shared memory: a row's chunk c (16 values) as two
+// halves NORM_K / 16 uint4 apart, so that a warp's lanes, reading chunks c0 + lane, hit distinct banks.
+static __device__ __forceinline__ int norm_slot(int m, int i) { return m * (NORM_K / 8) + (i & 1) * (NORM_K / 16) + (i >> 1); }
+#endif
+
 // Four int8 weights of one word -> float32, exactly: the byte with its sign bit flipped (q + 128)
 // becomes the mantissa of 2^23, and 2^23 + 128 comes off again.
 static __device__ __forceinline__ void int8x4_float(u32 w, float* out) {
@@ -129,9 +146,15 @@ static __device__ __forceinline__ void fma_step(float (&acc)[ROWS][R], const uin
         float xf[ROWS][16];
 #pragma unroll
         for (int m = 0; m < ROWS; ++m) {
+#if NORM
+            const uint4* xp = reinterpret_cast<const uint4*>(x) + norm_slot(m, 2 * c);  // shared memory
+            bf16x8_float(xp[0], xf[m]);
+            bf16x8_float(xp[NORM_K / 16], xf[m] + 8);
+#else
             const uint4* xp = reinterpret_cast<const uint4*>(x + (long long)m * stride_x) + 2 * c;
             bf16x8_float(load_cached(xp), xf[m]);
             bf16x8_float(load_cached(xp + 1), xf[m] + 8);
+#endif
         }
 #pragma unroll
         for (int r = 0; r < R; ++r) {
@@ -156,11 +179,12 @@ static __device__ __forceinline__ void fma_step(float (&acc)[ROWS][R], const uin
 
 // Add up the lanes' sums of group g (with KSPLIT, then the group's warps' sums, in split order) and
 // store its outputs (lane 0 of the group's first warp): plain, or the gate as silu_mul does it (each
-// half rounded, silu rounded, the product rounded). Every warp of the block calls it (KSPLIT > 1:
-// it holds a barrier); those of groups past the end store nothing.
+// half rounded, silu rounded, the product rounded); RESIDUAL: plus the residual stream's value.
+// Every warp of the block calls it (KSPLIT > 1: it holds a barrier); those of groups past the end
+// store nothing.
 template <int R>
-static __device__ __forceinline__ void finish_group(float (&acc)[ROWS][R], const float* s, const bf16* b, bf16* y,
-                                                    int g, int n_out) {
+static __device__ __forceinline__ void finish_group(float (&acc)[ROWS][R], const float* s, const bf16* b,
+                                                    const bf16* res, bf16* y, int g, int n_out) {
 #pragma unroll
     for (int m = 0; m < ROWS; ++m)
 #pragma unroll
@@ -200,6 +224,8 @@ static __device__ __forceinline__ void finish_group(float (&acc)[ROWS][R], const
                 const float gate = round_bf16(scaled(acc[m][WROWS + r], s, b, n_out + n));
                 out = round_bf16(out) * round_bf16(gate / (1.0f + expf(-gate)));
             }
+            if (RESIDUAL)  // the residual stream plus this output, rounded as the eager residual add
+                out = bf16_float(res[(long long)m * n_out + n]) + round_bf16(out);
             y[(long long)m * n_out + n] = to_bf16(out);
         }
 }
@@ -212,30 +238,123 @@ static __device__ __forceinline__ void zero(float (&acc)[ROWS][R]) {
         for (int r = 0; r < R; ++r) acc[m][r] = 0.0f;
 }
 
+#if NORM
+// The rows of x through the decoder's RMSNorm, rounded as kernels.rms_norm rounds them (x times
+// rsqrt(mean(x^2) + eps), rounded; times the norm's weight, rounded), into the block's shared memory
+// (norm_slot). Every thread of the block takes part: it copies its pieces of x there while adding
+// their squares, then normalises the same pieces in place. The squares are added in a fixed order
+// (each thread's, the warp's shuffles, the warps in order), so every block gets the same bits.
+static __device__ __forceinline__ void normalize(uint4* xs, const bf16* x, int stride_x, const bf16* weight,
+                                                 float eps) {
+    __shared__ float parts[THREADS / 32][ROWS];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    float sq[ROWS];
+#pragma unroll
+    for (int m = 0; m < ROWS; ++m) {
+        uint4 v[NORM_LOADS];
+#pragma unroll
+        for (int j = 0; j < NORM_LOADS; ++j)
+            v[j] = load_cached(reinterpret_cast<const uint4*>(x + (long long)m * stride_x) + threadIdx.x + j * THREADS);
+        sq[m] = 0.0f;
+#pragma unroll
+        for (int j = 0; j < NORM_LOADS; ++j) {
+            float f[8];
+            bf16x8_float(v[j], f);
+#pragma unroll
+            for (int i = 0; i < 8; ++i) sq[m] = fmaf(f[i], f[i], sq[m]);
+            xs[norm_slot(m, threadIdx.x + j * THREADS)] = v[j];
+        }
+    }
+#pragma unroll
+    for (int m = 0; m < ROWS; ++m) {
+#pragma unroll
+        for (int offset = 16; offset > 0; offset >>= 1) sq[m] += __shfl_xor_sync(0xffffffffu, sq[m], offset);
+        if (lane == 0) parts[warp][m] = sq[m];
+    }
+    __syncthreads();
+#pragma unroll
+    for (int j = 0; j < NORM_LOADS; ++j) {
+        float g[8];
+        bf16x8_float(load_cached(reinterpret_cast<const uint4*>(weight) + threadIdx.x + j * THREADS), g);
+#pragma unroll
+        for (int m = 0; m < ROWS; ++m) {
+            float total = 0.0f;
+#pragma unroll
+            for (int w = 0; w < THREADS / 32; ++w) total += parts[w][m];
+            const float rstd = rsqrtf(total / (float)NORM_K + eps);
+            uint4* slot = xs + norm_slot(m, threadIdx.x + j * THREADS);
+            float f[8];
+            bf16x8_float(*slot, f);
+            u32 h[8];
+#pragma unroll
+            for (int i = 0; i < 8; ++i) h[i] = to_bf16(round_bf16(f[i] * rstd) * g[i]);
+            *slot = make_uint4(h[0] | h[1] << 16, h[2] | h[3] << 16, h[4] | h[5] << 16, h[6] | h[7] << 16);
+        }
+    }
+    __syncthreads();
+}
+#endif
+
 // y [ROWS, n_out] = x @ (q * s).T (+ b); GATED: q is [w1 | w2] ([2 n_out, k]) and y the gate. Each
 // group of WROWS outputs is owned whole by KSPLIT warps of one block, each walking its own slice of
 // K (whole multiples of 32 chunks); their sums are added in the block in slice order (KSPLIT 1: one
 // warp, no barrier). No second launch, the same order of sums every time.
+// NORM: x is first put through the RMSNorm with weight norm_w (each block normalises the rows of x
+// into its shared memory, while its first weights are in flight), so the norm takes no launch of
+// its own. RESIDUAL: y is res [ROWS, n_out] plus the product (the residual add, fused likewise).
 extern "C" __global__ void __launch_bounds__(THREADS)
 vlq_int8_gemv(const bf16* __restrict__ x, const signed char* __restrict__ q, const float* __restrict__ s,
-              const bf16* __restrict__ b, bf16* __restrict__ y, int n_out, int k, int stride_x, int stride_q) {
+              const bf16* __restrict__ b, bf16* __restrict__ y, int n_out, int k, int stride_x, int stride_q,
+              const bf16* __restrict__ norm_w, int eps_bits, const bf16* __restrict__ res) {
     constexpr int R = WROWS * (GATED ? 2 : 1);  // weight rows per warp
+    constexpr int GROUPS = THREADS / 32 / KSPLIT;  // output groups per block at a time
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int g = blockIdx.x * (THREADS / 32 / KSPLIT) + warp / KSPLIT;  // this warp's output group
-    if (KSPLIT == 1 && g * WROWS >= n_out) return;
+    int g = blockIdx.x * GROUPS + warp / KSPLIT;  // this warp's output group
+    if (!NORM && KSPLIT == 1 && g * WROWS >= n_out) return;
     const int chunks = k >> 4;  // 16 weights (bytes) a chunk
     const int per_split = (chunks + 32 * KSPLIT - 1) / (32 * KSPLIT) * 32;
-    const int c_begin = (warp % KSPLIT) * per_split, c_end = g * WROWS < n_out ? min(c_begin + per_split, chunks) : 0;
+    const int c_begin = (warp % KSPLIT) * per_split;
+    int c_end = g * WROWS < n_out ? min(c_begin + per_split, chunks) : 0;
     const uint4* rows[R];
     group_rows<R>(rows, q, g, n_out, stride_q);
+    uint4 w[UNROLL][R];
+#if NORM
+    // The grid holds only the blocks that fit on the card at once: each normalises x once (its first
+    // weights in flight meanwhile), then takes groups g, g + gridDim.x * GROUPS, ..., loading each
+    // group's first weights before it finishes the one before.
+    __shared__ uint4 xs[ROWS * NORM_K / 8];
+    if (c_begin + lane < c_end) load_step<R>(w, rows, c_begin + lane, c_end);
+    normalize(xs, x, stride_x, norm_w, __int_as_float(eps_bits));
+    for (;;) {
+        float acc[ROWS][R];
+        zero<R>(acc);
+        for (int c0 = c_begin + lane; c0 < c_end; c0 += 32 * UNROLL) {
+            if (c0 != c_begin + lane) load_step<R>(w, rows, c0, c_end);
+            fma_step<R>(acc, w, reinterpret_cast<const bf16*>(xs), stride_x, c0, c_end);
+        }
+        const int next = g + gridDim.x * GROUPS;
+        const bool more = (next - warp / KSPLIT) * WROWS < n_out;  // the same for the whole block
+        int next_end = 0;
+        if (more) {
+            group_rows<R>(rows, q, next, n_out, stride_q);
+            next_end = next * WROWS < n_out ? min(c_begin + per_split, chunks) : 0;
+            if (c_begin + lane < next_end) load_step<R>(w, rows, c_begin + lane, next_end);
+        }
+        finish_group<R>(acc, s, b, res, y, g, n_out);
+        if (!more) break;
+        if (KSPLIT > 1) __syncthreads();  // finish_group's shared sums are read before they are rewritten
+        g = next;
+        c_end = next_end;
+    }
+#else
     float acc[ROWS][R];
     zero<R>(acc);
-    uint4 w[UNROLL][R];
     for (int c0 = c_begin + lane; c0 < c_end; c0 += 32 * UNROLL) {
         load_step<R>(w, rows, c0, c_end);
         fma_step<R>(acc, w, x, stride_x, c0, c_end);
     }
-    finish_group<R>(acc, s, b, y, g, n_out);
+    finish_group<R>(acc, s, b, res, y, g, n_out);
+#endif
 }
 """
 
@@ -527,6 +646,25 @@ def available(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor | None = Non
     return (_compiler_ok(x) and _weight_ok(q) and 1 <= x.shape[0] <= MAX_ROWS and _operands_ok(x, scale, bias))
 
 
+NORM_SHARED_LIMIT = 48 * 1024  # the normalised rows of x live in static shared memory
+
+
+def fusions_ok(x: torch.Tensor, q: torch.Tensor, tile: CudaTile | None = None, gated: bool = False,
+               norm_weight: torch.Tensor | None = None, residual: torch.Tensor | None = None) -> bool:
+    """True when :func:`int8_gemv` can also run the RMSNorm of ``x`` with ``norm_weight`` (bf16
+    ``[K]``; ``K`` a multiple of 8 x the tile's threads, the rows of x within 48 KB) and add
+    ``residual`` (bf16 ``[M, N]``, contiguous) to its output (callers check :func:`available` too)."""
+    m, k = x.shape
+    tile = CudaTile(*(tile or CudaTile()))
+    n = q.shape[0] // 2 if gated else q.shape[0]
+    norm = norm_weight is None or (
+        norm_weight.dtype == torch.bfloat16 and norm_weight.is_contiguous() and norm_weight.numel() == k
+        and norm_weight.data_ptr() % 16 == 0 and k % (8 * tile.threads) == 0 and m * k * 2 <= NORM_SHARED_LIMIT)
+    add = residual is None or (
+        residual.dtype == torch.bfloat16 and residual.is_contiguous() and tuple(residual.shape) == (m, n))
+    return norm and add
+
+
 def mma_shared_bytes(rows: int, k: int, tile: MmaTile) -> int:
     """Dynamic shared memory of the tensor-core GEMV: per warp, its share of K of the ``rows`` of
     x as f16 (16 bytes of padding a row), which its 32 float4 of sums reuse (at least 512 bytes)."""
@@ -545,10 +683,14 @@ def mma_available(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor | None =
             and mma_shared_bytes(m, k, MmaTile(*(tile or MmaTile()))) <= MMA_SHARED_LIMIT)
 
 
-def macros(rows: int, tile: CudaTile, gated: bool, has_bias: bool) -> dict[str, int]:
-    """The compile-time settings of the FMA kernel for ``rows`` rows of x and ``tile``."""
+def macros(rows: int, tile: CudaTile, gated: bool, has_bias: bool, norm_k: int = 0,
+           residual: bool = False) -> dict[str, int]:
+    """The compile-time settings of the FMA kernel for ``rows`` rows of x and ``tile``; ``norm_k``:
+    the RMSNorm of x's ``norm_k`` columns runs inside it (0: none); ``residual``: it adds the
+    residual stream to its output."""
     return {"ROWS": rows, "WROWS": tile.wrows, "UNROLL": tile.unroll, "THREADS": tile.threads, "GATED": int(gated),
-            "HAS_BIAS": int(has_bias), "KSPLIT": tile.ksplit}
+            "HAS_BIAS": int(has_bias), "KSPLIT": tile.ksplit, "NORM": int(norm_k > 0), "NORM_K": norm_k,
+            "RESIDUAL": int(residual)}
 
 
 def mma_macros(rows: int, tile: MmaTile, gated: bool, has_bias: bool) -> dict[str, int]:
@@ -573,20 +715,54 @@ def _kernel(settings: dict[str, int], kernel: str = "gemv"):
     return compiled(SOURCE if kernel == "gemv" else MMA_SOURCE, KERNELS[kernel], settings)
 
 
+_resident: dict[tuple[int, int, int], int] = {}
+_driver: list = []
+
+
+def resident_blocks(kernel, threads: int, device: torch.device) -> int:
+    """How many blocks of ``threads`` threads of ``kernel`` (compiled by :func:`compiled`) fit on
+    ``device`` at once, by the CUDA driver's occupancy calculator (asked once per kernel); a very
+    large number where the driver cannot say."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    key = (id(kernel), threads, index)
+    if key not in _resident:
+        count = ctypes.c_int(0)
+        try:
+            if not _driver:
+                _driver.append(ctypes.CDLL("libcuda.so.1"))
+            error = _driver[0].cuOccupancyMaxActiveBlocksPerMultiprocessor(
+                ctypes.byref(count), kernel.func, threads, ctypes.c_size_t(0))
+        except (AttributeError, OSError) as e:
+            log.warning("no occupancy from the CUDA driver (%s): the fused-norm GEMV launches every block", e)
+            error = -1
+        sms = torch.cuda.get_device_properties(index).multi_processor_count
+        _resident[key] = count.value * sms if error == 0 and count.value > 0 else 1 << 30
+    return _resident[key]
+
+
 def int8_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
-              tile: CudaTile | None = None, gated: bool = False) -> torch.Tensor:
+              tile: CudaTile | None = None, gated: bool = False, norm: tuple[torch.Tensor, float] | None = None,
+              residual: torch.Tensor | None = None) -> torch.Tensor:
     """``x [M, K]`` (bf16, M <= 4) times int8 ``q [N, K]`` with float32 ``scale [N]`` (+ bf16
     ``bias``) -> bf16 ``[M, N]``; ``gated``: ``q`` is ``[w1 | w2]`` and the result the gate,
-    ``[M, N / 2]``. Callers check :func:`available` first."""
+    ``[M, N / 2]``. ``norm``: ``(weight, eps)``, x goes through the decoder's RMSNorm first;
+    ``residual``: ``[M, N]`` added to the result (both rounded as :func:`.kernels.rms_norm` and
+    the eager residual add round them). Callers check :func:`available` (and :func:`fusions_ok`)
+    first."""
     m, k = x.shape
     rows = q.shape[0]
     n = rows // 2 if gated else rows
     tile = CudaTile(*(tile or CudaTile()))
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    kernel = _kernel(macros(m, tile, gated, bias is not None))
+    kernel = _kernel(macros(m, tile, gated, bias is not None, k if norm is not None else 0, residual is not None))
     blocks = -(-n // (tile.wrows * tile.groups))
+    if norm is not None:  # only the blocks that fit at once: each normalises x once, then loops over groups
+        blocks = min(blocks, resident_blocks(kernel, tile.threads, x.device))
+    norm_weight, eps = norm if norm is not None else (x, 0.0)  # unused placeholders without a norm
+    eps_bits = struct.unpack("<i", struct.pack("<f", eps))[0]  # torch's launcher passes floats as doubles
     kernel(grid=(blocks, 1, 1), block=(tile.threads, 1, 1),
-           args=[x, q, scale, bias if bias is not None else scale, y, n, k, x.stride(0), q.stride(0)])
+           args=[x, q, scale, bias if bias is not None else scale, y, n, k, x.stride(0), q.stride(0),
+                 norm_weight, eps_bits, residual if residual is not None else x])
     return y
 
 

@@ -12,6 +12,9 @@ What differs from the eager methods of :mod:`.qwen_vl` and :mod:`.decoder`:
   tiles per shape, split-K for the narrow ones, the partial sums added by the last program of
   each tile; int8 at one row: the FMA GEMV, ``kernels.INT8_GEMV_BY_SHAPE``);
   prefill uses cuBLAS and a separate gate kernel (int8: the Triton kernel with matmul tiles).
+  Decoding with int8 weights on the CUDA GEMV (1 and 2 rows) takes five: each RMSNorm runs inside
+  the GEMV that reads its output, each residual add inside the GEMV before it
+  (:meth:`FastQwenVL._decode_layers`, :data:`.kernels.NORM_IN_GEMV`).
 - Decode attention reads the static cache in place, each row up to its own length read from
   device memory: no per-step gather, no host-side length, so one CUDA graph per batch size
   serves every length. Graphs for batch sizes ``1 .. max_batch_size`` are captured by
@@ -53,19 +56,29 @@ class Dense:
     bias: torch.Tensor | None = None
 
 
-def linear(x: torch.Tensor, layer) -> torch.Tensor:
-    """``x [M, in]`` through an ``nn.Linear``, :class:`Dense` or :class:`Int8Linear` -> ``[M, out]``."""
+def linear(x: torch.Tensor, layer, *, norm: tuple[torch.Tensor, float] | None = None,
+           residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``x [M, in]`` through an ``nn.Linear``, :class:`Dense` or :class:`Int8Linear` -> ``[M, out]``;
+    ``norm`` (``(weight, eps)``): x through the decoder's RMSNorm first; ``residual`` ``[M, out]``:
+    added to the result (:func:`.kernels.norm_linear`)."""
+    if norm is not None or residual is not None:
+        scale = layer.scale if isinstance(layer, Int8Linear) else None
+        return kernels.norm_linear(x, _weight(layer), scale, layer.bias, norm=norm, residual=residual)
     if isinstance(layer, Int8Linear):
         return kernels.int8_linear(x, layer.qweight, layer.scale, layer.bias)
     return kernels.dense_linear(x, layer.weight, layer.bias)
 
 
-def gated(x: torch.Tensor, layer) -> torch.Tensor:
-    """``x [M, in]`` through a fused ``[w1 | w2]`` layer (:func:`fused_gate_up`), then the MLP's
-    gate -> ``w1(x) * silu(w2(x))`` ``[M, F]`` (one GEMV when decoding)."""
-    if isinstance(layer, Int8Linear):
-        return kernels.gated_linear(x, layer.qweight, layer.scale, layer.bias)
-    return kernels.gated_linear(x, layer.weight, None, layer.bias)
+def gated(x: torch.Tensor, layer, *, norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
+    """``x [M, in]`` (through the decoder's RMSNorm first, with ``norm``) through a fused
+    ``[w1 | w2]`` layer (:func:`fused_gate_up`), then the MLP's gate -> ``w1(x) * silu(w2(x))``
+    ``[M, F]`` (one GEMV when decoding)."""
+    scale = layer.scale if isinstance(layer, Int8Linear) else None
+    return kernels.gated_linear(x, _weight(layer), scale, layer.bias, norm=norm)
+
+
+def _weight(layer) -> torch.Tensor:
+    return layer.qweight if isinstance(layer, Int8Linear) else layer.weight
 
 
 def fused_gate_up(mlp: MLP):
@@ -263,10 +276,43 @@ class FastQwenVL:
     def _decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
                      kv_len: int | None = None) -> torch.Tensor:
         decoder = self.model.transformer
+        eps = self.args.llm.layer_norm_eps
         x = decoder.wte(tokens)  # [B, C]
+        if self._norms_in_gemvs(x):
+            residual = self._decode_layers(x, positions, slots, kv_len)
+            return linear(residual, self.model.lm_head, norm=(decoder.ln_f.weight, eps)).float()  # [B, V]
         residual, pending = self._layers_forward(x, positions, slots, kv_len=kv_len)
-        hidden, _ = kernels.rms_norm(residual, decoder.ln_f.weight, self.args.llm.layer_norm_eps, pending)
+        hidden, _ = kernels.rms_norm(residual, decoder.ln_f.weight, eps, pending)
         return linear(hidden, self.model.lm_head).float()  # [B, V]
+
+    def _norms_in_gemvs(self, x: torch.Tensor) -> bool:
+        """Whether decoding ``x [B, C]`` takes :meth:`_decode_layers`: :data:`.kernels.NORM_IN_GEMV`,
+        int8 weights and a batch size whose GEMVs run on the CUDA GEMV (on a CPU: the same
+        arithmetic, unfused)."""
+        if not (kernels.NORM_IN_GEMV and self._layers and isinstance(self._layers[0].c_attn, Int8Linear)):
+            return False
+        rows, k = self._layers[0].c_attn.qweight.shape
+        return kernels.int8_gemv_variant(rows, k, x.shape[0]) == "cuda"
+
+    def _decode_layers(self, x: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                       kv_len: int | None) -> torch.Tensor:
+        """``x [B, C]`` -> the residual stream after the last layer, each RMSNorm inside the GEMV
+        that reads its output and each residual add inside the GEMV that feeds it
+        (:func:`.kernels.norm_linear`): five launches a layer."""
+        decoder = self.model.transformer
+        args = self.args.llm
+        eps = args.layer_norm_eps
+        logn = decoder.logn if args.use_logn_attn else None
+        lengths = None if kernels.fuses_rotary(x) else positions + 1  # [B]
+        residual = x
+        for layer in self._layers:
+            qkv = linear(residual, layer.c_attn, norm=(layer.ln_1, eps))  # [B, 3C]
+            attn = kernels.rotary_attention(qkv, positions, slots, decoder.slot_inv_freq, logn,
+                                            layer.k, layer.v, args.num_heads, kv_len, lengths)  # [B, C]
+            residual = linear(attn, layer.c_proj, residual=residual)
+            h = gated(residual, layer.gate_up, norm=(layer.ln_2, eps))  # [B, F]
+            residual = linear(h, layer.down, residual=residual)
+        return residual
 
     def _layers_forward(self, x: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, *,
                         prefill: bool = False, kv_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

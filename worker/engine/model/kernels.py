@@ -7,7 +7,9 @@ the same arithmetic in the same order of roundings as the eager model in
 :mod:`worker.engine.model.decoder`. None of them reads a value back to the host on CUDA, so they
 can be captured in a CUDA graph.
 
-- :func:`rms_norm`: ``residual (+ add)`` then the decoder's RMSNorm, one pass.
+- :func:`rms_norm`: ``residual (+ add)`` then the decoder's RMSNorm, one pass;
+  :func:`norm_linear`: the RMSNorm, a linear layer and the residual add, which for decode on the
+  int8 CUDA GEMV is one launch (:data:`NORM_IN_GEMV`).
 - :func:`silu_mul`: the MLP's ``w1(x) * silu(w2(x))`` from the fused ``[w1 | w2]`` output;
   :func:`gated_linear` computes it straight from ``x`` and the fused weight (for few rows one
   GEMV whose epilogue applies the gate).
@@ -170,6 +172,20 @@ CUDA_TILES: dict[tuple[int, int, int], CudaTile] = {
     (151936, 4096, 2): CudaTile(2, 3, 128),
 }
 
+# CUDA GEMV tiles where the RMSNorm runs inside the GEMV (NORM_IN_GEMV; the rest run CUDA_TILES). Each
+# block first normalises x into its shared memory, and the grid holds only the blocks that fit at
+# once, so tiles that read more weights per block win: picked inside the decode graph
+# (benchmarks/graph_tiles.py, run 78; `--norm-tiles` tunes this table), where the CUDA_TILES ones
+# made a batch-1 step 3,424 us against 2,958 and a batch-2 step 3,558 against 3,251.
+NORM_TILES: dict[tuple[int, int, int], CudaTile] = {
+    (12288, 4096, 1): CudaTile(2, 2, 256),  # c_attn
+    (12288, 4096, 2): CudaTile(2, 2, 256),
+    (22016, 4096, 1): CudaTile(1, 3, 128),  # [w1 | w2] with the gate
+    (22016, 4096, 2): CudaTile(1, 2, 128),
+    (151936, 4096, 1): CudaTile(2, 2, 256),  # lm_head
+    (151936, 4096, 2): CudaTile(4, 2, 256),
+}
+
 # Tensor-core CUDA GEMV tiles, (N, K, rows of x) -> cuda_gemv.MmaTile (groups, splits, unroll). The
 # rest run MmaTile().
 MMA_TILES: dict[tuple[int, int, int], MmaTile] = {}
@@ -271,6 +287,26 @@ def attention_kernel(kind: str, tile: AttentionTile | None = None):
         DECODE_ATTENTION, ATTENTION_TILE = saved
 
 
+# Decode of the batch sizes whose int8 GEMVs run on the CUDA GEMV (INT8_GEMV_BY_SHAPE: 1 and 2 rows):
+# the decoder's RMSNorms run inside the GEMVs that read their output (c_attn, [w1 | w2], lm_head;
+# each block normalises x into its shared memory) and the residual adds inside the GEMVs that feed
+# them (both c_proj), so a layer has no RMSNorm launch (docs/benchmarks.md, runs 77-87).
+NORM_IN_GEMV = True
+
+
+@contextmanager
+def norms_in_gemv(on: bool):
+    """Decode with the RMSNorms inside the int8 GEMVs (``on``) or as their own launches, inside
+    the block (graphs keep what they were captured with); the previous setting comes back after."""
+    global NORM_IN_GEMV
+    saved = NORM_IN_GEMV
+    NORM_IN_GEMV = on
+    try:
+        yield
+    finally:
+        NORM_IN_GEMV = saved
+
+
 # One int32 ticket per output tile (or attention head), zero between launches.
 TICKETS = 1 << 15
 _ticket_buffers: dict[torch.device, torch.Tensor] = {}
@@ -333,7 +369,8 @@ def silu_mul(y: torch.Tensor) -> torch.Tensor:
 
 
 def gated_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None,
-                 bias: torch.Tensor | None = None, config: tuple | None = None) -> torch.Tensor:
+                 bias: torch.Tensor | None = None, config: tuple | None = None, *,
+                 norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
     """``x [M, K]`` through the fused ``[w1 | w2]`` weight ``[2F, K]`` (int8 with float32
     ``scale [2F]``, or x's dtype), then the gate: ``w1(x) * silu(w2(x))`` ``[M, F]``.
 
@@ -341,7 +378,10 @@ def gated_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | No
     rounded to x's dtype, silu rounded, the product rounded. For few rows on Triton (with
     :data:`FUSED_EPILOGUES`) it is one GEMV whose programs each read rows ``n`` and ``F + n`` of
     the weight and apply the gate before the store; ``config`` is the tile of the ``[2F, K]``
-    shape, its ``BLOCK_N`` counting the rows of both halves."""
+    shape, its ``BLOCK_N`` counting the rows of both halves. ``norm``: ``(weight, eps)``, x goes
+    through :func:`rms_norm` first (see :func:`norm_linear`)."""
+    if norm is not None:
+        return norm_linear(x, weight, scale, bias, norm=norm, gated=True)
     few = triton_ok(x) and x.shape[0] <= FEW_ROWS and FUSED_EPILOGUES
     if not few or (scale is None and DENSE_GEMV != "triton"):
         y = int8_linear(x, weight, scale, bias) if scale is not None else dense_linear(x, weight, bias)
@@ -503,6 +543,36 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
     return _matmul(x, qweight, scale, bias, config)
 
 
+def norm_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None,
+                bias: torch.Tensor | None = None, *, norm: tuple[torch.Tensor, float] | None = None,
+                residual: torch.Tensor | None = None, gated: bool = False) -> torch.Tensor:
+    """:func:`int8_linear` (``scale`` given) or :func:`dense_linear` of ``x`` (:func:`gated_linear`
+    when ``gated``), with the decoder's RMSNorm before it and the residual add after it:
+    ``residual + linear(rms_norm(x, *norm))``, each part optional, each rounded as the eager
+    model rounds it.
+
+    Where the int8 CUDA GEMV serves the shape and row count (:data:`NORM_IN_GEMV`) both happen
+    inside its one launch. Its sum of squares is added in another order than :func:`rms_norm`'s,
+    which can move a normalised value by one bf16 ulp: none moved in the GEMV checks, and through
+    the whole model the logits stayed bit-equal on 5 of 7 inputs (docs/benchmarks.md, runs 78-87).
+    Elsewhere they are their own launches."""
+    m, k = x.shape
+    rows = weight.shape[0]
+    if NORM_IN_GEMV and scale is not None and triton_ok(x) and int8_gemv_variant(rows, k, m) == "cuda":
+        tile = (NORM_TILES if norm is not None else CUDA_TILES).get((rows, k, m))
+        if cuda_gemv.fusions_ok(x, weight, tile, gated, norm[0] if norm else None, residual):
+            y = _int8_gemv_cuda(x, weight, scale, bias, tile, gated, norm, residual)
+            if y is not None:
+                return y
+    if norm is not None:
+        x, _ = rms_norm(x, *norm)
+    if gated:
+        y = gated_linear(x, weight, scale, bias)
+    else:
+        y = int8_linear(x, weight, scale, bias) if scale is not None else dense_linear(x, weight, bias)
+    return y if residual is None else residual + y
+
+
 def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                  config: tuple | None = None) -> torch.Tensor:
     """``F.linear`` for the fast path: cuBLAS, or for few rows the GEMV-shaped Triton kernel of
@@ -563,13 +633,15 @@ def _matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, b
 
 
 def _int8_gemv_cuda(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-                    tile: CudaTile | None, gated: bool) -> torch.Tensor | None:
-    """The CUDA GEMV, or None where it cannot run: this torch cannot compile it, or compiling
-    failed once (logged; every later call then takes the Triton kernels)."""
+                    tile: CudaTile | None, gated: bool, norm: tuple[torch.Tensor, float] | None = None,
+                    residual: torch.Tensor | None = None) -> torch.Tensor | None:
+    """The CUDA GEMV (with ``norm`` and ``residual``: :func:`norm_linear`'s fusions), or None where
+    it cannot run: this torch cannot compile it, or compiling failed once (logged; every later call
+    then takes the Triton kernels)."""
     if not cuda_gemv.available(x, weight, scale, bias):
         return None
     try:
-        return cuda_gemv.int8_gemv(x, weight, scale, bias, tile, gated)
+        return cuda_gemv.int8_gemv(x, weight, scale, bias, tile, gated, norm, residual)
     except Exception as e:  # NVRTC missing or refusing: serve on with the Triton GEMVs
         cuda_gemv.disable(f"{type(e).__name__}: {e}")
         return None

@@ -117,6 +117,36 @@ def test_the_source_compiles_for_hopper_without_spilling_for_every_tile_in_use(t
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed here")
 @pytest.mark.parametrize("rows", [1, 2, 4])
+def test_the_source_with_the_norm_or_the_residual_inside_compiles_for_hopper_without_spilling(tmp_path, rows):
+    for (n, k, m), tile in sorted(kernels.NORM_TILES.items()):  # c_attn, [w1 | w2], lm_head after a norm
+        if m == min(rows, 2):
+            assert_compiles_for_hopper_without_spilling(
+                cuda_gemv.SOURCE, cuda_gemv.macros(rows, tile, n == 22016, n == 12288, k), tmp_path)
+    for key in ((4096, 4096, min(rows, 2)), (4096, 11008, min(rows, 2))):  # both c_proj, before a residual add
+        assert_compiles_for_hopper_without_spilling(
+            cuda_gemv.SOURCE, cuda_gemv.macros(rows, kernels.CUDA_TILES[key], False, False, residual=True), tmp_path)
+
+
+def test_the_norm_and_the_residual_fuse_only_where_the_kernel_can_hold_them():
+    x, q = torch.zeros(2, 4096, dtype=torch.bfloat16), torch.zeros(12288, 4096, dtype=torch.int8)
+    weight = torch.ones(4096, dtype=torch.bfloat16)
+    residual = torch.zeros(2, 12288, dtype=torch.bfloat16)
+    assert cuda_gemv.fusions_ok(x, q, CudaTile(2, 2, 256), norm_weight=weight, residual=residual)
+    assert not cuda_gemv.fusions_ok(x, q, CudaTile(2, 2, 256), norm_weight=weight.float())
+    assert not cuda_gemv.fusions_ok(x, q, CudaTile(2, 2, 256), norm_weight=weight[:2048])
+    assert not cuda_gemv.fusions_ok(x[:, :2048], q[:, :2048], CudaTile(2, 2, 512), norm_weight=weight[:2048])  # K % 8T
+    big = torch.zeros(4, 8192, dtype=torch.bfloat16)  # 4 rows of 8192: 64 KB of shared memory
+    assert not cuda_gemv.fusions_ok(big, torch.zeros(16, 8192, dtype=torch.int8), norm_weight=torch.ones(8192))
+    assert not cuda_gemv.fusions_ok(x, q, residual=residual[:, :4096])
+    assert cuda_gemv.fusions_ok(x, torch.zeros(2 * 11008, 4096, dtype=torch.int8), gated=True,
+                                residual=torch.zeros(2, 11008, dtype=torch.bfloat16))
+    macros = cuda_gemv.macros(2, CudaTile(), False, False, 4096, True)
+    assert (macros["NORM"], macros["NORM_K"], macros["RESIDUAL"]) == (1, 4096, 1)
+    assert cuda_gemv.macros(2, CudaTile(), False, False)["NORM"] == 0
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed here")
+@pytest.mark.parametrize("rows", [1, 2, 4])
 def test_the_tensor_core_source_compiles_for_hopper_without_spilling(tmp_path, rows):
     tiles = [(MmaTile(), False, True), (MmaTile(1, 8, 2), True, False), (MmaTile(4, 2, 2), False, False)]
     for tile, gated, bias in tiles:

@@ -9,6 +9,7 @@ from tests.worker.engine.model.test_qwen_vl import prompt
 from tests.worker.engine.test_engine import tiny_prompt
 from worker.engine.engine import TorchEngine
 from worker.engine.model.checkpoint import load_model
+from worker.engine.model import kernels
 from worker.engine.model.fast import FastQwenVL, fused_gate_up
 from worker.engine.model.quant import Int8Linear, dequantize_llm, quantize_llm
 from worker.engine.tokenizer import QwenTokenizer
@@ -63,6 +64,28 @@ def test_fast_decode_reads_each_row_to_its_own_length(model_factory):
         assert torch.allclose(row, alone, atol=ATOL)
 
 
+def test_int8_decode_takes_the_norms_into_the_gemvs_and_gives_the_same_logits(model_factory, monkeypatch):
+    monkeypatch.setattr(kernels, "INT8_GEMV", "cuda")  # the tiny shapes on the CUDA GEMV (its torch version here)
+    model = model_factory()
+    quantize_llm(model)
+    ids = list(range(3, 40))
+    logits = {}
+    for inside in (True, False):
+        with kernels.norms_in_gemv(inside):
+            fast = FastQwenVL(model)
+            fast.setup_cache(2, 128)
+            assert fast._norms_in_gemvs(torch.zeros(2, 1)) is inside
+            assert not fast._norms_in_gemvs(torch.zeros(3, 1))  # past the CUDA GEMV's rows
+            logits[inside] = teacher_forced(fast, ids, 1, [5, 6, 7])
+    assert torch.equal(logits[True], logits[False])
+
+
+def test_a_model_dtype_model_keeps_its_rms_norm_launches(model_factory):
+    fast = FastQwenVL(model_factory())
+    fast.setup_cache(1, 64)
+    assert not fast._norms_in_gemvs(torch.zeros(1, 1))
+
+
 def test_past_seq_length_the_fast_path_keeps_ntk_and_logn(model_factory):
     model = model_factory(seq_length=64)  # dynamic NTK and logn attention from 65 tokens on
     ids = torch.randint(0, 600, (150,), generator=torch.Generator().manual_seed(3)).tolist()
@@ -110,7 +133,9 @@ def test_greedy_answers_of_the_fast_path_equal_the_eager_path(tiny_model_dir):
     assert len({tuple(a) for a in answers[True]}) > 1
 
 
-def test_int8_greedy_answers_equal_the_dequantised_reference(tiny_model_dir):
+@pytest.mark.parametrize("gemv", ["dot", "cuda"])  # "cuda": decode with the RMSNorms inside the GEMVs
+def test_int8_greedy_answers_equal_the_dequantised_reference(tiny_model_dir, monkeypatch, gemv):
+    monkeypatch.setattr(kernels, "INT8_GEMV", gemv)
     tok = QwenTokenizer.from_model_dir(tiny_model_dir)
     params = SamplingParams(max_tokens=10, temperature=0.0, ignore_stop=True)
     texts = ["Describe the image in detail.", "hello", "1 2 3 4 5 6 7 8"]

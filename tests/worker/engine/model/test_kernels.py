@@ -98,6 +98,32 @@ def test_gated_linear_is_the_mlp_gate_of_the_fused_layer():
     assert torch.equal(kernels.gated_linear(x, q, scale), kernels.silu_mul(kernels.int8_linear(x, q, scale)))
 
 
+@pytest.mark.parametrize("gated", [False, True])
+def test_norm_linear_is_the_norm_then_the_linear_then_the_residual_add(gated):
+    x, weight = randn(2, 32).to(torch.bfloat16), randn(48, 32)
+    norm = (1 + 0.1 * randn(32)).to(torch.bfloat16)
+    q, scale = kernels.quantize_int8(weight)
+    normed, _ = kernels.rms_norm(x, norm, 1e-6)
+    expected = kernels.gated_linear(normed, q, scale) if gated else kernels.int8_linear(normed, q, scale)
+    got = kernels.norm_linear(x, q, scale, norm=(norm, 1e-6), gated=gated)
+    assert torch.equal(got, expected)
+    if not gated:
+        residual = randn(2, 48).to(torch.bfloat16)
+        added = kernels.norm_linear(x, q, scale, norm=(norm, 1e-6), residual=residual)
+        assert torch.equal(added, residual + expected)
+        total = kernels.rms_norm(residual, torch.ones(48, dtype=torch.bfloat16), 1e-6, expected)[1]
+        assert torch.equal(total, added)  # the add that rms_norm fused before
+        dense = weight.to(torch.bfloat16)
+        assert torch.equal(kernels.norm_linear(x, dense, residual=residual), residual + x @ dense.T)
+
+
+def test_norms_in_gemv_is_a_setting_that_comes_back():
+    before = kernels.NORM_IN_GEMV
+    with kernels.norms_in_gemv(not before):
+        assert kernels.NORM_IN_GEMV is not before
+    assert kernels.NORM_IN_GEMV is before
+
+
 def test_every_shape_set_to_the_fma_or_cuda_gemv_has_a_measured_tile_and_few_rows():
     for (n, k, m), variant in kernels.INT8_GEMV_BY_SHAPE.items():
         assert variant in ("dot", "fma", "cuda") and 1 <= m <= kernels.FMA_ROWS
