@@ -36,7 +36,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.engine_bench import (  # noqa: E402
     DEVICE_DIR, SHARED, Clock, attention_alone, environment, first_existing, random_model)
-from benchmarks.graph_tiles import interleaved, medians  # noqa: E402
+from benchmarks.graph_tiles import step_table  # noqa: E402
 from worker.engine.model import cuda_attention, kernels  # noqa: E402
 from worker.engine.model.args import QwenVLArgs  # noqa: E402
 from worker.engine.model.cuda_attention import AttentionTile  # noqa: E402
@@ -156,13 +156,7 @@ def step(tiles: list[AttentionTile], positions: list[int], rounds: int, replays:
             torch.cuda.empty_cache()
         fast = FastQwenVL(model)
         fast.setup_cache(2, 2048)
-        for batch in (1, 2):
-            for position in positions:
-                runs = interleaved(fast, batch, settings, replays, rounds, position)
-                median_us = medians(runs)
-                out[f"{weights} batch {batch} position {position}"] = {"median_us": median_us, "runs": runs}
-                print(f"  step {weights} batch {batch} position {position}: "
-                      + ", ".join(f"{k} {v:.1f}" for k, v in median_us.items()) + " us", flush=True)
+        out.update(step_table(fast, weights, settings, positions, rounds, replays))
         del fast
         torch.cuda.empty_cache()
     return out

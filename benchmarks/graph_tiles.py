@@ -82,6 +82,21 @@ def interleaved(fast: FastQwenVL, batch: int, settings: dict[str, Callable[[], A
     return runs
 
 
+def step_table(fast: FastQwenVL, weights: str, settings: dict[str, Callable[[], AbstractContextManager]],
+               positions: list[int], rounds: int, replays: int, batches: tuple[int, ...] = (1, 2)) -> dict:
+    """:func:`interleaved` for each batch size and each row's new ``position``: ``{"<weights> batch
+    B position P": {"median_us": {setting: us}, "runs": ...}}``, each line printed as it comes."""
+    out = {}
+    for batch in batches:
+        for position in positions:
+            runs = interleaved(fast, batch, settings, replays, rounds, position)
+            median_us = medians(runs)
+            out[f"{weights} batch {batch} position {position}"] = {"median_us": median_us, "runs": runs}
+            print(f"  step {weights} batch {batch} position {position}: "
+                  + ", ".join(f"{k} {v:.1f}" for k, v in median_us.items()) + " us", flush=True)
+    return out
+
+
 def with_tiles(tiles: dict, table: str = "cuda") -> Callable[[], AbstractContextManager]:
     """The setting "the built-in GEMV choice with these ``CUDA_TILES``" (``table`` "norm": with
     these ``NORM_TILES``, the tiles of the GEMVs with the RMSNorm inside)."""

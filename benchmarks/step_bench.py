@@ -39,7 +39,7 @@ sys.path.insert(0, str(REPO))
 from benchmarks.attention_bench import ulps  # noqa: E402
 from benchmarks.engine_bench import (  # noqa: E402
     DEVICE_DIR, SHARED, environment, first_existing, forced_logits, llm_shapes, random_model, seed_prompt)
-from benchmarks.graph_tiles import interleaved, medians  # noqa: E402
+from benchmarks.graph_tiles import step_table  # noqa: E402
 from worker.engine.model import cuda_gemv, kernels  # noqa: E402
 from worker.engine.model.args import QwenVLArgs  # noqa: E402
 from worker.engine.model.fast import FastQwenVL  # noqa: E402
@@ -111,9 +111,10 @@ def check_normalised_x(k: int, rows: int, device: torch.device) -> dict:
     q = torch.eye(k, device=device, dtype=torch.int8)
     scale = torch.ones(k, device=device)
     weight = (1 + 0.2 * torch.randn(k, device=device, generator=gen)).to(torch.bfloat16)
-    out = {"K": k, "rows": rows, "values": rows * k, "differing_fused_vs_float64": 0, "differing_triton_vs_float64": 0,
-           "differing_fused_vs_triton": 0}
-    for trial in range(20):  # magnitudes from 1e-3 to 1e3
+    trials = 20
+    out = {"K": k, "rows": rows, "values": trials * rows * k, "differing_fused_vs_float64": 0,
+           "differing_triton_vs_float64": 0, "differing_fused_vs_triton": 0}
+    for trial in range(trials):  # magnitudes from 1e-3 to 1e3
         x = torch.randn(rows, k, device=device, dtype=torch.bfloat16, generator=gen) * 10.0 ** (trial % 7 - 3)
         mine = fused(x, q, scale, norm=(weight, EPS))
         triton, _ = kernels.rms_norm(x, weight, EPS)
@@ -121,7 +122,6 @@ def check_normalised_x(k: int, rows: int, device: torch.device) -> dict:
         out["differing_fused_vs_float64"] += differing(mine, exact)
         out["differing_triton_vs_float64"] += differing(triton, exact)
         out["differing_fused_vs_triton"] += differing(mine, triton)
-    out["values"] *= 20
     return out
 
 
@@ -179,18 +179,10 @@ def model_check(fast_of: dict, model, s: SimpleNamespace, feats: torch.Tensor, r
 
 
 def step(model, positions: list[int], rounds: int, replays: int) -> dict:
-    out = {}
     settings = {"norms apart": lambda: kernels.norms_in_gemv(False), "in GEMVs": lambda: kernels.norms_in_gemv(True)}
     fast = FastQwenVL(model)
     fast.setup_cache(2, 2048)
-    for batch in (1, 2):
-        for position in positions:
-            runs = interleaved(fast, batch, settings, replays, rounds, position)
-            median_us = medians(runs)
-            out[f"int8 batch {batch} position {position}"] = {"median_us": median_us, "runs": runs}
-            print(f"  step int8 batch {batch} position {position}: "
-                  + ", ".join(f"{k} {v:.1f}" for k, v in median_us.items()) + " us", flush=True)
-    return out
+    return step_table(fast, "int8", settings, positions, rounds, replays)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -38,3 +38,14 @@ def test_a_norm_tile_setting_changes_only_the_norm_tiles_and_gives_them_back():
     with graph_tiles.with_tiles(other, "norm")():
         assert kernels.NORM_TILES == other and kernels.CUDA_TILES == tiles
     assert kernels.NORM_TILES == norm and kernels.CUDA_TILES == tiles
+
+
+def test_a_step_table_times_every_batch_and_position_with_every_setting(monkeypatch):
+    seen = []
+    monkeypatch.setattr(graph_tiles, "step_us", lambda fast, batch, replays, position: seen.append(
+        (batch, position)) or 10.0 * batch + position)
+    table = graph_tiles.step_table(None, "int8", {"a": contextmanager(lambda: iter([None]))}, [300, 700], 1, 40)
+    assert list(table) == ["int8 batch 1 position 300", "int8 batch 1 position 700", "int8 batch 2 position 300",
+                           "int8 batch 2 position 700"]
+    assert table["int8 batch 2 position 700"]["median_us"] == {"a": 720.0}
+    assert seen == [(1, 300), (1, 700), (2, 300), (2, 700)]
