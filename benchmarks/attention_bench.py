@@ -35,9 +35,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.engine_bench import (  # noqa: E402
-    DEVICE_DIR, SHARED, Clock, attention_alone, environment, first_existing, random_model)
-from benchmarks.graph_tiles import step_table  # noqa: E402
-from worker.engine.model import cuda_attention, kernels  # noqa: E402
+    DEVICE_DIR, SHARED, Clock, attention_alone, first_existing, random_model, show_environment)
+from benchmarks.graph_tiles import add_step_options, step_table  # noqa: E402
+from worker.engine.model import cuda_attention, cuda_gemv, kernels  # noqa: E402
 from worker.engine.model.args import QwenVLArgs  # noqa: E402
 from worker.engine.model.cuda_attention import AttentionTile  # noqa: E402
 from worker.engine.model.decoder import rotary_inv_freq  # noqa: E402
@@ -165,16 +165,12 @@ def step(tiles: list[AttentionTile], positions: list[int], rounds: int, replays:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiles", default="", metavar="C,T,P,U;...", help="more CUDA tiles, ';'-separated")
-    parser.add_argument("--positions", default="300", help="comma list: each row's new position in the step part")
+    add_step_options(parser, positions="300")
     parser.add_argument("--skip", default="", help="comma-separated: checks, alone, step")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--replays", type=int, default=40)
     parser.add_argument("--json", type=Path, default=None)
     a = parser.parse_args(argv)
     device = torch.device("cuda")
-    env = environment(device)
-    for key, value in env.items():
-        print(f"  {key}: {value}")
+    env = show_environment(device)
     skip = set(filter(None, a.skip.split(",")))
     extra = [AttentionTile(*(int(v) for v in t.split(","))) for t in filter(None, a.tiles.split(";"))]
     tiles = list(dict.fromkeys([AttentionTile(*kernels.ATTENTION_TILE), *extra]))
@@ -184,13 +180,14 @@ def main(argv: list[str] | None = None) -> int:
     if "alone" not in skip:
         result["alone"] = alone(tiles, device)
     if "step" not in skip:
-        result["step"] = step(tiles, [int(p) for p in a.positions.split(",")], a.rounds, a.replays, device)
-    if cuda_attention._disabled:
-        print(f"  the CUDA kernel was turned off: {cuda_attention._disabled[0]}; the Triton kernel ran instead")
-    result["cuda_disabled"] = list(cuda_attention._disabled)
+        result["step"] = step(tiles, a.positions, a.rounds, a.replays, device)
+    off = cuda_gemv.disabled("attention")
+    if off:
+        print(f"  the CUDA kernel was turned off: {off}; the Triton kernel ran instead")
+    result["cuda_disabled"] = off
     if a.json:
         a.json.write_text(json.dumps(result, indent=1))
-    return 1 if cuda_attention._disabled else 0
+    return 1 if off else 0
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.engine_bench import (  # noqa: E402
-    DEVICE_DIR, SHARED, environment, first_existing, random_model, seed_prompt)
+    DEVICE_DIR, SHARED, first_existing, random_model, seed_prompt, show_environment)
 from benchmarks.gemv_bench import int8_gemv, triton_only  # noqa: E402
 from worker.engine.model import kernels  # noqa: E402
 from worker.engine.model.args import QwenVLArgs  # noqa: E402
@@ -123,8 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None)
     a = parser.parse_args(argv)
     device = torch.device("cuda")
-    for key, value in environment(device).items():
-        print(f"  {key}: {value}")
+    show_environment(device)
     args = QwenVLArgs.from_hf_config(first_existing(DEVICE_DIR / "config.json", SHARED / "qwen-vl" / "config.json"))
     tok = QwenTokenizer.from_file(first_existing(DEVICE_DIR / "qwen.tiktoken", SHARED / "qwen-vl" / "qwen.tiktoken"))
     ids, _ = seed_prompt(tok)

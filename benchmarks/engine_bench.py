@@ -245,6 +245,14 @@ class Clock:
 # -- environment and ceilings --------------------------------------------------------------------
 
 
+def show_environment(device: torch.device) -> dict:
+    """:func:`environment`, printed a line a value."""
+    env = environment(device)
+    for key, value in env.items():
+        print(f"  {key}: {value}")
+    return env
+
+
 def environment(device: torch.device) -> dict:
     env = {"python": platform.python_version(), "torch": torch.__version__,
            "triton": getattr(kernels.triton, "__version__", None), "cuda_runtime": torch.version.cuda,
@@ -901,9 +909,7 @@ def main(argv: list[str] | None = None) -> int:
     _on_section[:] = [save]
 
     section("environment")
-    env = environment(device)
-    for key, value in env.items():
-        print(f"  {key}: {value}")
+    env = show_environment(device)
     print(f"  command: python -m benchmarks.engine_bench {' '.join(argv if argv is not None else sys.argv[1:])}")
     print(f"  config: {config if not a.tiny else 'tiny'}; dtype {dtype}; max_seq_len {a.max_seq_len}")
     print(f"  decode GEMV: {kernels.DENSE_GEMV} (bf16), int8 {kernels.INT8_GEMV} "
@@ -1122,16 +1128,17 @@ def main(argv: list[str] | None = None) -> int:
             if a.cuda_tiles:  # the built-in choice with the given CUDA tiles, for a before / after
                 given = dict(parse_cuda_tile(t) for t in a.cuda_tiles)
                 variants["with --cuda-tiles"] = (*built_in[:3], {**built_in[3], **given}, built_in[4])
-            attention_of = {label: kernels.DECODE_ATTENTION for label in variants}
-            norms_of = {label: kernels.NORM_IN_GEMV for label in variants}
+            # The decode settings beside the built-in one (the "chosen" GEMVs with another attention kernel
+            # or the RMSNorms apart), as (attention kernel, norms inside the GEMVs), by label suffix.
+            settings = {"": (kernels.DECODE_ATTENTION, kernels.NORM_IN_GEMV)}
             if a.triton_attention:
-                variants["chosen, Triton attention"] = variants["chosen"]
-                attention_of["chosen, Triton attention"] = "triton"
-                norms_of["chosen, Triton attention"] = kernels.NORM_IN_GEMV
+                settings[", Triton attention"] = ("triton", kernels.NORM_IN_GEMV)
             if a.separate_norms:
-                variants["chosen, RMSNorms apart"] = variants["chosen"]
-                attention_of["chosen, RMSNorms apart"] = kernels.DECODE_ATTENTION
-                norms_of["chosen, RMSNorms apart"] = False
+                settings[", RMSNorms apart"] = (kernels.DECODE_ATTENTION, False)
+            setting_of = {label: settings[""] for label in variants}
+            for suffix, setting in list(settings.items())[1:]:
+                variants[f"chosen{suffix}"] = variants["chosen"]
+                setting_of[f"chosen{suffix}"] = setting
             section("int8 decode (engine; each engine's CUDA graphs hold the GEMV variant it was built with)")
             reset_peak(s)
             for new_tokens in [int(v) for v in a.decode_tokens.split(",")]:
@@ -1142,15 +1149,16 @@ def main(argv: list[str] | None = None) -> int:
                     runs = {label: [] for label in variants}
                     for _ in range(a.repeats):  # interleaved, so that a drift of the card hits every variant
                         for label, variant in variants.items():
-                            with int8_gemv(*variant), kernels.attention_kernel(attention_of[label]), \
-                                    kernels.norms_in_gemv(norms_of[label]):
+                            attention, norms = setting_of[label]
+                            with int8_gemv(*variant), kernels.attention_kernel(attention), \
+                                    kernels.norms_in_gemv(norms):
                                 runs[label].append(measure_decode(s, True, batch, new_tokens))
                     for label in variants:
                         rate = statistics.median(runs[label])
                         name = f"int8 decode tok/s, batch {batch}, {new_tokens} new tokens"
                         chosen_above = "gemv_variants" in report.info and label == "chosen"
                         base = (decode_rates.get((batch, new_tokens, "triton"), bf16)  # bf16 with the same attention
-                                if attention_of[label] == "triton" else bf16)
+                                if setting_of[label][0] == "triton" else bf16)
                         report.add(Row(name if label == "chosen" else f"{name}, GEMV {label}", None, rate, "tok/s",
                                        INT8_SPEEDUP * base if base else None, "1.7 x bf16",
                                        (f"{rate / base:.2f} x bf16 fast; " if base else "")
@@ -1169,19 +1177,11 @@ def main(argv: list[str] | None = None) -> int:
                                        + f"{rate / roofline:.0%} of int8 roofline"))
             with int8_gemv(*variants["chosen"]):
                 for batch in (1, 2):  # the engine's share of the int8 / bf16 ratio: the same without it
-                    for kind in ("cuda", "triton") if a.triton_attention else (kernels.DECODE_ATTENTION,):
-                        with kernels.attention_kernel(kind):
+                    for suffix, (attention, norms) in settings.items():
+                        with kernels.attention_kernel(attention), kernels.norms_in_gemv(norms):
                             rate = measure_graph_decode(s, batch, 128)
-                        bf16 = graph_rates.get(batch if kind == kernels.DECODE_ATTENTION else (batch, kind))
-                        label = ", Triton attention" if kind == "triton" and a.triton_attention else ""
-                        report.add(Row(f"int8 decode tok/s, batch {batch}, graph replay only (no engine){label}", None,
-                                       rate, "tok/s", INT8_SPEEDUP * bf16 if bf16 else None, "1.7 x bf16 graph",
-                                       f"{rate / bf16:.2f} x bf16 graph replay" if bf16 else ""))
-                    if a.separate_norms:
-                        with kernels.norms_in_gemv(False):
-                            rate = measure_graph_decode(s, batch, 128)
-                        bf16 = graph_rates.get(batch)
-                        report.add(Row(f"int8 decode tok/s, batch {batch}, graph replay only, RMSNorms apart", None,
+                        bf16 = graph_rates.get(batch if attention == kernels.DECODE_ATTENTION else (batch, attention))
+                        report.add(Row(f"int8 decode tok/s, batch {batch}, graph replay only (no engine){suffix}", None,
                                        rate, "tok/s", INT8_SPEEDUP * bf16 if bf16 else None, "1.7 x bf16 graph",
                                        f"{rate / bf16:.2f} x bf16 graph replay" if bf16 else ""))
                 if "ttft" not in skip:

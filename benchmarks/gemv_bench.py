@@ -472,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
     architecture's shapes (config.json as the engine benchmark finds it) on this machine's GPU."""
     import argparse
 
-    from benchmarks.engine_bench import SHARED, DEVICE_DIR, Clock, environment, first_existing, llm_shapes
+    from benchmarks.engine_bench import SHARED, DEVICE_DIR, Clock, first_existing, llm_shapes, show_environment
     from worker.engine.model.args import QwenVLArgs
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -482,8 +482,7 @@ def main(argv: list[str] | None = None) -> int:
     a = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    for key, value in environment(device).items():
-        print(f"  {key}: {value}")
+    show_environment(device)
     args = QwenVLArgs.from_hf_config(first_existing(DEVICE_DIR / "config.json", SHARED / "qwen-vl" / "config.json"))
     clock = Clock(device)
     if a.dot_sweep:

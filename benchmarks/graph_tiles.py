@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.engine_bench import (  # noqa: E402
-    DEVICE_DIR, SHARED, environment, first_existing, llm_shapes, random_model)
+    DEVICE_DIR, SHARED, first_existing, llm_shapes, random_model, show_environment)
 from benchmarks.gemv_bench import cuda_candidates, int8_gemv  # noqa: E402
 from worker.engine.model import kernels  # noqa: E402
 from worker.engine.model.args import QwenVLArgs  # noqa: E402
@@ -80,6 +80,14 @@ def interleaved(fast: FastQwenVL, batch: int, settings: dict[str, Callable[[], A
             with setting():
                 runs[label].append(step_us(fast, batch, replays, position))
     return runs
+
+
+def add_step_options(parser: argparse.ArgumentParser, positions: str) -> None:
+    """The options of a :func:`step_table`: ``--positions`` (a list of ints), ``--rounds``, ``--replays``."""
+    parser.add_argument("--positions", default=positions, type=lambda text: [int(p) for p in text.split(",")],
+                        help="comma list: each row's new position in the step part")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--replays", type=int, default=40)
 
 
 def step_table(fast: FastQwenVL, weights: str, settings: dict[str, Callable[[], AbstractContextManager]],
@@ -138,8 +146,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="try only the built-in tile and the --extra ones, not the standard candidates")
     a = parser.parse_args(argv)
     device = torch.device("cuda")
-    for key, value in environment(device).items():
-        print(f"  {key}: {value}")
+    show_environment(device)
     args = QwenVLArgs.from_hf_config(first_existing(DEVICE_DIR / "config.json", SHARED / "qwen-vl" / "config.json"))
     model = random_model(args, device, torch.bfloat16)
     quantize_llm(model)

@@ -38,8 +38,8 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.attention_bench import ulps  # noqa: E402
 from benchmarks.engine_bench import (  # noqa: E402
-    DEVICE_DIR, SHARED, environment, first_existing, forced_logits, llm_shapes, random_model, seed_prompt)
-from benchmarks.graph_tiles import step_table  # noqa: E402
+    DEVICE_DIR, SHARED, first_existing, forced_logits, llm_shapes, random_model, seed_prompt, show_environment)
+from benchmarks.graph_tiles import add_step_options, step_table  # noqa: E402
 from worker.engine.model import cuda_gemv, kernels  # noqa: E402
 from worker.engine.model.args import QwenVLArgs  # noqa: E402
 from worker.engine.model.fast import FastQwenVL  # noqa: E402
@@ -59,13 +59,11 @@ def float64_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = EPS) -> tor
 
 def fused(x, q, scale, *, norm=None, residual=None, gated=False) -> torch.Tensor:
     """:func:`kernels.norm_linear` with the fusion, asserting it ran (not the separate launches)."""
-    tile = (kernels.NORM_TILES if norm else kernels.CUDA_TILES).get((q.shape[0], x.shape[1], x.shape[0]))
-    assert kernels.int8_gemv_variant(q.shape[0], x.shape[1], x.shape[0]) == "cuda", "not a CUDA GEMV shape"
-    assert cuda_gemv.available(x, q, scale) and cuda_gemv.fusions_ok(
-        x, q, tile, gated, norm[0] if norm else None, residual), "the fused GEMV cannot run these operands"
     with kernels.norms_in_gemv(True):
+        assert kernels.fuses_in_gemv(x, q, scale, norm=norm, residual=residual, gated=gated), \
+            "the fused GEMV cannot run these operands here"
         y = kernels.norm_linear(x, q, scale, norm=norm, residual=residual, gated=gated)
-    assert not cuda_gemv._disabled, f"the CUDA GEMV was turned off: {cuda_gemv._disabled}"
+    assert not cuda_gemv.disabled(), f"the CUDA GEMV was turned off: {cuda_gemv.disabled()}"
     return y
 
 
@@ -187,19 +185,15 @@ def step(model, positions: list[int], rounds: int, replays: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--positions", default="300,700", help="comma list: each row's new position in the step part")
+    add_step_options(parser, positions="300,700")
     parser.add_argument("--skip", default="", help="comma-separated: checks, model, step")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--replays", type=int, default=40)
     parser.add_argument("--model-repeats", type=int, default=1,
                         help="run the fast path this many times per setting in the model part (every run's logits "
                              "against the first's, bit for bit)")
     parser.add_argument("--json", type=Path, default=None)
     a = parser.parse_args(argv)
     device = torch.device("cuda")
-    env = environment(device)
-    for key, value in env.items():
-        print(f"  {key}: {value}")
+    env = show_environment(device)
     skip = set(filter(None, a.skip.split(",")))
     args = QwenVLArgs.from_hf_config(first_existing(DEVICE_DIR / "config.json", SHARED / "qwen-vl" / "config.json"))
     result: dict = {"environment": env}
@@ -220,11 +214,11 @@ def main(argv: list[str] | None = None) -> int:
                                        "norms apart": lambda: kernels.norms_in_gemv(False)}, model, s, feats,
                                       a.model_repeats)
     if "step" not in skip:
-        result["step"] = step(model, [int(p) for p in a.positions.split(",")], a.rounds, a.replays)
-    result["cuda_gemv_disabled"] = dict(cuda_gemv._disabled)
+        result["step"] = step(model, a.positions, a.rounds, a.replays)
+    result["cuda_gemv_disabled"] = cuda_gemv.disabled()
     if a.json:
         a.json.write_text(json.dumps(result, indent=1))
-    return 1 if cuda_gemv._disabled else 0
+    return 1 if cuda_gemv.disabled() else 0
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ def test_the_benchmark_runs_on_a_cpu_with_the_tiny_config(qwen_tiktoken, sample_
     code = engine_bench.main(["--tiny", "--device", "cpu", "--quick", "--tokenizer", str(qwen_tiktoken),
                               "--image", str(sample_images / "demo.jpeg"), "--max-seq-len", "512",
                               "--decode-tokens", "3", "--skip", "eager,jobs", "--json", str(out),
-                              "--cuda-tiles", "4096,4096,1=1,1,128,2", "--triton-attention"])
+                              "--cuda-tiles", "4096,4096,1=1,1,128,2", "--triton-attention", "--separate-norms"])
     assert code == 0
     report = json.loads(out.read_text())
     names = [row["name"] for row in report["rows"]]
@@ -40,6 +40,8 @@ def test_the_benchmark_runs_on_a_cpu_with_the_tiny_config(qwen_tiktoken, sample_
     assert "int8 decode tok/s, batch 2, 3 new tokens, GEMV with --cuda-tiles" in names
     assert "decode tok/s, batch 2, 3 new tokens, Triton attention" in names
     assert "int8 decode tok/s, batch 2, 3 new tokens, GEMV chosen, Triton attention" in names
+    assert "int8 decode tok/s, batch 2, 3 new tokens, GEMV chosen, RMSNorms apart" in names
+    assert "int8 decode tok/s, batch 1, graph replay only (no engine), RMSNorms apart" in names
     assert report["info"]["correctness"]["greedy steps fast == eager"] == "17/17"
 
 

@@ -49,3 +49,13 @@ def test_a_step_table_times_every_batch_and_position_with_every_setting(monkeypa
                            "int8 batch 2 position 700"]
     assert table["int8 batch 2 position 700"]["median_us"] == {"a": 720.0}
     assert seen == [(1, 300), (1, 700), (2, 300), (2, 700)]
+
+
+def test_step_options_read_the_positions_as_a_list():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    graph_tiles.add_step_options(parser, positions="300")
+    assert parser.parse_args([]).positions == [300]
+    a = parser.parse_args(["--positions", "300,700", "--rounds", "5"])
+    assert (a.positions, a.rounds, a.replays) == ([300, 700], 5, 40)

@@ -28,14 +28,11 @@ math on the GPU, and times them.
 
 from __future__ import annotations
 
-import logging
 from typing import NamedTuple
 
 import torch
 
-from .cuda_gemv import BF16_HELPERS, compiled
-
-log = logging.getLogger(__name__)
+from .cuda_gemv import BF16_HELPERS, compiled, disabled
 
 SOURCE = BF16_HELPERS + r"""
 constexpr int HALF = D / 2;
@@ -293,16 +290,6 @@ class AttentionTile(NamedTuple):
     unroll: int = 3
 
 
-_disabled: list[str] = []
-
-
-def disable(reason: str) -> None:
-    """Stop using the CUDA attention in this process (a compile or launch failed): logged once."""
-    if not _disabled:
-        log.warning("the CUDA decode attention is off in this process (%s); the Triton kernel serves instead", reason)
-        _disabled.append(reason)
-
-
 def macros(d: int, tile: AttentionTile, has_logn: bool) -> dict[str, int]:
     """The compile-time settings for head dimension ``d``, ``tile`` and whether logn scales q."""
     return {"D": d, "CLUSTER": tile.cluster, "THREADS": tile.threads, "TPP": tile.tpp, "UNROLL": tile.unroll,
@@ -332,8 +319,9 @@ def available(qkv: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, i
     ``4 * tpp`` with rotary over all of it (float32 ``inv_freq [slots, D / 2]``), float32
     ``logn``, int64 ``positions`` and ``slots``."""
     tile = AttentionTile(*(tile or AttentionTile()))
-    if (_disabled or not qkv.is_cuda or not hasattr(torch.cuda, "_compile_kernel") or qkv.dtype != torch.bfloat16
-            or k_cache.dtype != qkv.dtype or v_cache.dtype != qkv.dtype or k_cache.dim() != 4):
+    if (disabled("attention") or not qkv.is_cuda or not hasattr(torch.cuda, "_compile_kernel")
+            or qkv.dtype != torch.bfloat16 or k_cache.dtype != qkv.dtype or v_cache.dtype != qkv.dtype
+            or k_cache.dim() != 4):
         return False
     if tile.cluster > 1 and _capability(qkv.device) < (9, 0):
         return False

@@ -99,7 +99,9 @@ constexpr int NORM_LOADS = NORM_K / 8 / THREADS;  // 16-byte pieces of each row 
 
 // Where piece i (8 values) of a row of x sits in shared memory: a row's chunk c (16 values) as two
 // halves NORM_K / 16 uint4 apart, so that a warp's lanes, reading chunks c0 + lane, hit distinct banks.
-static __device__ __forceinline__ int norm_slot(int m, int i) { return m * (NORM_K / 8) + (i & 1) * (NORM_K / 16) + (i >> 1); }
+static __device__ __forceinline__ int norm_slot(int m, int i) {
+    return m * (NORM_K / 8) + (i & 1) * (NORM_K / 16) + (i >> 1);
+}
 #endif
 
 // Four int8 weights of one word -> float32, exactly: the byte with its sign bit flipped (q + 128)
@@ -612,14 +614,24 @@ MMA_SHARED_LIMIT = 48 * 1024  # a block's shared memory without opting in
 _compiled: dict[tuple, object] = {}
 _disabled: dict[str, str] = {}  # kernel -> why it does not run in this process, once it failed
 
+# The NVRTC kernels of this package, as the log names them, and what serves when one is off.
+KERNEL_ROLES = {"gemv": ("CUDA int8 GEMV", "the next fastest GEMV"),
+                "mma": ("tensor-core CUDA int8 GEMV", "the next fastest GEMV"),
+                "attention": ("CUDA decode attention", "the Triton kernel")}
+
 
 def disable(reason: str, kernel: str = "gemv") -> None:
-    """Stop using the CUDA GEMV ``kernel`` ("gemv" or "mma") in this process (a compile or launch
-    failed): logged once."""
+    """Stop using the NVRTC ``kernel`` ("gemv", "mma" or "attention", :data:`KERNEL_ROLES`) in this
+    process (a compile or launch failed): logged once, the first reason kept."""
     if kernel not in _disabled:
-        name = "CUDA int8 GEMV" if kernel == "gemv" else "tensor-core CUDA int8 GEMV"
-        log.warning("the %s is off in this process (%s); the next fastest GEMV serves instead", name, reason)
-    _disabled[kernel] = reason
+        name, fallback = KERNEL_ROLES[kernel]
+        log.warning("the %s is off in this process (%s); %s serves instead", name, reason, fallback)
+        _disabled[kernel] = reason
+
+
+def disabled(kernel: str = "gemv") -> str | None:
+    """Why ``kernel`` is off in this process (:func:`disable`), or None while it runs."""
+    return _disabled.get(kernel)
 
 
 def _compiler_ok(x: torch.Tensor, kernel: str = "gemv") -> bool:

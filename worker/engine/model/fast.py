@@ -299,20 +299,26 @@ class FastQwenVL:
         """``x [B, C]`` -> the residual stream after the last layer, each RMSNorm inside the GEMV
         that reads its output and each residual add inside the GEMV that feeds it
         (:func:`.kernels.norm_linear`): five launches a layer."""
-        decoder = self.model.transformer
-        args = self.args.llm
-        eps = args.layer_norm_eps
-        logn = decoder.logn if args.use_logn_attn else None
+        eps = self.args.llm.layer_norm_eps
         lengths = None if kernels.fuses_rotary(x) else positions + 1  # [B]
         residual = x
         for layer in self._layers:
             qkv = linear(residual, layer.c_attn, norm=(layer.ln_1, eps))  # [B, 3C]
-            attn = kernels.rotary_attention(qkv, positions, slots, decoder.slot_inv_freq, logn,
-                                            layer.k, layer.v, args.num_heads, kv_len, lengths)  # [B, C]
+            attn = self._decode_attention(qkv, layer, positions, slots, kv_len, lengths)  # [B, C]
             residual = linear(attn, layer.c_proj, residual=residual)
             h = gated(residual, layer.gate_up, norm=(layer.ln_2, eps))  # [B, F]
             residual = linear(h, layer.down, residual=residual)
         return residual
+
+    def _decode_attention(self, qkv: torch.Tensor, layer: _LayerRefs, positions: torch.Tensor, slots: torch.Tensor,
+                          kv_len: int | None, lengths: torch.Tensor | None) -> torch.Tensor:
+        """One layer's decode attention: rotary and logn on ``qkv [B, 3C]``, the new keys and
+        values into the cache, each row's query over its cache row -> ``[B, C]``."""
+        decoder = self.model.transformer
+        args = self.args.llm
+        logn = decoder.logn if args.use_logn_attn else None
+        return kernels.rotary_attention(qkv, positions, slots, decoder.slot_inv_freq, logn, layer.k, layer.v,
+                                        args.num_heads, kv_len, lengths)
 
     def _layers_forward(self, x: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, *,
                         prefill: bool = False, kv_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -337,8 +343,7 @@ class FastQwenVL:
                                                      v.transpose(0, 1)[None], is_causal=True)  # [1, H, T, D]
                 attn = out[0].transpose(0, 1).reshape(m, -1)  # [T, C]
             else:
-                attn = kernels.rotary_attention(qkv, positions, slots, decoder.slot_inv_freq, logn,
-                                                layer.k, layer.v, args.num_heads, kv_len, lengths)  # [B, C]
+                attn = self._decode_attention(qkv, layer, positions, slots, kv_len, lengths)  # [B, C]
             h, residual = kernels.rms_norm(residual, layer.ln_2, eps, linear(attn, layer.c_proj))
             pending = linear(gated(h, layer.gate_up), layer.down)  # [M, C]
         return residual, pending

@@ -522,7 +522,7 @@ def _cuda_attention(qkv: torch.Tensor, positions: torch.Tensor, slots: torch.Ten
         return cuda_attention.rotary_attention(qkv, positions, slots, inv_freq, logn, k_cache, v_cache, heads,
                                                ATTENTION_TILE)
     except Exception as e:  # NVRTC missing or refusing: serve on with the Triton kernel
-        cuda_attention.disable(f"{type(e).__name__}: {e}")
+        cuda_gemv.disable(f"{type(e).__name__}: {e}", "attention")
         return None
 
 
@@ -556,14 +556,10 @@ def norm_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | Non
     which can move a normalised value by one bf16 ulp: none moved in the GEMV checks, and through
     the whole model the logits stayed bit-equal on 5 of 7 inputs (docs/benchmarks.md, runs 78-87).
     Elsewhere they are their own launches."""
-    m, k = x.shape
-    rows = weight.shape[0]
-    if NORM_IN_GEMV and scale is not None and triton_ok(x) and int8_gemv_variant(rows, k, m) == "cuda":
-        tile = (NORM_TILES if norm is not None else CUDA_TILES).get((rows, k, m))
-        if cuda_gemv.fusions_ok(x, weight, tile, gated, norm[0] if norm else None, residual):
-            y = _int8_gemv_cuda(x, weight, scale, bias, tile, gated, norm, residual)
-            if y is not None:
-                return y
+    if fuses_in_gemv(x, weight, scale, bias, norm=norm, residual=residual, gated=gated):
+        y = _int8_gemv_cuda(x, weight, scale, bias, _fused_tile(x, weight, norm), gated, norm, residual)
+        if y is not None:
+            return y
     if norm is not None:
         x, _ = rms_norm(x, *norm)
     if gated:
@@ -571,6 +567,23 @@ def norm_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | Non
     else:
         y = int8_linear(x, weight, scale, bias) if scale is not None else dense_linear(x, weight, bias)
     return y if residual is None else residual + y
+
+
+def fuses_in_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None,
+                  bias: torch.Tensor | None = None, *, norm: tuple[torch.Tensor, float] | None = None,
+                  residual: torch.Tensor | None = None, gated: bool = False) -> bool:
+    """Whether :func:`norm_linear` of these operands is one CUDA GEMV launch: :data:`NORM_IN_GEMV`,
+    int8 weights on the CUDA GEMV for this shape and row count, operands it can take (unless
+    compiling it fails, which :func:`norm_linear` then learns and falls back)."""
+    m, k = x.shape
+    return (NORM_IN_GEMV and scale is not None and triton_ok(x) and int8_gemv_variant(weight.shape[0], k, m) == "cuda"
+            and cuda_gemv.available(x, weight, scale, bias)
+            and cuda_gemv.fusions_ok(x, weight, _fused_tile(x, weight, norm), gated, norm[0] if norm else None,
+                                     residual))
+
+
+def _fused_tile(x: torch.Tensor, weight: torch.Tensor, norm) -> CudaTile | None:
+    return (NORM_TILES if norm is not None else CUDA_TILES).get((weight.shape[0], x.shape[1], x.shape[0]))
 
 
 def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,

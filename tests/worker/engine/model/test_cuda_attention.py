@@ -11,7 +11,7 @@ import shutil
 import pytest
 import torch
 
-from worker.engine.model import cuda_attention, kernels
+from worker.engine.model import cuda_attention, cuda_gemv, kernels
 from worker.engine.model.cuda_attention import AttentionTile
 
 from .test_cuda_gemv import assert_compiles_for_hopper_without_spilling
@@ -58,14 +58,15 @@ def test_decoding_can_be_switched_to_the_triton_kernel_for_a_block_and_back():
 
 
 def test_disabling_it_logs_once_and_keeps_it_off(monkeypatch, caplog):
-    monkeypatch.setattr(cuda_attention, "_disabled", [])
-    with caplog.at_level(logging.WARNING, logger=cuda_attention.__name__):
-        cuda_attention.disable("RuntimeError: nvrtc missing")
-        cuda_attention.disable("RuntimeError: again")
+    monkeypatch.setattr(cuda_gemv, "_disabled", {})
+    with caplog.at_level(logging.WARNING, logger=cuda_gemv.__name__):
+        cuda_gemv.disable("RuntimeError: nvrtc missing", "attention")
+        cuda_gemv.disable("RuntimeError: again", "attention")
     assert [r.message for r in caplog.records] == [
         "the CUDA decode attention is off in this process (RuntimeError: nvrtc missing); the Triton kernel serves "
         "instead"]
-    assert cuda_attention._disabled == ["RuntimeError: nvrtc missing"]
+    assert cuda_gemv.disabled("attention") == "RuntimeError: nvrtc missing"
+    assert cuda_gemv.disabled("gemv") is None  # each kernel is judged on its own
 
 
 def test_tiles_split_each_position_over_whole_loads_within_a_warp():

@@ -78,7 +78,8 @@ def test_disabling_the_cuda_gemv_logs_once_and_keeps_it_off(monkeypatch, caplog)
         "the CUDA int8 GEMV is off in this process (RuntimeError: nvrtc missing); the next fastest GEMV serves "
         "instead"]
     assert not cuda_gemv._compiler_ok(torch.zeros(1, dtype=torch.bfloat16))
-    assert "mma" not in cuda_gemv._disabled  # the tensor-core kernel is judged on its own
+    assert cuda_gemv.disabled() == "RuntimeError: nvrtc missing"
+    assert cuda_gemv.disabled("mma") is None  # the tensor-core kernel is judged on its own
 
 
 def test_the_f16_byte_permute_conversion_gives_every_int8_value_exactly():

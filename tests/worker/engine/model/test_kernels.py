@@ -144,3 +144,11 @@ def test_triton_kernels_give_the_separate_launches_bits_under_the_interpreter():
     done = subprocess.run([sys.executable, str(Path(__file__).with_name("triton_interpret_checks.py"))],
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_norm_linear_runs_as_separate_launches_where_the_cuda_gemv_cannot_take_it():
+    x, q = randn(2, 64).to(torch.bfloat16), torch.zeros(48, 64, dtype=torch.int8)
+    norm = (torch.ones(64, dtype=torch.bfloat16), 1e-6)
+    assert not kernels.fuses_in_gemv(x, q, torch.ones(48), norm=norm)  # a CPU tensor: no CUDA GEMV
+    with kernels.norms_in_gemv(False):
+        assert not kernels.fuses_in_gemv(x, q, torch.ones(48), norm=norm)
