@@ -22,7 +22,8 @@ and every figure of the GPU-speed issue, each beside its limit and their ratio:
   CUDA GEMVs' candidate tiles (:mod:`benchmarks.gemv_bench`); then engine decode with the fastest
   kernel per shape ("chosen", the main int8 rows, also used for int8 TTFT and jobs), with the
   built-in choice, and with "dot", "fma" and "cuda" everywhere (``--skip gemv``: the built-in
-  choice only; ``--cuda-tiles``: also with other CUDA GEMV tiles), and the int8 graph replay alone
+  choice only; ``--cuda-tiles``: also with other CUDA GEMV tiles, ``--norm-tiles``: with other
+  tiles for the GEMVs with the RMSNorm inside), and the int8 graph replay alone
   against bf16's; ``--triton-attention``: bf16 and int8 decode also with the Triton decode
   attention in place of the CUDA one (:mod:`benchmarks.attention_bench`), interleaved;
   ``--separate-norms``: int8 decode also with the RMSNorms as their own launches instead of inside
@@ -841,13 +842,13 @@ def int8_kernel_check(s: Setup) -> float:
 
 
 def parse_cuda_tile(text: str) -> tuple[tuple[int, int, int], cuda_gemv.CudaTile]:
-    """``"N,K,M=WROWS,UNROLL,THREADS[,KSPLIT]"`` -> ``((N, K, M), CudaTile(WROWS, UNROLL, THREADS,
-    KSPLIT))``."""
+    """``"N,K,M=WROWS,UNROLL,THREADS[,KSPLIT[,BLOCKS_PER_SM]]"`` -> ``((N, K, M), CudaTile(WROWS,
+    UNROLL, THREADS, KSPLIT, BLOCKS_PER_SM))``."""
     shape, _, tile = text.partition("=")
     key = tuple(int(v) for v in shape.split(","))
     values = tuple(int(v) for v in tile.split(","))
-    if len(key) != 3 or not 1 <= len(values) <= 4:
-        raise SystemExit(f"--cuda-tiles takes N,K,M=WROWS,UNROLL,THREADS[,KSPLIT], not {text!r}")
+    if len(key) != 3 or not 1 <= len(values) <= 5:
+        raise SystemExit(f"a CUDA tile is N,K,M=WROWS,UNROLL,THREADS[,KSPLIT[,BLOCKS_PER_SM]], not {text!r}")
     return key, cuda_gemv.CudaTile(*values)
 
 
@@ -877,6 +878,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cuda-tiles", action="append", default=[], metavar="N,K,M=WROWS,UNROLL,THREADS[,KSPLIT]",
                         help="also measure int8 decode with this CUDA GEMV tile in place of the built-in one for "
                              "that shape (repeatable; all given tiles make one variant)")
+    parser.add_argument("--norm-tiles", action="append", default=[],
+                        metavar="N,K,M=WROWS,UNROLL,THREADS[,KSPLIT[,BLOCKS_PER_SM]]",
+                        help="also measure int8 decode (engine and graph replay) with this tile in place of the "
+                             "built-in one for that shape's GEMV with the RMSNorm inside (kernels.NORM_TILES; "
+                             "repeatable; all given tiles make one setting), interleaved, for a before / after")
     parser.add_argument("--separate-norms", action="store_true",
                         help="also measure int8 decode (engine and graph replay) with the RMSNorms as their own "
                              "launches instead of inside the CUDA GEMVs, interleaved, for a before / after")
@@ -1128,13 +1134,18 @@ def main(argv: list[str] | None = None) -> int:
             if a.cuda_tiles:  # the built-in choice with the given CUDA tiles, for a before / after
                 given = dict(parse_cuda_tile(t) for t in a.cuda_tiles)
                 variants["with --cuda-tiles"] = (*built_in[:3], {**built_in[3], **given}, built_in[4])
-            # The decode settings beside the built-in one (the "chosen" GEMVs with another attention kernel
-            # or the RMSNorms apart), as (attention kernel, norms inside the GEMVs), by label suffix.
-            settings = {"": (kernels.DECODE_ATTENTION, kernels.NORM_IN_GEMV)}
+            # The decode settings beside the built-in one (the "chosen" GEMVs with another attention kernel,
+            # the RMSNorms apart or other tiles for the GEMVs with the norm inside), as (attention kernel,
+            # norms inside the GEMVs, NORM_TILES), by label suffix.
+            norm_tiles = dict(kernels.NORM_TILES)
+            settings = {"": (kernels.DECODE_ATTENTION, kernels.NORM_IN_GEMV, norm_tiles)}
             if a.triton_attention:
-                settings[", Triton attention"] = ("triton", kernels.NORM_IN_GEMV)
+                settings[", Triton attention"] = ("triton", kernels.NORM_IN_GEMV, norm_tiles)
             if a.separate_norms:
-                settings[", RMSNorms apart"] = (kernels.DECODE_ATTENTION, False)
+                settings[", RMSNorms apart"] = (kernels.DECODE_ATTENTION, False, norm_tiles)
+            if a.norm_tiles:
+                given = dict(parse_cuda_tile(t) for t in a.norm_tiles)
+                settings[", --norm-tiles"] = (kernels.DECODE_ATTENTION, kernels.NORM_IN_GEMV, {**norm_tiles, **given})
             setting_of = {label: settings[""] for label in variants}
             for suffix, setting in list(settings.items())[1:]:
                 variants[f"chosen{suffix}"] = variants["chosen"]
@@ -1149,9 +1160,9 @@ def main(argv: list[str] | None = None) -> int:
                     runs = {label: [] for label in variants}
                     for _ in range(a.repeats):  # interleaved, so that a drift of the card hits every variant
                         for label, variant in variants.items():
-                            attention, norms = setting_of[label]
+                            attention, norms, tiles = setting_of[label]
                             with int8_gemv(*variant), kernels.attention_kernel(attention), \
-                                    kernels.norms_in_gemv(norms):
+                                    kernels.norms_in_gemv(norms), kernels.norm_tiles(tiles):
                                 runs[label].append(measure_decode(s, True, batch, new_tokens))
                     for label in variants:
                         rate = statistics.median(runs[label])
@@ -1177,8 +1188,9 @@ def main(argv: list[str] | None = None) -> int:
                                        + f"{rate / roofline:.0%} of int8 roofline"))
             with int8_gemv(*variants["chosen"]):
                 for batch in (1, 2):  # the engine's share of the int8 / bf16 ratio: the same without it
-                    for suffix, (attention, norms) in settings.items():
-                        with kernels.attention_kernel(attention), kernels.norms_in_gemv(norms):
+                    for suffix, (attention, norms, tiles) in settings.items():
+                        with kernels.attention_kernel(attention), kernels.norms_in_gemv(norms), \
+                                kernels.norm_tiles(tiles):
                             rate = measure_graph_decode(s, batch, 128)
                         bf16 = graph_rates.get(batch if attention == kernels.DECODE_ATTENTION else (batch, attention))
                         report.add(Row(f"int8 decode tok/s, batch {batch}, graph replay only (no engine){suffix}", None,

@@ -1,7 +1,7 @@
 """CUDA GEMV tiles timed where they run: inside the int8 decode graph.
 
     python -m benchmarks.graph_tiles [--batches 2] [--shapes c_attn,gate_up,down,c_proj,lm_head]
-                                     [--replays 40] [--rounds 3] [--extra W,U,T[,S];...] [--only-extra]
+                                     [--replays 40] [--rounds 3] [--extra W,U,T[,S[,B]];...] [--only-extra]
                                      [--norm-tiles] [--json FILE]
 
 :mod:`benchmarks.gemv_bench` times each GEMV alone, in a graph of calls to itself; inside the
@@ -25,7 +25,7 @@ import argparse
 import json
 import statistics
 import sys
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Callable
 
@@ -109,21 +109,8 @@ def with_tiles(tiles: dict, table: str = "cuda") -> Callable[[], AbstractContext
     """The setting "the built-in GEMV choice with these ``CUDA_TILES``" (``table`` "norm": with
     these ``NORM_TILES``, the tiles of the GEMVs with the RMSNorm inside)."""
     if table == "norm":
-        return lambda: norm_tiles(tiles)
+        return lambda: kernels.norm_tiles(tiles)
     return lambda: int8_gemv(kernels.INT8_GEMV, dict(kernels.INT8_GEMV_BY_SHAPE), cuda_tiles=tiles)
-
-
-@contextmanager
-def norm_tiles(tiles: dict):
-    """``kernels.NORM_TILES = tiles`` inside the block."""
-    saved = dict(kernels.NORM_TILES)
-    kernels.NORM_TILES.clear()
-    kernels.NORM_TILES.update(tiles)
-    try:
-        yield
-    finally:
-        kernels.NORM_TILES.clear()
-        kernels.NORM_TILES.update(saved)
 
 
 def medians(runs: dict[str, list[float]]) -> dict[str, float]:
@@ -137,8 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--replays", type=int, default=40)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", type=Path, default=None)
-    parser.add_argument("--extra", default="", metavar="W,U,T[,S];W,U,T[,S]",
-                        help="more candidate tiles (wrows, unroll, threads[, ksplit]), ';'-separated")
+    parser.add_argument("--extra", default="", metavar="W,U,T[,S[,B]];W,U,T[,S[,B]]",
+                        help="more candidate tiles (wrows, unroll, threads[, ksplit[, blocks_per_sm]]), "
+                             "';'-separated")
     parser.add_argument("--norm-tiles", action="store_true",
                         help="tune NORM_TILES (the GEMVs with the RMSNorm inside: c_attn, gate_up, lm_head) instead "
                              "of CUDA_TILES")

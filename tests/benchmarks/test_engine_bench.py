@@ -31,7 +31,8 @@ def test_the_benchmark_runs_on_a_cpu_with_the_tiny_config(qwen_tiktoken, sample_
     code = engine_bench.main(["--tiny", "--device", "cpu", "--quick", "--tokenizer", str(qwen_tiktoken),
                               "--image", str(sample_images / "demo.jpeg"), "--max-seq-len", "512",
                               "--decode-tokens", "3", "--skip", "eager,jobs", "--json", str(out),
-                              "--cuda-tiles", "4096,4096,1=1,1,128,2", "--triton-attention", "--separate-norms"])
+                              "--cuda-tiles", "4096,4096,1=1,1,128,2", "--triton-attention", "--separate-norms",
+                              "--norm-tiles", "22016,4096,1=1,3,128"])
     assert code == 0
     report = json.loads(out.read_text())
     names = [row["name"] for row in report["rows"]]
@@ -42,6 +43,7 @@ def test_the_benchmark_runs_on_a_cpu_with_the_tiny_config(qwen_tiktoken, sample_
     assert "int8 decode tok/s, batch 2, 3 new tokens, GEMV chosen, Triton attention" in names
     assert "int8 decode tok/s, batch 2, 3 new tokens, GEMV chosen, RMSNorms apart" in names
     assert "int8 decode tok/s, batch 1, graph replay only (no engine), RMSNorms apart" in names
+    assert "int8 decode tok/s, batch 2, 3 new tokens, GEMV chosen, --norm-tiles" in names
     assert report["info"]["correctness"]["greedy steps fast == eager"] == "17/17"
 
 
@@ -62,7 +64,9 @@ def test_a_cuda_tile_flag_names_the_shape_and_the_tile():
     assert engine_bench.parse_cuda_tile("12288,4096,2=4,1,128") == ((12288, 4096, 2), CudaTile(4, 1, 128))
     assert engine_bench.parse_cuda_tile("4096,4096,1=2") == ((4096, 4096, 1), CudaTile(2))
     assert engine_bench.parse_cuda_tile("4096,4096,1=1,1,128,2") == ((4096, 4096, 1), CudaTile(1, 1, 128, 2))
+    assert engine_bench.parse_cuda_tile("22016,4096,1=1,2,128,1,7") == \
+        ((22016, 4096, 1), CudaTile(1, 2, 128, 1, blocks_per_sm=7))
     with pytest.raises(SystemExit, match="N,K,M=WROWS,UNROLL,THREADS"):
         engine_bench.parse_cuda_tile("4096,4096=2,2")
     with pytest.raises(SystemExit):
-        engine_bench.parse_cuda_tile("4096,4096,1=1,1,128,2,9")
+        engine_bench.parse_cuda_tile("4096,4096,1=1,1,128,2,7,9")

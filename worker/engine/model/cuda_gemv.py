@@ -304,7 +304,12 @@ static __device__ __forceinline__ void normalize(uint4* xs, const bf16* x, int s
 // NORM: x is first put through the RMSNorm with weight norm_w (each block normalises the rows of x
 // into its shared memory, while its first weights are in flight), so the norm takes no launch of
 // its own. RESIDUAL: y is res [ROWS, n_out] plus the product (the residual add, fused likewise).
-extern "C" __global__ void __launch_bounds__(THREADS)
+#if MIN_BLOCKS > 0
+#define GEMV_BOUNDS __launch_bounds__(THREADS, MIN_BLOCKS)  // registers capped so that MIN_BLOCKS fit an SM
+#else
+#define GEMV_BOUNDS __launch_bounds__(THREADS)
+#endif
+extern "C" __global__ void GEMV_BOUNDS
 vlq_int8_gemv(const bf16* __restrict__ x, const signed char* __restrict__ q, const float* __restrict__ s,
               const bf16* __restrict__ b, bf16* __restrict__ y, int n_out, int k, int stride_x, int stride_q,
               const bf16* __restrict__ norm_w, int eps_bits, const bf16* __restrict__ res) {
@@ -578,7 +583,10 @@ class CudaTile(NamedTuple):
     """Launch shape of the CUDA GEMV: ``wrows`` output rows per warp (of each half, gated),
     ``unroll`` 16-byte loads per weight row and thread in flight per step, ``threads`` per block,
     ``ksplit`` warps of the block per group of rows, each over its slice of K (more warps for
-    narrow matrices; their sums added in the block).
+    narrow matrices; their sums added in the block); ``blocks_per_sm`` (0: as many as fit), for
+    the GEMVs with the RMSNorm inside, whose grid holds only blocks that fit at once: at most that
+    many blocks an SM, the registers capped so that they fit (each warp walks ``groups / warps``
+    output groups: fewer warps can leave a shorter last round).
     The default was within 5% of the best tile on every Qwen-VL decoder shape at one row
     (docs/benchmarks.md, runs 27-31)."""
 
@@ -586,6 +594,7 @@ class CudaTile(NamedTuple):
     unroll: int = 2
     threads: int = 128
     ksplit: int = 1
+    blocks_per_sm: int = 0
 
     @property
     def groups(self) -> int:
@@ -702,7 +711,7 @@ def macros(rows: int, tile: CudaTile, gated: bool, has_bias: bool, norm_k: int =
     residual stream to its output."""
     return {"ROWS": rows, "WROWS": tile.wrows, "UNROLL": tile.unroll, "THREADS": tile.threads, "GATED": int(gated),
             "HAS_BIAS": int(has_bias), "KSPLIT": tile.ksplit, "NORM": int(norm_k > 0), "NORM_K": norm_k,
-            "RESIDUAL": int(residual)}
+            "RESIDUAL": int(residual), "MIN_BLOCKS": tile.blocks_per_sm}
 
 
 def mma_macros(rows: int, tile: MmaTile, gated: bool, has_bias: bool) -> dict[str, int]:
@@ -731,6 +740,11 @@ _resident: dict[tuple[int, int, int], int] = {}
 _driver: list = []
 
 
+def _sm_count(device: torch.device) -> int:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def resident_blocks(kernel, threads: int, device: torch.device) -> int:
     """How many blocks of ``threads`` threads of ``kernel`` (compiled by :func:`compiled`) fit on
     ``device`` at once, by the CUDA driver's occupancy calculator (asked once per kernel); a very
@@ -747,9 +761,16 @@ def resident_blocks(kernel, threads: int, device: torch.device) -> int:
         except (AttributeError, OSError) as e:
             log.warning("no occupancy from the CUDA driver (%s): the fused-norm GEMV launches every block", e)
             error = -1
-        sms = torch.cuda.get_device_properties(index).multi_processor_count
-        _resident[key] = count.value * sms if error == 0 and count.value > 0 else 1 << 30
+        _resident[key] = count.value * _sm_count(device) if error == 0 and count.value > 0 else 1 << 30
     return _resident[key]
+
+
+def norm_grid(blocks: int, resident: int, tile: CudaTile, sms: int) -> int:
+    """The grid of a GEMV with the RMSNorm inside, whose ``blocks`` blocks would each own
+    ``tile.groups`` output groups: no more than the ``resident`` blocks that fit on the card at
+    once, nor than ``tile.blocks_per_sm`` on each of its ``sms`` SMs where the tile sets it."""
+    grid = min(blocks, resident)
+    return min(grid, tile.blocks_per_sm * sms) if tile.blocks_per_sm else grid
 
 
 def int8_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
@@ -769,7 +790,7 @@ def int8_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch
     kernel = _kernel(macros(m, tile, gated, bias is not None, k if norm is not None else 0, residual is not None))
     blocks = -(-n // (tile.wrows * tile.groups))
     if norm is not None:  # only the blocks that fit at once: each normalises x once, then loops over groups
-        blocks = min(blocks, resident_blocks(kernel, tile.threads, x.device))
+        blocks = norm_grid(blocks, resident_blocks(kernel, tile.threads, x.device), tile, _sm_count(x.device))
     norm_weight, eps = norm if norm is not None else (x, 0.0)  # unused placeholders without a norm
     eps_bits = struct.unpack("<i", struct.pack("<f", eps))[0]  # torch's launcher passes floats as doubles
     kernel(grid=(blocks, 1, 1), block=(tile.threads, 1, 1),

@@ -176,11 +176,13 @@ CUDA_TILES: dict[tuple[int, int, int], CudaTile] = {
 # block first normalises x into its shared memory, and the grid holds only the blocks that fit at
 # once, so tiles that read more weights per block win: picked inside the decode graph
 # (benchmarks/graph_tiles.py, run 78; `--norm-tiles` tunes this table), where the CUDA_TILES ones
-# made a batch-1 step 3,424 us against 2,958 and a batch-2 step 3,558 against 3,251.
+# made a batch-1 step 3,424 us against 2,958 and a batch-2 step 3,558 against 3,251. One-row
+# [w1 | w2] at 7 blocks an SM instead of 8 (its 11,008 groups in 2.98 rounds of the grid's warps,
+# not 2.61): 25-36 us off a batch-1 step (runs 90-92).
 NORM_TILES: dict[tuple[int, int, int], CudaTile] = {
     (12288, 4096, 1): CudaTile(2, 2, 256),  # c_attn
     (12288, 4096, 2): CudaTile(2, 2, 256),
-    (22016, 4096, 1): CudaTile(1, 3, 128),  # [w1 | w2] with the gate
+    (22016, 4096, 1): CudaTile(1, 2, 128, blocks_per_sm=7),  # [w1 | w2] with the gate
     (22016, 4096, 2): CudaTile(1, 2, 128),
     (151936, 4096, 1): CudaTile(2, 2, 256),  # lm_head
     (151936, 4096, 2): CudaTile(4, 2, 256),
@@ -292,6 +294,20 @@ def attention_kernel(kind: str, tile: AttentionTile | None = None):
 # each block normalises x into its shared memory) and the residual adds inside the GEMVs that feed
 # them (both c_proj), so a layer has no RMSNorm launch (docs/benchmarks.md, runs 77-87).
 NORM_IN_GEMV = True
+
+
+@contextmanager
+def norm_tiles(tiles: dict[tuple[int, int, int], CudaTile]):
+    """Decode with :data:`NORM_TILES` ``= tiles`` inside the block (graphs keep the tiles they
+    were captured with); the previous table comes back after."""
+    saved = dict(NORM_TILES)
+    NORM_TILES.clear()
+    NORM_TILES.update(tiles)
+    try:
+        yield
+    finally:
+        NORM_TILES.clear()
+        NORM_TILES.update(saved)
 
 
 @contextmanager

@@ -146,6 +146,17 @@ def test_the_norm_and_the_residual_fuse_only_where_the_kernel_can_hold_them():
     assert cuda_gemv.macros(2, CudaTile(), False, False)["NORM"] == 0
 
 
+def test_a_tile_with_blocks_per_sm_caps_the_registers_and_the_grid_of_a_norm_gemv():
+    capped = CudaTile(1, 2, 128, blocks_per_sm=7)
+    assert cuda_gemv.macros(1, capped, True, False, 4096)["MIN_BLOCKS"] == 7
+    assert cuda_gemv.macros(1, CudaTile(), True, False, 4096)["MIN_BLOCKS"] == 0  # the compiler's own choice
+    # 11,008 groups of one warp each on 132 SMs: 8 blocks an SM fit, 7 are asked for
+    assert cuda_gemv.norm_grid(2752, 8 * 132, capped, 132) == 7 * 132
+    assert cuda_gemv.norm_grid(2752, 8 * 132, CudaTile(1, 2, 128), 132) == 8 * 132
+    assert cuda_gemv.norm_grid(2752, 6 * 132, capped, 132) == 6 * 132  # no more than fit
+    assert cuda_gemv.norm_grid(100, 8 * 132, capped, 132) == 100  # nor than there is work for
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed here")
 @pytest.mark.parametrize("rows", [1, 2, 4])
 def test_the_tensor_core_source_compiles_for_hopper_without_spilling(tmp_path, rows):
