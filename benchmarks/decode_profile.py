@@ -136,14 +136,11 @@ def main(argv: list[str] | None = None) -> int:
         for batch in [int(b) for b in a.batches.split(",")]:
             for gemvs in a.int8_gemvs.split(",") if kind == "int8" else ["built-in"]:
                 for fused in (True, False) if a.separate_rotary else (True,):
-                    kernels.FUSED_ROTARY = fused
-                    try:
-                        with int8_gemv(kernels.INT8_GEMV, triton_only(kernels.INT8_GEMV_BY_SHAPE) if gemvs == "triton"
-                                       else dict(kernels.INT8_GEMV_BY_SHAPE)):
-                            fast = FastQwenVL(model)  # its graphs hold the kernels chosen now
-                            result = profile_decode(fast, ids, batch, a.steps, device)
-                    finally:
-                        kernels.FUSED_ROTARY = True
+                    with kernels.settings(FUSED_ROTARY=fused), \
+                            int8_gemv(kernels.INT8_GEMV, triton_only(kernels.INT8_GEMV_BY_SHAPE) if gemvs == "triton"
+                                      else dict(kernels.INT8_GEMV_BY_SHAPE)):
+                        fast = FastQwenVL(model)  # its graphs hold the kernels chosen now
+                        result = profile_decode(fast, ids, batch, a.steps, device)
                     label = (f"{kind} decode, batch {batch}" + ("" if fused else ", rotary and attention apart")
                              + (f", {gemvs} GEMVs" if kind == "int8" else ""))
                     out[label] = result

@@ -61,7 +61,6 @@ import statistics
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -517,7 +516,6 @@ def measure_graph_decode(s: Setup, batch: int, steps: int) -> float:
     slots = torch.arange(batch, device=s.device)
 
     def run() -> None:
-        nonlocal tokens, positions
         tok, pos = tokens, positions.clone()
         for _ in range(steps):
             tok = fast.decode(tok, pos, slots).argmax(-1)
@@ -704,21 +702,12 @@ def sweep_attention(s: Setup, candidates: list[tuple]) -> list[dict]:
     return rows
 
 
-@contextmanager
 def separate_launches(tiles: dict, attention: tuple):
     """The kernels as before the fused epilogues: separate gate, split-K sum and combine
     launches, with ``tiles`` and ``attention`` (split, block, warps)."""
-    saved = dict(kernels.TILES), (kernels.ATTENTION_SPLITS, kernels.ATTENTION_BLOCK, kernels.ATTENTION_WARPS)
-    kernels.TILES.clear()
-    kernels.TILES.update(tiles)
-    kernels.ATTENTION_SPLITS, kernels.ATTENTION_BLOCK, kernels.ATTENTION_WARPS = attention
-    try:
-        with kernels.fused_epilogues(False):
-            yield
-    finally:
-        kernels.TILES.clear()
-        kernels.TILES.update(saved[0])
-        kernels.ATTENTION_SPLITS, kernels.ATTENTION_BLOCK, kernels.ATTENTION_WARPS = saved[1]
+    split, block, warps = attention
+    return kernels.settings(FUSED_EPILOGUES=False, TILES=dict(tiles), ATTENTION_SPLITS=split, ATTENTION_BLOCK=block,
+                            ATTENTION_WARPS=warps)
 
 
 def bits_report(fused, separate: torch.Tensor, repeats: int, against: str = "separate") -> str:
@@ -1068,15 +1057,12 @@ def main(argv: list[str] | None = None) -> int:
                 roofline = batch * bandwidth / (weights + batch * kv_token * (len(ids) + 64))
                 report.add(Row(f"decode tok/s, batch {batch}, 128 new tokens, without lookahead", None, rate,
                                "tok/s", roofline, "roofline", f"{rate / roofline:.0%} of roofline"))
-            kernels.DENSE_GEMV = "cublas"
-            try:
+            with kernels.settings(DENSE_GEMV="cublas"):
                 for batch in (1, 2):
                     rate = measure_decode(s, True, batch, 128)
                     roofline = batch * bandwidth / (weights + batch * kv_token * (len(ids) + 64))
                     report.add(Row(f"decode tok/s, batch {batch}, 128 new tokens, cuBLAS GEMV instead", None, rate,
                                    "tok/s", roofline, "roofline", f"{rate / roofline:.0%} of roofline"))
-            finally:
-                kernels.DENSE_GEMV = "triton"
         report.info["peak_gib_ttft_decode"] = peak_gib(s)
 
     if "jobs" not in skip:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from contextlib import contextmanager
 
 import torch
 
@@ -101,26 +100,14 @@ def reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor | None, chun
     return torch.cat(out, dim=1)
 
 
-@contextmanager
 def int8_gemv(default: str, by_shape: dict | None = None, tiles: dict | None = None, cuda_tiles: dict | None = None,
               mma_tiles: dict | None = None):
-    """Run the enclosed code with ``kernels.INT8_GEMV = default`` and the given per-shape tables
-    (``INT8_GEMV_BY_SHAPE``, ``FMA_TILES``, ``CUDA_TILES``, ``MMA_TILES``); the previous settings come
-    back after."""
-    tables = (kernels.INT8_GEMV_BY_SHAPE, kernels.FMA_TILES, kernels.CUDA_TILES, kernels.MMA_TILES)
-    saved = kernels.INT8_GEMV, [dict(t) for t in tables]
-    kernels.INT8_GEMV = default
-    for table, new in zip(tables, (by_shape or {}, tiles, cuda_tiles, mma_tiles)):
-        if new is not None:
-            table.clear()
-            table.update(new)
-    try:
-        yield
-    finally:
-        kernels.INT8_GEMV = saved[0]
-        for table, old in zip(tables, saved[1]):
-            table.clear()
-            table.update(old)
+    """:func:`kernels.settings` with ``kernels.INT8_GEMV = default``, ``INT8_GEMV_BY_SHAPE =
+    by_shape`` (none: empty) and the given tile tables (``FMA_TILES``, ``CUDA_TILES``,
+    ``MMA_TILES``; none: unchanged), each a copy."""
+    tables = {"FMA_TILES": tiles, "CUDA_TILES": cuda_tiles, "MMA_TILES": mma_tiles}
+    return kernels.settings(INT8_GEMV=default, INT8_GEMV_BY_SHAPE=dict(by_shape or {}),
+                            **{name: dict(table) for name, table in tables.items() if table is not None})
 
 
 def triton_only(by_shape: dict) -> dict:

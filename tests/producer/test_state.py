@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 
 import pytest
-import redis
 
 from producer.errors import BrokerUnavailable, DuplicateJob, ImageDecodeError
 from producer.keys import Keys

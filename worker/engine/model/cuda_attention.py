@@ -32,7 +32,7 @@ from typing import NamedTuple
 
 import torch
 
-from .cuda_gemv import BF16_HELPERS, compiled, disabled
+from .cuda_gemv import BF16_HELPERS, compiled, device_index, disabled
 
 SOURCE = BF16_HELPERS + r"""
 constexpr int HALF = D / 2;
@@ -300,7 +300,7 @@ _capabilities: dict[int, tuple[int, int]] = {}
 
 
 def _capability(device: torch.device) -> tuple[int, int]:
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = device_index(device)
     if index not in _capabilities:
         _capabilities[index] = torch.cuda.get_device_capability(index)
     return _capabilities[index]

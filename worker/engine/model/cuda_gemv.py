@@ -740,17 +740,20 @@ _resident: dict[tuple[int, int, int], int] = {}
 _driver: list = []
 
 
+def device_index(device: torch.device) -> int:
+    """The CUDA device number of ``device`` (``cuda`` alone: the current one)."""
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def _sm_count(device: torch.device) -> int:
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return torch.cuda.get_device_properties(index).multi_processor_count
+    return torch.cuda.get_device_properties(device_index(device)).multi_processor_count
 
 
 def resident_blocks(kernel, threads: int, device: torch.device) -> int:
     """How many blocks of ``threads`` threads of ``kernel`` (compiled by :func:`compiled`) fit on
     ``device`` at once, by the CUDA driver's occupancy calculator (asked once per kernel); a very
     large number where the driver cannot say."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    key = (id(kernel), threads, index)
+    key = (id(kernel), threads, device_index(device))
     if key not in _resident:
         count = ctypes.c_int(0)
         try:

@@ -250,17 +250,25 @@ def fma_tiles(n: int, k: int, weight_bytes: int, m: int) -> FmaTile:
 FUSED_EPILOGUES = True
 
 
-
 @contextmanager
-def fused_epilogues(on: bool):
-    """Run the enclosed calls with :data:`FUSED_EPILOGUES` set to ``on`` (benchmarks and checks
-    compare both ways); the previous setting comes back after."""
-    global FUSED_EPILOGUES
-    saved, FUSED_EPILOGUES = FUSED_EPILOGUES, on
+def settings(**values):
+    """Run the enclosed calls with these module settings (``FUSED_EPILOGUES=False``,
+    ``NORM_TILES={...}``, ...; benchmarks and checks compare them); the previous values come back
+    after. CUDA graphs keep the kernels they were captured with."""
+    unknown = [name for name in values if not name.isupper() or name not in globals()]
+    if unknown:
+        raise KeyError(f"no such kernels setting: {', '.join(unknown)}")
+    saved = {name: globals()[name] for name in values}
+    globals().update(values)
     try:
         yield
     finally:
-        FUSED_EPILOGUES = saved
+        globals().update(saved)
+
+
+def fused_epilogues(on: bool):
+    """:func:`settings` with :data:`FUSED_EPILOGUES` ``= on``."""
+    return settings(FUSED_EPILOGUES=on)
 
 
 # Whether decoding runs rotary + cache write + attention as one launch (rotary_attention) or as
@@ -276,17 +284,10 @@ DECODE_ATTENTION = "cuda"
 ATTENTION_TILE = AttentionTile()
 
 
-@contextmanager
 def attention_kernel(kind: str, tile: AttentionTile | None = None):
-    """Decode with the ``kind`` attention kernel ("cuda" or "triton"; for CUDA, ``tile``) inside
-    the block (graphs keep the kernel they were captured with); the previous setting comes back after."""
-    global DECODE_ATTENTION, ATTENTION_TILE
-    saved = DECODE_ATTENTION, ATTENTION_TILE
-    DECODE_ATTENTION, ATTENTION_TILE = kind, tile or ATTENTION_TILE
-    try:
-        yield
-    finally:
-        DECODE_ATTENTION, ATTENTION_TILE = saved
+    """:func:`settings`: decode with the ``kind`` attention kernel ("cuda" or "triton"; for CUDA,
+    ``tile``)."""
+    return settings(DECODE_ATTENTION=kind, ATTENTION_TILE=tile or ATTENTION_TILE)
 
 
 # Decode of the batch sizes whose int8 GEMVs run on the CUDA GEMV (INT8_GEMV_BY_SHAPE: 1 and 2 rows):
@@ -296,31 +297,15 @@ def attention_kernel(kind: str, tile: AttentionTile | None = None):
 NORM_IN_GEMV = True
 
 
-@contextmanager
 def norm_tiles(tiles: dict[tuple[int, int, int], CudaTile]):
-    """Decode with :data:`NORM_TILES` ``= tiles`` inside the block (graphs keep the tiles they
-    were captured with); the previous table comes back after."""
-    saved = dict(NORM_TILES)
-    NORM_TILES.clear()
-    NORM_TILES.update(tiles)
-    try:
-        yield
-    finally:
-        NORM_TILES.clear()
-        NORM_TILES.update(saved)
+    """:func:`settings` with :data:`NORM_TILES` ``= tiles`` (a copy)."""
+    return settings(NORM_TILES=dict(tiles))
 
 
-@contextmanager
 def norms_in_gemv(on: bool):
-    """Decode with the RMSNorms inside the int8 GEMVs (``on``) or as their own launches, inside
-    the block (graphs keep what they were captured with); the previous setting comes back after."""
-    global NORM_IN_GEMV
-    saved = NORM_IN_GEMV
-    NORM_IN_GEMV = on
-    try:
-        yield
-    finally:
-        NORM_IN_GEMV = saved
+    """:func:`settings`: decode with the RMSNorms inside the int8 GEMVs (``on``) or as their own
+    launches."""
+    return settings(NORM_IN_GEMV=on)
 
 
 # One int32 ticket per output tile (or attention head), zero between launches.

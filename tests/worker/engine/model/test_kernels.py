@@ -124,6 +124,21 @@ def test_norms_in_gemv_is_a_setting_that_comes_back():
     assert kernels.NORM_IN_GEMV is before
 
 
+def test_settings_come_back_after_an_error_and_refuse_names_kernels_does_not_have():
+    tiles, rotary = kernels.NORM_TILES, kernels.FUSED_ROTARY
+    with pytest.raises(RuntimeError):
+        with kernels.settings(NORM_TILES={}, FUSED_ROTARY=not rotary):
+            assert kernels.NORM_TILES == {} and kernels.FUSED_ROTARY is not rotary
+            raise RuntimeError
+    assert kernels.NORM_TILES is tiles and kernels.FUSED_ROTARY is rotary
+    with pytest.raises(KeyError, match="NORM_TILE"):
+        with kernels.settings(NORM_TILE={}):
+            pass
+    with pytest.raises(KeyError, match="rms_norm"):
+        with kernels.settings(rms_norm=None):
+            pass
+
+
 def test_every_shape_set_to_the_fma_or_cuda_gemv_has_a_measured_tile_and_few_rows():
     for (n, k, m), variant in kernels.INT8_GEMV_BY_SHAPE.items():
         assert variant in ("dot", "fma", "cuda") and 1 <= m <= kernels.FMA_ROWS

@@ -92,20 +92,13 @@ def check_fma_gemv() -> None:
     x, w = randn(2, 64).to(BF16), randn(96, 64).to(BF16)
     q, scale = kernels.quantize_int8(w.float())
     tile = kernels.FmaTile(16, 32, 4, 2)
-    saved = dict(kernels.FMA_TILES), dict(kernels.INT8_GEMV_BY_SHAPE)
-    kernels.FMA_TILES[(96, 64, 1, 2)] = tile
-    kernels.INT8_GEMV_BY_SHAPE[(96, 64, 2)] = "fma"
-    try:
+    with kernels.settings(FMA_TILES={**kernels.FMA_TILES, (96, 64, 1, 2): tile},
+                          INT8_GEMV_BY_SHAPE={**kernels.INT8_GEMV_BY_SHAPE, (96, 64, 2): "fma"}):
         assert torch.equal(kernels.int8_linear(x, q, scale), kernels._gemv_fma(x, q, scale, None, tile))
         assert torch.equal(kernels.gated_linear(x, q, scale), kernels._gemv_fma(x, q, scale, None, tile, True))
         three = randn(3, 64).to(BF16)  # more rows than the FMA GEMV takes: the tensor-core kernel
         assert torch.equal(kernels.int8_linear(three, q, scale),
                            kernels._matmul(three, q, scale, None, kernels.few_rows_tiles(96, 64, 1)))
-    finally:
-        kernels.FMA_TILES.clear()
-        kernels.FMA_TILES.update(saved[0])
-        kernels.INT8_GEMV_BY_SHAPE.clear()
-        kernels.INT8_GEMV_BY_SHAPE.update(saved[1])
 
 
 def check_attention() -> None:
