@@ -134,23 +134,18 @@ static __device__ __forceinline__ float cluster_load(const float* p, int rank) {
 #endif
 }
 
-#if CLUSTER > 1
-#define CLUSTER_DIMS __cluster_dims__(CLUSTER, 1, 1)
-#else
-#define CLUSTER_DIMS
-#endif
-
 // Block (split, b * heads + h) of a cluster of CLUSTER: head h of sequence b over its split's range of
 // positions 0 .. positions[b]; the cluster's first block writes out[b, h * D : (h + 1) * D].
-// `after_first_loads()` runs once the block's first keys and values are in flight (a kernel that
-// fuses more work into the launch can put its own loads in flight there).
-template <class Hook>
-static __device__ __forceinline__ void attend(const bf16* __restrict__ qkv, const long long* __restrict__ positions,
-                                              const long long* __restrict__ slots, const float* __restrict__ inv_freq,
-                                              const float* __restrict__ logn, bf16* k_cache, bf16* v_cache,
-                                              bf16* __restrict__ out, int heads, int stride_qkv, int stride_freq,
-                                              int stride_s, int stride_h, int stride_l, double sm_scale,
-                                              Hook after_first_loads) {
+extern "C" __global__ void
+#if CLUSTER > 1
+__cluster_dims__(CLUSTER, 1, 1)
+#endif
+__launch_bounds__(THREADS)
+vlq_rotary_attention(const bf16* __restrict__ qkv, const long long* __restrict__ positions,
+                     const long long* __restrict__ slots, const float* __restrict__ inv_freq,
+                     const float* __restrict__ logn, bf16* k_cache, bf16* v_cache, bf16* __restrict__ out,
+                     int heads, int stride_qkv, int stride_freq, int stride_s, int stride_h, int stride_l,
+                     double sm_scale) {
     const int split = blockIdx.x, bh = blockIdx.y, b = bh / heads, h = bh % heads;
     const int t = threadIdx.x, lane = t & 31, warp = t >> 5;
     const int channel = (t % TPP) * DPT;  // this thread's channels of each position: channel .. channel + DPT - 1
@@ -163,7 +158,6 @@ static __device__ __forceinline__ void attend(const bf16* __restrict__ qkv, cons
 
     chunk kv[UNROLL][2][VEC];  // in flight while the new token is rotated
     load_step(kv, k_row, v_row, start + t / TPP, end, stride_l, channel);
-    after_first_loads();
 
     // rotary (and logn) on this head's query and key: channel d pairs with d +- HALF
     __shared__ float q_scaled[D];
@@ -278,16 +272,6 @@ static __device__ __forceinline__ void attend(const bf16* __restrict__ qkv, cons
         }
     }
     cluster_hold();
-}
-
-extern "C" __global__ void CLUSTER_DIMS __launch_bounds__(THREADS)
-vlq_rotary_attention(const bf16* __restrict__ qkv, const long long* __restrict__ positions,
-                     const long long* __restrict__ slots, const float* __restrict__ inv_freq,
-                     const float* __restrict__ logn, bf16* k_cache, bf16* v_cache, bf16* __restrict__ out,
-                     int heads, int stride_qkv, int stride_freq, int stride_s, int stride_h, int stride_l,
-                     double sm_scale) {
-    attend(qkv, positions, slots, inv_freq, logn, k_cache, v_cache, out, heads, stride_qkv, stride_freq, stride_s,
-           stride_h, stride_l, sm_scale, [] {});
 }
 """
 

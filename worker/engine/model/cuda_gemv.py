@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 
 MAX_ROWS = 4
 
-# bf16 <-> float32 and int8 -> float32 in CUDA C++, shared by the CUDA kernels of this package (NVRTC: no headers).
+# bf16 <-> float32 in CUDA C++, shared by the CUDA kernels of this package (NVRTC: no headers).
 BF16_HELPERS = r"""
 typedef unsigned short bf16;
 typedef unsigned int u32;
@@ -66,16 +66,6 @@ static __device__ __forceinline__ void bf16x8_float(uint4 v, float* out) {  // t
     out[2] = __uint_as_float(v.y << 16); out[3] = __uint_as_float(v.y & 0xffff0000u);
     out[4] = __uint_as_float(v.z << 16); out[5] = __uint_as_float(v.z & 0xffff0000u);
     out[6] = __uint_as_float(v.w << 16); out[7] = __uint_as_float(v.w & 0xffff0000u);
-}
-
-// Four int8 weights of one word -> float32, exactly: the byte with its sign bit flipped (q + 128)
-// becomes the mantissa of 2^23, and 2^23 + 128 comes off again.
-static __device__ __forceinline__ void int8x4_float(u32 w, float* out) {
-    const u32 t = w ^ 0x80808080u;
-    out[0] = __uint_as_float(__byte_perm(t, 0x4B000000u, 0x7540)) - 8388736.0f;
-    out[1] = __uint_as_float(__byte_perm(t, 0x4B000000u, 0x7541)) - 8388736.0f;
-    out[2] = __uint_as_float(__byte_perm(t, 0x4B000000u, 0x7542)) - 8388736.0f;
-    out[3] = __uint_as_float(__byte_perm(t, 0x4B000000u, 0x7543)) - 8388736.0f;
 }
 
 """
@@ -113,6 +103,16 @@ static __device__ __forceinline__ int norm_slot(int m, int i) {
     return m * (NORM_K / 8) + (i & 1) * (NORM_K / 16) + (i >> 1);
 }
 #endif
+
+// Four int8 weights of one word -> float32, exactly: the byte with its sign bit flipped (q + 128)
+// becomes the mantissa of 2^23, and 2^23 + 128 comes off again.
+static __device__ __forceinline__ void int8x4_float(u32 w, float* out) {
+    const u32 t = w ^ 0x80808080u;
+    out[0] = __uint_as_float(__byte_perm(t, 0x4B000000u, 0x7540)) - 8388736.0f;
+    out[1] = __uint_as_float(__byte_perm(t, 0x4B000000u, 0x7541)) - 8388736.0f;
+    out[2] = __uint_as_float(__byte_perm(t, 0x4B000000u, 0x7542)) - 8388736.0f;
+    out[3] = __uint_as_float(__byte_perm(t, 0x4B000000u, 0x7543)) - 8388736.0f;
+}
 
 // The R weight rows of output group g (WROWS outputs, of both halves when gated: rows n and n_out + n).
 template <int R>
@@ -626,12 +626,11 @@ _disabled: dict[str, str] = {}  # kernel -> why it does not run in this process,
 # The NVRTC kernels of this package, as the log names them, and what serves when one is off.
 KERNEL_ROLES = {"gemv": ("CUDA int8 GEMV", "the next fastest GEMV"),
                 "mma": ("tensor-core CUDA int8 GEMV", "the next fastest GEMV"),
-                "attention": ("CUDA decode attention", "the Triton kernel"),
-                "proj": ("CUDA decode attention with c_proj in one launch", "the two launches")}
+                "attention": ("CUDA decode attention", "the Triton kernel")}
 
 
 def disable(reason: str, kernel: str = "gemv") -> None:
-    """Stop using the NVRTC ``kernel`` ("gemv", "mma", "attention" or "proj", :data:`KERNEL_ROLES`) in this
+    """Stop using the NVRTC ``kernel`` ("gemv", "mma" or "attention", :data:`KERNEL_ROLES`) in this
     process (a compile or launch failed): logged once, the first reason kept."""
     if kernel not in _disabled:
         name, fallback = KERNEL_ROLES[kernel]

@@ -12,10 +12,9 @@ What differs from the eager methods of :mod:`.qwen_vl` and :mod:`.decoder`:
   tiles per shape, split-K for the narrow ones, the partial sums added by the last program of
   each tile; int8 at one row: the FMA GEMV, ``kernels.INT8_GEMV_BY_SHAPE``);
   prefill uses cuBLAS and a separate gate kernel (int8: the Triton kernel with matmul tiles).
-  Decoding with int8 weights on the CUDA GEMV (1 and 2 rows) takes four: each RMSNorm runs inside
+  Decoding with int8 weights on the CUDA GEMV (1 and 2 rows) takes five: each RMSNorm runs inside
   the GEMV that reads its output, each residual add inside the GEMV before it
-  (:meth:`FastQwenVL._decode_layers`, :data:`.kernels.NORM_IN_GEMV`), and on Hopper the
-  attention and its ``c_proj`` are one launch (:data:`.kernels.ATTENTION_PROJ`).
+  (:meth:`FastQwenVL._decode_layers`, :data:`.kernels.NORM_IN_GEMV`).
 - Decode attention reads the static cache in place, each row up to its own length read from
   device memory: no per-step gather, no host-side length, so one CUDA graph per batch size
   serves every length. Graphs for batch sizes ``1 .. max_batch_size`` are captured by
@@ -299,34 +298,17 @@ class FastQwenVL:
                        kv_len: int | None) -> torch.Tensor:
         """``x [B, C]`` -> the residual stream after the last layer, each RMSNorm inside the GEMV
         that reads its output and each residual add inside the GEMV that feeds it
-        (:func:`.kernels.norm_linear`), the attention and its ``c_proj`` one launch where they can
-        be (:func:`.kernels.attention_proj`): four launches a layer."""
+        (:func:`.kernels.norm_linear`): five launches a layer."""
         eps = self.args.llm.layer_norm_eps
         lengths = None if kernels.fuses_rotary(x) else positions + 1  # [B]
         residual = x
         for layer in self._layers:
             qkv = linear(residual, layer.c_attn, norm=(layer.ln_1, eps))  # [B, 3C]
-            residual = self._attention_proj(qkv, layer, positions, slots, kv_len, lengths, residual)
+            attn = self._decode_attention(qkv, layer, positions, slots, kv_len, lengths)  # [B, C]
+            residual = linear(attn, layer.c_proj, residual=residual)
             h = gated(residual, layer.gate_up, norm=(layer.ln_2, eps))  # [B, F]
             residual = linear(h, layer.down, residual=residual)
         return residual
-
-    def _attention_proj(self, qkv: torch.Tensor, layer: _LayerRefs, positions: torch.Tensor, slots: torch.Tensor,
-                        kv_len: int | None, lengths: torch.Tensor | None, residual: torch.Tensor) -> torch.Tensor:
-        """``residual [B, C]`` plus ``c_proj`` of the decode attention of ``qkv [B, 3C]``: one launch
-        where :func:`.kernels.attention_proj` runs, else the attention, then the GEMV with the
-        residual add inside."""
-        decoder = self.model.transformer
-        args = self.args.llm
-        proj = layer.c_proj
-        if isinstance(proj, Int8Linear):
-            out = kernels.attention_proj(qkv, positions, slots, decoder.slot_inv_freq,
-                                         decoder.logn if args.use_logn_attn else None, layer.k, layer.v,
-                                         args.num_heads, proj.qweight, proj.scale, proj.bias, residual)
-            if out is not None:
-                return out
-        attn = self._decode_attention(qkv, layer, positions, slots, kv_len, lengths)  # [B, C]
-        return linear(attn, proj, residual=residual)
 
     def _decode_attention(self, qkv: torch.Tensor, layer: _LayerRefs, positions: torch.Tensor, slots: torch.Tensor,
                           kv_len: int | None, lengths: torch.Tensor | None) -> torch.Tensor:

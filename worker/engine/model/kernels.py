@@ -22,8 +22,7 @@ can be captured in a CUDA graph.
   copy of the query, and the program whose range holds the new position writes the new key and
   value into the cache and uses them from its registers. On Hopper that launch is the CUDA C++
   kernel of :mod:`.cuda_attention` (:data:`DECODE_ATTENTION`), whose blocks combine their ranges
-  in distributed shared memory. :func:`attention_proj` adds the int8 ``c_proj`` and the
-  residual add to that launch (:mod:`.cuda_attention_proj`, :data:`ATTENTION_PROJ`).
+  in distributed shared memory.
 - :func:`int8_linear`: ``x @ (q * scale).T + bias`` for int8 per-output-channel weights,
   without materialising the dequantised matrix (a GEMV-shaped kernel when ``x`` has few rows: on
   the tensor cores, or for 1-2 rows of the shapes in :data:`INT8_GEMV_BY_SHAPE` an FMA GEMV in
@@ -47,7 +46,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from . import cuda_attention, cuda_attention_proj, cuda_gemv
+from . import cuda_attention, cuda_gemv
 from .cuda_attention import AttentionTile
 from .cuda_gemv import CudaTile, MmaTile
 
@@ -298,12 +297,6 @@ def attention_kernel(kind: str, tile: AttentionTile | None = None):
 NORM_IN_GEMV = True
 
 
-# Decode of the batch sizes whose int8 c_proj runs on the CUDA GEMV: the CUDA attention and c_proj
-# with the residual add as one launch, whose blocks copy c_proj's weights into shared memory while
-# they attend and meet at a grid barrier (cuda_attention_proj); the same bits as the two launches.
-ATTENTION_PROJ = True
-
-
 def norm_tiles(tiles: dict[tuple[int, int, int], CudaTile]):
     """:func:`settings` with :data:`NORM_TILES` ``= tiles`` (a copy)."""
     return settings(NORM_TILES=dict(tiles))
@@ -531,33 +524,6 @@ def _cuda_attention(qkv: torch.Tensor, positions: torch.Tensor, slots: torch.Ten
                                                ATTENTION_TILE)
     except Exception as e:  # NVRTC missing or refusing: serve on with the Triton kernel
         cuda_gemv.disable(f"{type(e).__name__}: {e}", "attention")
-        return None
-
-
-def attention_proj(qkv: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, inv_freq: torch.Tensor,
-                   logn: torch.Tensor | None, k_cache: torch.Tensor, v_cache: torch.Tensor, heads: int,
-                   weight: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None,
-                   residual: torch.Tensor) -> torch.Tensor | None:
-    """``residual + linear(rotary_attention(qkv, ...))`` for the int8 ``weight`` (``scale``) in one
-    CUDA launch (:data:`ATTENTION_PROJ`), bit for bit :func:`rotary_attention` on the CUDA kernel
-    and then :func:`norm_linear` with the residual on the CUDA GEMV; None where that launch cannot
-    run (no bias, int8 weights on the CUDA GEMV for this shape and row count, the CUDA attention,
-    every block on the card at once), and the caller runs the two."""
-    if not (ATTENTION_PROJ and DECODE_ATTENTION == "cuda" and scale is not None and bias is None
-            and fuses_rotary(qkv)):
-        return None
-    b, (n, k) = qkv.shape[0], weight.shape
-    if int8_gemv_variant(n, k, b) != "cuda":
-        return None
-    ksplit = CUDA_TILES.get((n, k, b), CudaTile()).ksplit  # the GEMV's order of sums
-    if not cuda_attention_proj.available(qkv, positions, slots, inv_freq, logn, k_cache, v_cache, heads, weight,
-                                         scale, residual, ATTENTION_TILE, ksplit):
-        return None
-    try:
-        return cuda_attention_proj.attention_proj(qkv, positions, slots, inv_freq, logn, k_cache, v_cache, heads,
-                                                  weight, scale, residual, ATTENTION_TILE, ksplit)
-    except Exception as e:  # NVRTC or the driver refusing: serve on with the two launches
-        cuda_gemv.disable(f"{type(e).__name__}: {e}", "proj")
         return None
 
 
