@@ -721,9 +721,9 @@ def mma_macros(rows: int, tile: MmaTile, gated: bool, has_bias: bool) -> dict[st
 
 
 def compiled(source: str, name: str, settings: dict[str, int]):
-    """Kernel ``name`` of ``source`` compiled by NVRTC with ``settings`` as macros, once per process
-    and setting (the CUDA kernels of this package share the cache)."""
-    key = (name, *sorted(settings.items()))
+    """Kernel ``name`` of ``source`` compiled by NVRTC with ``settings`` as macros, once per process,
+    source and setting (the CUDA kernels of this package share the cache)."""
+    key = (name, hash(source), *sorted(settings.items()))  # a str caches its hash: no rehash a call
     kernel = _compiled.get(key)
     if kernel is None:
         options = [f"-D{k}={v}" for k, v in settings.items()]

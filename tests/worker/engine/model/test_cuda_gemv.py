@@ -176,3 +176,21 @@ def test_tiles_split_k_over_whole_groups_of_warps():
     assert CudaTile(1, 1, 128, 2).groups == 2
     assert all(tile.ksplit >= 1 and tile.groups >= 1 and tile.groups * tile.ksplit * 32 == tile.threads
                for tile in [*kernels.CUDA_TILES.values(), CudaTile(2, 2, 256, 4)])
+
+
+def test_a_kernel_is_compiled_once_per_source_and_setting(monkeypatch):
+    calls = []
+
+    def fake_compile(source, name, nvcc_options):
+        calls.append((source, name, tuple(nvcc_options)))
+        return object()
+
+    monkeypatch.setattr(cuda_gemv, "_compiled", {})
+    monkeypatch.setattr(torch.cuda, "_compile_kernel", fake_compile, raising=False)
+    first = cuda_gemv.compiled("source one", "vlq_kernel", {"ROWS": 2})
+    assert cuda_gemv.compiled("source one", "vlq_kernel", {"ROWS": 2}) is first
+    other_source = cuda_gemv.compiled("source two", "vlq_kernel", {"ROWS": 2})  # same name, another kernel
+    other_setting = cuda_gemv.compiled("source one", "vlq_kernel", {"ROWS": 1})
+    assert len({id(first), id(other_source), id(other_setting)}) == 3
+    assert [(source, options) for source, _, options in calls] == [
+        ("source one", ("-DROWS=2",)), ("source two", ("-DROWS=2",)), ("source one", ("-DROWS=1",))]
