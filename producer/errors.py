@@ -29,6 +29,7 @@ input is permanent (the job fails at once); transient errors are retried with ba
 
 from __future__ import annotations
 
+import copy
 from typing import Any, ClassVar
 
 
@@ -45,6 +46,13 @@ class VlqError(Exception):
         if code is not None:
             self.code = code  # type: ignore[misc]  # an instance may refine its class's code
         self.context = context
+
+    def with_note(self, note: str) -> VlqError:
+        """A copy of this error (same class, code and context) whose message ends with ``note``."""
+        noted = copy.copy(self)
+        noted.message = f"{self.message}; {note}"
+        noted.args = (noted.message,)
+        return noted
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form stored in a failed job's record: ``{"code", "message", ...context}``."""
@@ -114,27 +122,35 @@ class ImageFetchError(ImageError):
 
 
 class TransientError(VlqError):
+    """Trouble that may pass. A worker retries the job with backoff and, when the retries run out,
+    fails it with ``remedy`` added to the message."""
+
     code = "transient_error"
     retryable = True
     http_status = 503
+    remedy: ClassVar[str] = "submit the job again later"
 
 
 class ImageFetchTimeout(TransientError):
     code = "image_fetch_timeout"
+    remedy = "check that the workers can reach the URL, or send the image inline as a data: URL"
 
 
 class ImageFetchUnavailable(TransientError):
     """The image's server is down or overloaded (5xx, 429, connection refused or cut off)."""
 
     code = "image_fetch_unavailable"
+    remedy = ImageFetchTimeout.remedy
 
 
 class StoreUnavailable(TransientError):
     code = "store_unavailable"
+    remedy = "check that the result store (conf/store.yaml) is reachable from the workers"
 
 
 class BrokerUnavailable(TransientError):
     code = "broker_unavailable"
+    remedy = "check that Redis (broker.url) is reachable from the workers"
 
 
 # -- engine, checkpoints, configuration ---------------------------------------------------------

@@ -213,7 +213,7 @@ class ImageLoader:
             raise ImageFetchError(f"too many redirects fetching {_short(url)}", url=_short(url)) from e
         except httpx.TransportError as e:  # refused, reset, DNS, cut off mid-body
             raise ImageFetchUnavailable(
-                f"could not fetch {_short(url)}: {type(e).__name__}: {e}; the job will be retried",
+                f"could not fetch {_short(url)}: {type(e).__name__}: {e}",
                 url=_short(url),
             ) from e
 
@@ -309,12 +309,12 @@ class ImageLoader:
             status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
             message = f"s3 refused {url}: {err.get('Code', status)} {err.get('Message', '')}".strip()
             if status >= 500 or status == 429 or err.get("Code") in ("SlowDown", "ServiceUnavailable"):
-                raise ImageFetchUnavailable(message + "; the job will be retried", url=url) from e
+                raise ImageFetchUnavailable(message, url=url) from e
             raise ImageFetchError(message, url=url) from e
         except (ConnectTimeoutError, ReadTimeoutError) as e:
             raise _timed_out(url, str(e)) from e
         except BotoCoreError as e:  # endpoint unreachable, connection closed
-            raise ImageFetchUnavailable(f"could not fetch {url}: {e}; the job will be retried", url=url) from e
+            raise ImageFetchUnavailable(f"could not fetch {url}: {e}", url=url) from e
         if len(data) > limit:
             raise _too_many_bytes(url, limit)
         return data
@@ -497,9 +497,13 @@ def decode_image(data: bytes, *, url: str = "", max_pixels: int = ImageSettings(
         rgb = image.convert("RGB")
     except Image.DecompressionBombError as e:
         raise ImageTooLarge(f"the image at {_short(url)} is too many pixels to decode: {e}", url=_short(url)) from e
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
+    except UnidentifiedImageError as e:
+        raise ImageDecodeError(f"the data at {_short(url)} is not an image: {_not_an_image(data)}",
+                               url=_short(url)) from e
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise ImageDecodeError(
-            f"the data at {_short(url)} is not a readable image ({IMAGE_FORMATS}): {e}", url=_short(url)
+            f"the image at {_short(url)} could not be decoded ({e}): it may be truncated or damaged; "
+            "check that it opens in an image viewer", url=_short(url)
         ) from e
     return LoadedImage(rgb, width, height, hashlib.sha256(data).hexdigest(), url)
 
@@ -513,12 +517,23 @@ def _check_http_status(response: httpx.Response, url: str) -> None:
         raise _timed_out(url, "the server answered 408 Request Timeout")
     if status == 429 or status >= 500:
         raise ImageFetchUnavailable(
-            f"the image server answered {status} for {where}; the job will be retried", url=where, status=status
+            f"the image server answered {status} for {where}", url=where, status=status
         )
     raise ImageFetchError(
         f"the image server answered {status} for {where}: check the URL and its access rights",
         url=where, status=status,
     )
+
+
+def _not_an_image(data: bytes) -> str:
+    """What the bytes look like instead, and what to do about it."""
+    head = data[:64].lstrip().lower()
+    if head.startswith((b"<!doctype html", b"<html", b"<head", b"<body")):
+        return "it is a web page (HTML), not the picture: use the image's own URL"
+    if head.startswith((b"<svg", b"<?xml")):
+        return "it is an SVG or XML document, not a raster picture: convert it to PNG"
+    readable = ", ".join(f for f in IMAGE_FORMATS if f != "MPO")
+    return f"{len(data)} bytes starting {data[:12]!r}, none of {readable}: convert it to one of these"
 
 
 def _too_many_bytes(url: str, limit: int, size: int | None = None) -> ImageTooLarge:
@@ -530,7 +545,7 @@ def _too_many_bytes(url: str, limit: int, size: int | None = None) -> ImageTooLa
 
 
 def _timed_out(url: str, why: str) -> ImageFetchTimeout:
-    return ImageFetchTimeout(f"fetching {_short(url)} timed out: {why}; the job will be retried", url=_short(url))
+    return ImageFetchTimeout(f"fetching {_short(url)} timed out: {why}", url=_short(url))
 
 
 def _short(url: str, limit: int = 200) -> str:

@@ -13,7 +13,8 @@ The task is thin; :class:`JobRunner` does the work and never lets bad input esca
 
 Transient errors (an image server that timed out, S3 5xx, Redis away) are retried with
 exponential backoff, at most ``worker.max_retries`` times, with delays kept below the broker's
-visibility timeout; then the job fails with the error's own code.
+visibility timeout (the job's ``last_error`` says which retry comes when); then the job fails
+with the error's own code and a message that says how many attempts were made and what to check.
 """
 
 from __future__ import annotations
@@ -207,15 +208,16 @@ class JobRunner:
             log.info("job %s: %s", job.id, status.value)
             return Outcome(status.value)
         except TransientError as e:
-            if retries < self.settings.worker.max_retries:
+            most = self.settings.worker.max_retries
+            if retries < most:
                 delay = self._backoff(retries)
                 self.leases.untrack(lease)  # no renewal while the lease is parked for the retry
-                if self.store.release_for_retry(job.id, lease.token, delay, e):
-                    log.warning("job %s: %s; retry %d/%d in %.1fs", job.id, e.code, retries + 1,
-                                self.settings.worker.max_retries, delay)
+                if self.store.release_for_retry(job.id, lease.token, delay,
+                                                e.with_note(f"retry {retries + 1} of {most} in {delay:.1f}s")):
+                    log.warning("job %s: %s; retry %d/%d in %.1fs", job.id, e.code, retries + 1, most, delay)
                     return Outcome("retry", delay)
                 return Outcome("lost")
-            return self._fail(job, e, f"after {retries + 1} attempts")
+            return self._fail(job, e.with_note(f"gave up after {retries + 1} attempts: {e.remedy}"))
         except VlqError as e:
             return self._fail(job, e)
         except Exception as e:  # a bug, not bad input: record it, keep the worker alive
@@ -301,11 +303,10 @@ class JobRunner:
 
     # -- failures --------------------------------------------------------------------------------
 
-    def _fail(self, job: Job, error: VlqError, note: str = "") -> Outcome:
+    def _fail(self, job: Job, error: VlqError) -> Outcome:
         status, changed = self.store.finish(job, JobStatus.FAILED, error=error)
         if changed:
-            log.warning("job %s: failed [%s] %s%s", job.id, error.code, error.message,
-                        f" ({note})" if note else "")
+            log.warning("job %s: failed [%s] %s", job.id, error.code, error.message)
         return Outcome(status.value)
 
     def _malformed(self, raw: Any, error: MalformedJob) -> Outcome:

@@ -67,8 +67,11 @@ async def chat_completions(request: Request) -> Response:
 
 
 def _job_error(error: VlqError, headers: dict[str, str]) -> Response:
+    """The error of a job that was enqueued: it has run its own retries (or, on a timeout, goes
+    on), so ``x-should-retry: false`` keeps the OpenAI SDKs from sending it again as new jobs."""
     response = vlq_error_response(error)
     response.headers.update(headers)
+    response.headers["x-should-retry"] = "false"
     return response
 
 

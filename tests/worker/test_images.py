@@ -176,8 +176,9 @@ def test_a_5xx_or_429_answer_is_transient(loader: ImageLoader, http_server: str,
 
 
 def test_a_refused_connection_is_transient(loader: ImageLoader) -> None:
-    with pytest.raises(ImageFetchUnavailable, match="retried"):
+    with pytest.raises(ImageFetchUnavailable, match="could not fetch .*ConnectError") as err:
         loader.load(f"http://127.0.0.1:{free_port()}/img.png")
+    assert err.value.retryable
 
 
 @pytest.mark.parametrize("path", ["/stall-headers", "/stall-body", "/drip"])
@@ -563,3 +564,21 @@ def test_addresses_are_judged_by_where_they_lead(address: str, reason: str | Non
 def test_allowed_hosts_refuses_urls_and_ports_at_start_up(bad: str) -> None:
     with pytest.raises(ValidationError, match="not a host glob"):
         ImageSettings(allowed_hosts=[bad])
+
+
+@pytest.mark.parametrize(("data", "says"), [
+    (b"<!DOCTYPE html><html><body>Sign in</body></html>", "web page (HTML), not the picture"),
+    (b'<?xml version="1.0"?><svg xmlns="http://www.w3.org/2000/svg"/>', "convert it to PNG"),
+    (b"garbage\n", r"8 bytes starting b'garbage\n', none of JPEG, PNG"),
+])
+def test_a_decode_error_says_what_arrived_instead_of_an_image(data: bytes, says: str) -> None:
+    with pytest.raises(ImageDecodeError) as err:
+        decode_image(data, url="https://example.com/photo.jpg")
+    assert says in err.value.message and "BytesIO" not in err.value.message
+
+
+def test_a_truncated_image_is_reported_as_damaged(root: Path) -> None:
+    buf = io.BytesIO()
+    Image.effect_noise((256, 256), 64).convert("RGB").save(buf, "JPEG", quality=95)
+    with pytest.raises(ImageDecodeError, match="truncated or damaged"):
+        decode_image(buf.getvalue()[: len(buf.getvalue()) // 2], url="file:///photos/cut.jpg")

@@ -112,10 +112,14 @@ def test_a_transient_error_is_retried_with_backoff_then_fails_with_its_code(env)
     assert (first.status, first.retry_in, second.retry_in) == ("retry", 1.0, 2.0)
     rec = store.get(job.id)
     assert rec.status is JobStatus.RUNNING and rec.retries == 2
-    assert rec.last_error["code"] == "image_fetch_timeout"
+    assert rec.last_error == {"code": "image_fetch_timeout",
+                              "message": "the image server did not answer in 10s; retry 2 of 2 in 2.0s"}
     last = runner.run(job.to_json(), retries=2)
     assert last.status == "failed" and last.retry_in is None
-    assert store.get(job.id).error["code"] == "image_fetch_timeout"
+    error = store.get(job.id).error
+    assert error["code"] == "image_fetch_timeout"
+    assert error["message"] == ("the image server did not answer in 10s; gave up after 3 attempts: check that the"
+                                " workers can reach the URL, or send the image inline as a data: URL")
 
 
 def test_a_malformed_message_is_dead_lettered_and_failed_when_its_id_reads(env) -> None:

@@ -47,7 +47,7 @@ class Api:
     def openai(self, api_key: str = "unused", **kw: Any):
         from openai import OpenAI
 
-        return OpenAI(base_url=self.v1, api_key=api_key, max_retries=0, timeout=120, **kw)
+        return OpenAI(base_url=self.v1, api_key=api_key, **{"max_retries": 0, "timeout": 120, **kw})
 
     def http(self, **kw: Any) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=120, **kw)

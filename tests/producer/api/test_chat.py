@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.conftest import free_port
 from tests.producer.api.conftest import (
     SEED_NAMES,
     Api,
@@ -125,6 +126,28 @@ def test_an_image_outside_the_allowed_roots_is_a_400_in_openai_shape(api: Api, s
     with api.http() as http:
         job = http.get(f"/v1/jobs/{response.headers['x-vlq-job-id']}").json()
     assert job["status"] == "failed" and job["error"]["code"] == "image_url_forbidden"
+
+
+def test_an_image_server_that_stays_down_fails_once_and_the_openai_sdk_does_not_resend(api: Api) -> None:
+    import openai
+
+    sent: list[str] = []
+    http = httpx.Client(event_hooks={"request": [lambda request: sent.append(request.url.path)]})
+    url = f"http://127.0.0.1:{free_port()}/photo.jpg"  # nothing listens there
+    body = {"model": "QwenVL", "max_tokens": 4, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "what is this?"}]}]}
+    with pytest.raises(openai.InternalServerError) as caught:
+        api.openai(max_retries=2, http_client=http).chat.completions.create(**body)
+    assert sent == ["/v1/chat/completions"]  # the worker retried; the SDK sent it once
+    response = caught.value.response
+    assert response.status_code == 503 and response.headers["x-should-retry"] == "false"
+    error = caught.value.body
+    assert error["code"] == "image_fetch_unavailable"
+    assert "gave up after 2 attempts" in error["message"] and "data: URL" in error["message"]
+    assert "will be retried" not in error["message"]
+    with api.http() as client:
+        job = client.get(f"/v1/jobs/{response.headers['x-vlq-job-id']}").json()
+    assert job["status"] == "failed" and job["attempts"] == 2
 
 
 def test_a_prompt_over_the_limit_is_refused_before_it_is_queued(api: Api) -> None:
