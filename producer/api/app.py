@@ -47,7 +47,8 @@ def create_app(settings: Settings, client: Client | None = None) -> FastAPI:
         log.info("vlq api: queue %r, keys %s:*, auth %s, prompt-length pre-flight %s",
                  settings.broker.queue, settings.key_prefix,
                  "on" if settings.api.auth_tokens else "off",
-                 "on" if preflight.checks_prompt_length else "off (no tokenizer)")
+                 "on" if preflight.checks_prompt_length
+                 else "off (workers check prompt lengths; set engine.model_dir to refuse long prompts here)")
         try:
             yield
         finally:
