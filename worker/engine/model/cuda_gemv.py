@@ -45,7 +45,6 @@ import torch
 log = logging.getLogger(__name__)
 
 MAX_ROWS = 4
-PREFETCH_KIND = 1  # how int8_gemv's prefetch asks L2: 1 one bulk prefetch a warp, 2 a line a lane
 
 # bf16 <-> float32 in CUDA C++, shared by the CUDA kernels of this package (NVRTC: no headers).
 BF16_HELPERS = r"""
@@ -298,29 +297,6 @@ static __device__ __forceinline__ void normalize(uint4* xs, const bf16* x, int s
 }
 #endif
 
-#if PREFETCH
-// This warp's share of the first `bytes` of the next kernel's weights, asked into L2 as the warp
-// finishes (a hint: nothing waits for it). Only blocks from `first` on ask: the last wave.
-static __device__ __forceinline__ void prefetch_next(const signed char* next, int bytes, int first) {
-    if ((int)blockIdx.x < first) return;
-    constexpr int WARPS = THREADS / 32;
-    const int warps = ((int)gridDim.x - first) * WARPS, i = ((int)blockIdx.x - first) * WARPS + (threadIdx.x >> 5);
-#if PREFETCH == 1  // one bulk prefetch a warp
-    if ((threadIdx.x & 31) != 0) return;
-    const int share = (bytes / warps + 15) & ~15, at = i * share;  // whole 16-byte pieces
-    if (share == 0 || at >= bytes) return;
-    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" :: "l"(next + at), "r"(min(share, bytes - at)) : "memory");
-#else  // one line prefetch a lane at a time
-    const int share = (bytes / warps + 127) & ~127, end = min(bytes, (i + 1) * share);
-    for (int at = i * share + 128 * (threadIdx.x & 31); at < end; at += 32 * 128)
-        asm volatile("prefetch.global.L2 [%0];" :: "l"(next + at));
-#endif
-}
-#define PREFETCH_NEXT() prefetch_next(next_q, next_bytes, next_first)
-#else
-#define PREFETCH_NEXT()
-#endif
-
 // y [ROWS, n_out] = x @ (q * s).T (+ b); GATED: q is [w1 | w2] ([2 n_out, k]) and y the gate. Each
 // group of WROWS outputs is owned whole by KSPLIT warps of one block, each walking its own slice of
 // K (whole multiples of 32 chunks); their sums are added in the block in slice order (KSPLIT 1: one
@@ -336,8 +312,7 @@ static __device__ __forceinline__ void prefetch_next(const signed char* next, in
 extern "C" __global__ void GEMV_BOUNDS
 vlq_int8_gemv(const bf16* __restrict__ x, const signed char* __restrict__ q, const float* __restrict__ s,
               const bf16* __restrict__ b, bf16* __restrict__ y, int n_out, int k, int stride_x, int stride_q,
-              const bf16* __restrict__ norm_w, int eps_bits, const bf16* __restrict__ res,
-              const signed char* __restrict__ next_q, int next_bytes, int next_first) {
+              const bf16* __restrict__ norm_w, int eps_bits, const bf16* __restrict__ res) {
     constexpr int R = WROWS * (GATED ? 2 : 1);  // weight rows per warp
     constexpr int GROUPS = THREADS / 32 / KSPLIT;  // output groups per block at a time
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -373,10 +348,7 @@ vlq_int8_gemv(const bf16* __restrict__ x, const signed char* __restrict__ q, con
             if (c_begin + lane < next_end) load_step<R>(w, rows, c_begin + lane, next_end);
         }
         finish_group<R>(acc, s, b, res, y, g, n_out);
-        if (!more) {
-            PREFETCH_NEXT();
-            break;
-        }
+        if (!more) break;
         if (KSPLIT > 1) __syncthreads();  // finish_group's shared sums are read before they are rewritten
         g = next;
         c_end = next_end;
@@ -389,7 +361,6 @@ vlq_int8_gemv(const bf16* __restrict__ x, const signed char* __restrict__ q, con
         fma_step<R>(acc, w, x, stride_x, c0, c_end);
     }
     finish_group<R>(acc, s, b, res, y, g, n_out);
-    PREFETCH_NEXT();
 #endif
 }
 """
@@ -734,13 +705,13 @@ def mma_available(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor | None =
 
 
 def macros(rows: int, tile: CudaTile, gated: bool, has_bias: bool, norm_k: int = 0,
-           residual: bool = False, prefetch: bool = False) -> dict[str, int]:
+           residual: bool = False) -> dict[str, int]:
     """The compile-time settings of the FMA kernel for ``rows`` rows of x and ``tile``; ``norm_k``:
     the RMSNorm of x's ``norm_k`` columns runs inside it (0: none); ``residual``: it adds the
-    residual stream to its output; ``prefetch``: its last warps ask L2 for the next weights."""
+    residual stream to its output."""
     return {"ROWS": rows, "WROWS": tile.wrows, "UNROLL": tile.unroll, "THREADS": tile.threads, "GATED": int(gated),
             "HAS_BIAS": int(has_bias), "KSPLIT": tile.ksplit, "NORM": int(norm_k > 0), "NORM_K": norm_k,
-            "RESIDUAL": int(residual), "MIN_BLOCKS": tile.blocks_per_sm, "PREFETCH": int(prefetch) * PREFETCH_KIND}
+            "RESIDUAL": int(residual), "MIN_BLOCKS": tile.blocks_per_sm}
 
 
 def mma_macros(rows: int, tile: MmaTile, gated: bool, has_bias: bool) -> dict[str, int]:
@@ -807,7 +778,7 @@ def norm_grid(blocks: int, resident: int, tile: CudaTile, sms: int) -> int:
 
 def int8_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
               tile: CudaTile | None = None, gated: bool = False, norm: tuple[torch.Tensor, float] | None = None,
-              residual: torch.Tensor | None = None, prefetch: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
+              residual: torch.Tensor | None = None) -> torch.Tensor:
     """``x [M, K]`` (bf16, M <= 4) times int8 ``q [N, K]`` with float32 ``scale [N]`` (+ bf16
     ``bias``) -> bf16 ``[M, N]``; ``gated``: ``q`` is ``[w1 | w2]`` and the result the gate,
     ``[M, N / 2]``. ``norm``: ``(weight, eps)``, x goes through the decoder's RMSNorm first;
@@ -819,21 +790,15 @@ def int8_gemv(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch
     n = rows // 2 if gated else rows
     tile = CudaTile(*(tile or CudaTile()))
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    kernel = _kernel(macros(m, tile, gated, bias is not None, k if norm is not None else 0, residual is not None,
-                            prefetch is not None))
+    kernel = _kernel(macros(m, tile, gated, bias is not None, k if norm is not None else 0, residual is not None))
     blocks = -(-n // (tile.wrows * tile.groups))
     if norm is not None:  # only the blocks that fit at once: each normalises x once, then loops over groups
         blocks = norm_grid(blocks, resident_blocks(kernel, tile.threads, x.device), tile, _sm_count(x.device))
     norm_weight, eps = norm if norm is not None else (x, 0.0)  # unused placeholders without a norm
     eps_bits = struct.unpack("<i", struct.pack("<f", eps))[0]  # torch's launcher passes floats as doubles
-    next_weights, next_bytes, next_first = q, 0, 0
-    if prefetch is not None:
-        next_weights, next_bytes = prefetch[0], min(prefetch[1], prefetch[0].numel() * prefetch[0].element_size())
-        next_bytes -= next_bytes % 16
-        next_first = 0 if norm is not None else max(0, blocks - resident_blocks(kernel, tile.threads, x.device))
     kernel(grid=(blocks, 1, 1), block=(tile.threads, 1, 1),
            args=[x, q, scale, bias if bias is not None else scale, y, n, k, x.stride(0), q.stride(0),
-                 norm_weight, eps_bits, residual if residual is not None else x, next_weights, next_bytes, next_first])
+                 norm_weight, eps_bits, residual if residual is not None else x])
     return y
 
 
