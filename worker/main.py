@@ -68,6 +68,19 @@ def worker_settings(
     return settings.model_copy(update={"engine": engine, "broker": broker, "worker": work})
 
 
+# Celery's own line per task received and per task finished: vlq logs one line per job with what
+# matters (status, milliseconds, attempt, error code), so these only show at DEBUG.
+PER_TASK_LOGGERS = ("celery.worker.strategy", "celery.app.trace")
+
+
+def configure_logging(loglevel: str) -> None:
+    """Log to stderr at ``loglevel``, with Celery's per-task lines only at DEBUG."""
+    logging.basicConfig(level=loglevel, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        for name in PER_TASK_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def run_worker(
     settings: Settings,
     model_dir: str | Path | None = None,
@@ -80,9 +93,7 @@ def run_worker(
     """Run a worker until it is told to stop; returns its exit code."""
     pin_gpu(gpu)  # before anything below imports torch
     settings = worker_settings(settings, model_dir, queue, concurrency)
-    logging.basicConfig(
-        level=loglevel, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    configure_logging(loglevel)
     from worker.celery_app import check_timeouts, make_celery_app, wait_for_broker
 
     check_timeouts(settings)

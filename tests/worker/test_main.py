@@ -42,3 +42,14 @@ def test_a_missing_model_folder_is_a_clear_config_error(tmp_path: Path) -> None:
 def test_node_names_are_unique_per_start() -> None:
     a, b = node_name(0), node_name(0)
     assert a != b and a.startswith("vlq-gpu0-") and node_name(None).startswith("vlq-cpu-")
+
+
+@pytest.mark.parametrize(("level", "per_task_lines"), [("INFO", False), ("DEBUG", True)])
+def test_celerys_per_task_lines_show_only_at_debug(level: str, per_task_lines: bool) -> None:
+    probe = ("import logging; from worker.main import configure_logging, PER_TASK_LOGGERS; "
+             f"configure_logging({level!r}); "
+             "print([logging.getLogger(n).isEnabledFor(logging.INFO) for n in PER_TASK_LOGGERS], "
+             "logging.getLogger('worker.tasks').isEnabledFor(logging.INFO), "
+             "logging.getLogger('celery.app.trace').isEnabledFor(logging.ERROR))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split()
+    assert out == [f"[{per_task_lines},", f"{per_task_lines}]", "True", "True"]
