@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NamedTuple
 
 import typer
 
@@ -19,12 +19,36 @@ def client() -> Client:
     return Client.from_settings()
 
 
-def read_requests(path: Path) -> list[dict[str, Any] | Job]:
+MAX_LISTED = 10  # bad lines of a .jsonl file listed in one error
+
+
+class Requests(NamedTuple):
+    """What a request file holds: the jobs with their line numbers, the lines that are not valid
+    requests with what is wrong, and how many requests (non-blank lines) there are in all."""
+
+    items: list[tuple[int, dict[str, Any] | Job]]
+    problems: list[tuple[int, str]]
+    total: int
+
+    def check(self, path: Path) -> None:
+        """One error naming the bad lines (the first :data:`MAX_LISTED`), if there are any."""
+        if not self.problems:
+            return
+        problems = sorted(self.problems)
+        if path.suffix.lower() != ".jsonl":
+            raise InvalidRequest(f"{path}: {problems[0][1]}")
+        listed = "".join(f"\n  line {line_no}: {message}" for line_no, message in problems[:MAX_LISTED])
+        more = f"\n  ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
+        raise InvalidRequest(f"{path}: {len(problems)} of {self.total} requests are not valid, so none was "
+                             f"submitted; fix these lines:{listed}{more}", lines=[n for n, _ in problems])
+
+
+def read_requests(path: Path) -> Requests:
     """The jobs in a ``.json`` file (one object) or ``.jsonl`` file (one per line).
 
     Each object is a chat.completions body (``{"messages": ...}``), an OpenAI Batch line
     (``{"custom_id", "body", ...}``; the custom_id lands in the job's metadata) or a vlq job
-    (``{"request": ...}``).
+    (``{"request": ...}``). A line that is none of these lands in ``problems``.
     """
     if not path.is_file():
         raise InvalidRequest(f"{path} is not a file")
@@ -33,26 +57,28 @@ def read_requests(path: Path) -> list[dict[str, Any] | Job]:
         rows = [(i + 1, line) for i, line in enumerate(text.splitlines()) if line.strip()]
     else:
         rows = [(1, text)]
-    out: list[dict[str, Any] | Job] = []
+    if not rows:
+        raise InvalidRequest(f"{path} holds no requests")
+    found = Requests([], [], len(rows))
     for line_no, raw in rows:
         try:
             obj = json.loads(raw)
         except ValueError as e:
-            raise InvalidRequest(f"{path}:{line_no}: not JSON ({e})", line=line_no) from None
+            found.problems.append((line_no, f"not JSON ({e})"))
+            continue
         if not isinstance(obj, dict):
-            raise InvalidRequest(f"{path}:{line_no}: expected a JSON object", line=line_no)
-        out.append(_as_item(obj, path, line_no))
-    if not out:
-        raise InvalidRequest(f"{path} holds no requests")
-    return out
-
-
-def _as_item(obj: dict[str, Any], path: Path, line_no: int) -> dict[str, Any] | Job:
-    if "request" in obj:
+            found.problems.append((line_no, "expected a JSON object"))
+            continue
         try:
-            return Job.from_wire(obj)
+            found.items.append((line_no, _as_item(obj)))
         except VlqError as e:
-            raise InvalidRequest(f"{path}:{line_no}: {e.message}", line=line_no) from None
+            found.problems.append((line_no, e.message))
+    return found
+
+
+def _as_item(obj: dict[str, Any]) -> dict[str, Any] | Job:
+    if "request" in obj:
+        return Job.from_wire(obj)
     if "body" in obj:
         body = dict(obj["body"]) if isinstance(obj["body"], dict) else obj["body"]
         return {"__custom_id": obj.get("custom_id"), "body": body}
@@ -75,20 +101,22 @@ def submit(
     per job as it finishes: its result, or {"id", "error"}; exits 1 if any failed.
     """
     try:
-        items = read_requests(file)
+        found = read_requests(file)
         c = client()
-        if len(items) == 1 and file.suffix.lower() != ".jsonl":
-            arg, kw = _submit_args(items[0])
+        if file.suffix.lower() != ".jsonl":
+            found.check(file)
+            arg, kw = _submit_args(found.items[0][1])
             ids = [c.submit(arg, **kw).id]
         else:
             batch_id = new_batch_id()
             jobs = []
-            for n, item in enumerate(items, 1):
+            for line_no, item in found.items:
                 arg, kw = _submit_args(item)
                 try:
                     jobs.append(c.make_job(arg, batch_id=batch_id, **kw))
                 except VlqError as e:
-                    raise type(e)(f"{file}:{n}: {e.message}", code=e.code, line=n) from None
+                    found.problems.append((line_no, f"[{e.code}] {e.message}"))
+            found.check(file)
             c.submit_jobs(jobs)
             ids = [job.id for job in jobs]
             typer.echo(f"batch {batch_id}: {len(jobs)} jobs (vlq status --batch {batch_id})", err=True)

@@ -9,7 +9,9 @@ import pytest
 from typer.testing import CliRunner
 
 from producer.cli import app
+from producer.cli.jobs import MAX_LISTED
 from producer.config import Settings
+from producer.state import JobStore
 from tests.worker.scripted_worker import scripted_worker
 
 REQUEST = {"messages": [{"role": "user", "content": [
@@ -70,12 +72,31 @@ def test_a_jsonl_file_is_one_batch_and_openai_batch_lines_keep_their_custom_id(
     assert [d["vlq"]["metadata"] for d in docs if d["vlq"]["metadata"]] == [{"custom_id": "row-7"}]
 
 
-def test_a_bad_line_is_reported_with_its_number_and_nothing_is_sent(tmp_path: Path, env) -> None:
+def test_every_bad_line_is_reported_with_its_number_and_nothing_is_sent(tmp_path: Path, settings: Settings) -> None:
     path = tmp_path / "bad.jsonl"
-    path.write_text(json.dumps(REQUEST) + "\n" + json.dumps({"messages": []}) + "\n")
+    lines = [json.dumps(REQUEST), "", json.dumps({"messages": []}), "{not json", "[1, 2]", json.dumps(REQUEST),
+             json.dumps({"messages": [{"role": "user", "content": [
+                 *({"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}} for _ in range(30))]}]})]
+    path.write_text("\n".join(lines) + "\n")
     res = vlq("submit", str(path))
     assert res.exit_code == 1
-    assert "error [invalid_request]" in res.stderr and "bad.jsonl:2" in res.stderr
+    assert res.stderr.splitlines()[:5] == [
+        f"error [invalid_request]: {path}: 4 of 6 requests are not valid, so none was submitted; fix these lines:",
+        "  line 3: [invalid_request] invalid request: messages: List should have at least 1 item after validation,"
+        " not 0",
+        "  line 4: not JSON (Expecting property name enclosed in double quotes: line 1 column 2 (char 1))",
+        "  line 5: expected a JSON object",
+        "  line 7: [too_many_images] the request has 30 images; a worker accepts at most 26 (engine.max_images):"
+        " split it into several requests",
+    ]
+    assert JobStore.from_settings(settings).stats().get("queued", 0) == 0
+
+
+def test_a_long_list_of_bad_lines_is_cut_short(tmp_path: Path, env) -> None:
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join(["nope"] * 25) + "\n")
+    lines = vlq("submit", str(path)).stderr.splitlines()
+    assert len(lines) == 1 + MAX_LISTED + 1 and lines[-1] == "  ... and 15 more"
 
 
 def test_result_of_an_unfinished_job_says_how_to_wait(tmp_path: Path, env) -> None:
