@@ -260,10 +260,10 @@ def label_studio_prediction(
             item["original_width"], item["original_height"] = b.image_size
             item["image_rotation"] = 0
         if b.kind == "box":
-            x1, y1, x2, y2 = (min(max(v, 0), GRID) / 10 for v in b.box)
+            x1, y1, x2, y2 = (min(max(v, 0), GRID) for v in b.box)  # grid units: differences stay exact
             item["type"] = "rectanglelabels"
-            item["value"] = {"x": x1, "y": y1, "width": x2 - x1, "height": y2 - y1, "rotation": 0,
-                             "rectanglelabels": label}
+            item["value"] = {"x": x1 / 10, "y": y1 / 10, "width": (x2 - x1) / 10, "height": (y2 - y1) / 10,
+                             "rotation": 0, "rectanglelabels": label}
         else:
             points = [[min(max(x, 0), GRID) / 10, min(max(y, 0), GRID) / 10] for x, y in b.points]
             item["type"] = "polygonlabels"

@@ -176,8 +176,9 @@ def test_label_studio_prediction_uses_percent() -> None:
     rect, poly = pred["result"]
     assert pred["model_version"] == "v1"
     assert rect["type"] == "rectanglelabels" and rect["original_width"] == 1024
-    assert rect["value"]["x"] == pytest.approx(44.1) and rect["value"]["width"] == pytest.approx(29.2)
-    assert rect["value"]["y"] == pytest.approx(38.2) and rect["value"]["height"] == pytest.approx(42.9)
+    # the nearest doubles to the grid's tenths, as JSON writes them: 29.2, not 29.199999999999996
+    assert (rect["value"]["x"], rect["value"]["width"]) == (44.1, 29.2)
+    assert (rect["value"]["y"], rect["value"]["height"]) == (38.2, 42.9)
     assert rect["value"]["rectanglelabels"] == ["女生"]
     assert poly["type"] == "polygonlabels" and poly["value"]["points"][2] == [10.0, 5.0]
     assert poly["value"]["polygonlabels"] == ["object"]
