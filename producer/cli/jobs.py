@@ -10,8 +10,9 @@ import typer
 
 from producer.cli.app import app, fail
 from producer.client import Client, new_batch_id
-from producer.errors import InvalidRequest, VlqError
+from producer.errors import InvalidRequest, JobNotFinished, VlqError
 from producer.schema import Job
+from producer.state import JobRecord
 
 
 def client() -> Client:
@@ -122,19 +123,20 @@ def submit(
             typer.echo(f"batch {batch_id}: {len(jobs)} jobs (vlq status --batch {batch_id})", err=True)
         for job_id in ids:
             typer.echo(job_id)
-        if wait:
-            failed = 0
-            for record in c.as_completed(ids, timeout=timeout):
-                try:
-                    _print_json(c.result_of(record))
-                except VlqError as e:
-                    failed += 1
-                    _print_json({"id": record.id, "status": record.status.value,
-                                 "error": {"code": e.code, "message": e.message}})
-            if failed:
-                raise typer.Exit(1)
+        if wait and sum(_print_outcome(c, record) for record in c.as_completed(ids, timeout=timeout)):
+            raise typer.Exit(1)
     except VlqError as e:
         fail(e)
+
+
+def _print_outcome(c: Client, record: JobRecord) -> bool:
+    """Print a finished job's result, or ``{"id", "status", "error"}``; True if it did not succeed."""
+    try:
+        _print_json(c.result_of(record))
+        return False
+    except VlqError as e:
+        _print_json({"id": record.id, "status": record.status.value, "error": {"code": e.code, "message": e.message}})
+        return True
 
 
 def _submit_args(item: dict[str, Any] | Job) -> tuple[Any, dict[str, Any]]:
@@ -163,15 +165,36 @@ def status(
 
 @app.command()
 def result(
-    job_id: Annotated[str, typer.Argument(help="a job id")],
-    wait: Annotated[bool, typer.Option("--wait", help="wait until the job finishes")] = False,
+    job_id: Annotated[str, typer.Argument(help="a job id (or a batch id with --batch)")],
+    wait: Annotated[bool, typer.Option("--wait", help="wait until the job (every job of the batch) finishes")] = False,
     timeout: Annotated[float | None, typer.Option(help="seconds to wait with --wait")] = None,
+    batch: Annotated[bool, typer.Option("--batch", help="JOB_ID is a batch id: one JSON line per job")] = False,
 ) -> None:
-    """Print a job's result (OpenAI chat.completion + boxes) as JSON; a failed job prints its error."""
+    """Print a job's result (OpenAI chat.completion + boxes) as JSON; a failed job prints its error.
+
+    With --batch, one line per finished job of the batch (its result, or {"id", "status",
+    "error"}), in submission order, or as they finish with --wait; exits 1 if any failed or is
+    not finished.
+    """
     try:
         c = client()
-        doc = c.result(job_id, timeout=(timeout if wait else 0))
-        _print_json(doc)
+        if not batch:
+            _print_json(c.result(job_id, timeout=(timeout if wait else 0)))
+            return
+        c.batch(job_id)  # an unknown batch: not_found
+        ids = c.batch_jobs(job_id)
+        printed = failed = 0
+        try:
+            for record in c.as_completed(ids, timeout=timeout if wait else 0):
+                printed += 1
+                failed += _print_outcome(c, record)
+        except JobNotFinished:
+            left = len(ids) - printed
+            typer.echo(f"{left} of {len(ids)} jobs are not finished yet: vlq result {job_id} --batch --wait",
+                       err=True)
+            raise typer.Exit(1) from None
+        if failed:
+            raise typer.Exit(1)
     except VlqError as e:
         fail(e)
 

@@ -72,6 +72,42 @@ def test_a_jsonl_file_is_one_batch_and_openai_batch_lines_keep_their_custom_id(
     assert [d["vlq"]["metadata"] for d in docs if d["vlq"]["metadata"]] == [{"custom_id": "row-7"}]
 
 
+def job_of(line: dict) -> str:
+    """The job id of a line of results: a chat.completion's vlq block, or a failure's id."""
+    return line["vlq"]["job_id"] if "vlq" in line else line["id"]
+
+
+def test_a_batch_submitted_without_waiting_is_collected_later_in_submission_order(
+    tmp_path: Path, settings: Settings
+) -> None:
+    path = tmp_path / "many.jsonl"
+    three_images = {"messages": [{"role": "user", "content": [
+        *REQUEST["messages"][0]["content"][:1] * 3, {"type": "text", "text": "too many for this engine"}]}]}
+    path.write_text("\n".join(json.dumps(x) for x in [REQUEST, three_images, REQUEST]) + "\n")
+    res = vlq("submit", str(path))
+    ids = res.stdout.split()
+    batch_id = res.stderr.split()[1].rstrip(":")
+    early = vlq("result", batch_id, "--batch")
+    assert early.exit_code == 1 and early.stdout == ""
+    assert early.stderr.strip() == f"3 of 3 jobs are not finished yet: vlq result {batch_id} --batch --wait"
+    with scripted_worker(settings):
+        late = vlq("result", batch_id, "--batch", "--wait", "--timeout", "10")
+    assert late.exit_code == 1  # one failed
+    lines = [json.loads(x) for x in late.stdout.splitlines()]
+    assert sorted(map(job_of, lines)) == sorted(ids)
+    failed = [d for d in lines if "error" in d]
+    assert failed == [{"id": ids[1], "status": "failed", "error": {"code": "too_many_images",
+                                                                    "message": "at most 2 images"}}]
+    again = vlq("result", batch_id, "--batch")  # all finished: in submission order, no waiting
+    assert [job_of(json.loads(x)) for x in again.stdout.splitlines()] == ids
+    assert again.exit_code == 1 and again.stderr == ""
+
+
+def test_an_unknown_batch_is_not_found(env) -> None:
+    res = vlq("result", "batch-nope", "--batch")
+    assert res.exit_code == 1 and res.stderr.startswith("error [not_found]: no batch 'batch-nope'")
+
+
 def test_every_bad_line_is_reported_with_its_number_and_nothing_is_sent(tmp_path: Path, settings: Settings) -> None:
     path = tmp_path / "bad.jsonl"
     lines = [json.dumps(REQUEST), "", json.dumps({"messages": []}), "{not json", "[1, 2]", json.dumps(REQUEST),
