@@ -120,7 +120,8 @@ def submit(
             found.check(file)
             c.submit_jobs(jobs)
             ids = [job.id for job in jobs]
-            typer.echo(f"batch {batch_id}: {len(jobs)} jobs (vlq status --batch {batch_id})", err=True)
+            typer.echo(f"batch {batch_id}: {len(jobs)} jobs (counts: vlq status {batch_id} --batch; "
+                       f"results: vlq result {batch_id} --batch --wait)", err=True)
         for job_id in ids:
             typer.echo(job_id)
         if wait and sum(_print_outcome(c, record) for record in c.as_completed(ids, timeout=timeout)):
