@@ -488,15 +488,13 @@ def decode_image(data: bytes, *, url: str = "", max_pixels: int = ImageSettings(
         image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
         width, height = image.size
         if width * height > max_pixels:
-            raise ImageTooLarge(
-                f"the image at {_short(url)} is {width}x{height} = {width * height} pixels; "
-                f"at most {max_pixels} are accepted: send a smaller image",
-                url=_short(url), pixels=width * height, max_pixels=max_pixels,
-            )
+            raise _too_large(url, f"{width}x{height} = {width * height:,}", width * height, max_pixels)
         image.load()
         rgb = image.convert("RGB")
-    except Image.DecompressionBombError as e:
-        raise ImageTooLarge(f"the image at {_short(url)} is too many pixels to decode: {e}", url=_short(url)) from e
+    except Image.DecompressionBombError as e:  # PIL refuses past twice its own limit, before the size check
+        found = re.search(r"\((\d+) pixels\)", str(e))
+        pixels = int(found.group(1)) if found else None
+        raise _too_large(url, f"{pixels:,}" if pixels else "too many", pixels, max_pixels) from e
     except UnidentifiedImageError as e:
         raise ImageDecodeError(f"the data at {_short(url)} is not an image: {_not_an_image(data)}",
                                url=_short(url)) from e
@@ -506,6 +504,13 @@ def decode_image(data: bytes, *, url: str = "", max_pixels: int = ImageSettings(
             "check that it opens in an image viewer", url=_short(url)
         ) from e
     return LoadedImage(rgb, width, height, hashlib.sha256(data).hexdigest(), url)
+
+
+def _too_large(url: str, size: str, pixels: int | None, max_pixels: int) -> ImageTooLarge:
+    return ImageTooLarge(
+        f"the image at {_short(url)} is {size} pixels; at most {max_pixels:,} are accepted "
+        "(images.max_pixels): send a smaller image (the model sees every image at 448x448)",
+        url=_short(url), pixels=pixels, max_pixels=max_pixels)
 
 
 def _check_http_status(response: httpx.Response, url: str) -> None:
