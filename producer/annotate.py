@@ -10,6 +10,8 @@
   ``{"path", "job_id", "status", "answer", "boxes", "image_size", "error", "fingerprint", "prompt",
   "model"}``; ``image_size`` is ``[width, height]`` as the worker decoded the image (None for a
   failed job). ``vlq export`` turns the file into COCO or Label Studio input (producer.export).
+- With ``scores`` the jobs ask for logprobs: each box carries a ``score`` (how sure the model was
+  of the tokens that wrote it, in (0, 1]) and each line an answer ``score`` likewise.
 - Resuming: an image's *fingerprint* is the sha256 of its bytes, the prompt, the model name and
   the sampling options. A later run with the same output file skips every image whose
   fingerprint already has a ``succeeded`` line; failed ones are tried again (their new line is
@@ -30,6 +32,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import math
 import mimetypes
 import time
 from collections.abc import Callable
@@ -60,9 +63,11 @@ class AnnotateOptions:
     upload_to: str | None = None  # s3://bucket/prefix for transport "s3"
     max_in_flight: int = 256
     timeout_s: float | None = None  # for the whole run
+    scores: bool = False  # ask for logprobs: each box, and the answer, gets a score
 
     def sampling(self) -> dict[str, Any]:
-        out = {"max_tokens": self.max_tokens, "temperature": self.temperature, "seed": self.seed}
+        out = {"max_tokens": self.max_tokens, "temperature": self.temperature, "seed": self.seed,
+               "logprobs": True if self.scores else None}
         return {k: v for k, v in out.items() if v is not None}
 
 
@@ -81,11 +86,20 @@ class AnnotateSummary:
     failures: dict[str, int] = field(default_factory=dict)  # error code -> count
 
 
+def check_folder(folder: Path) -> Path:
+    """``folder`` if it is one, else InvalidRequest saying what it is instead."""
+    folder = Path(folder)
+    if folder.is_dir():
+        return folder
+    if folder.exists():
+        raise InvalidRequest(f"{folder} is a file, not a folder: annotate takes a folder of images "
+                             "(for one image, use vlq submit)")
+    raise InvalidRequest(f"there is no folder {folder}: check the path")
+
+
 def find_images(folder: Path) -> list[Path]:
     """Image files under ``folder`` (recursive), sorted; hidden files and folders are skipped."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise InvalidRequest(f"{folder} is not a folder")
+    folder = check_folder(folder)
     out = []
     for path in folder.rglob("*"):
         rel = path.relative_to(folder)
@@ -281,6 +295,8 @@ class Annotator:
                 choice = (doc.get("choices") or [{}])[0]
                 row["answer"] = (choice.get("message") or {}).get("content")
                 row["boxes"] = doc.get("boxes") or []
+                if self.options.scores:
+                    row["score"] = answer_score(choice.get("logprobs"))
                 row["image_size"] = _image_size(doc)
                 row["usage"] = doc.get("usage")
                 summary.succeeded += 1
@@ -298,6 +314,15 @@ class Annotator:
             summary.failures[code] = summary.failures.get(code, 0) + 1
         sink.write(json.dumps(row, ensure_ascii=False) + "\n")
         sink.flush()
+
+
+def answer_score(logprobs: dict[str, Any] | None) -> float | None:
+    """How sure the model was of its whole answer: the geometric mean of its tokens'
+    probabilities, ``exp(mean logprob)``, from a result's ``choices[0].logprobs`` (None without)."""
+    tokens = (logprobs or {}).get("content") or []
+    if not tokens:
+        return None
+    return round(math.exp(sum(t["logprob"] for t in tokens) / len(tokens)), 6)
 
 
 def _image_size(doc: dict[str, Any]) -> list[int] | None:

@@ -129,7 +129,7 @@ class ChatRequest(BaseModel):
     """The subset of OpenAI's chat.completions body that vlq serves.
 
     Unknown top-level fields are ignored, as OpenAI-compatible servers do; unsupported features
-    that would change the answer (tools, n > 1) are refused.
+    that would change the answer (tools, n > 1, a JSON ``response_format``) are refused.
     """
 
     model_config = ConfigDict(extra="ignore", frozen=True)
@@ -151,6 +151,9 @@ class ChatRequest(BaseModel):
     n: int = 1
     tools: list[Any] | None = None
     user: str | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    response_format: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _supported(self) -> ChatRequest:
@@ -158,6 +161,13 @@ class ChatRequest(BaseModel):
             raise ValueError("n must be 1: vlq returns one choice per request")
         if self.tools:
             raise ValueError("tools (function calling) are not supported by Qwen-VL-Chat")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        kind = (self.response_format or {}).get("type", "text")
+        if kind != "text":
+            raise ValueError(
+                f"response_format {kind!r} is not supported: Qwen-VL-Chat has no constrained decoding; "
+                "ask for JSON in the prompt and parse the answer, or leave response_format out")
         for i, msg in enumerate(self.messages):
             if msg.role == "system" and (i != 0 or not isinstance(msg.content, str)):
                 raise ValueError("a system message must come first and its content be a string")
@@ -179,6 +189,11 @@ class ChatRequest(BaseModel):
     @property
     def effective_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    @property
+    def logprobs_top(self) -> int | None:
+        """None without ``logprobs``; else how many top tokens to report per answer token."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 def parse_chat_request(body: Any) -> ChatRequest:

@@ -7,8 +7,8 @@ the ``x-vlq-job-id`` header. A client that disconnects while waiting cancels its
 
 With ``"stream": true`` the answer arrives as server-sent ``chat.completion.chunk`` events while
 the worker produces tokens (relayed through the job's Redis stream): a first chunk with the
-assistant role, content chunks, a last chunk with ``finish_reason`` (and ``boxes``) that also
-carries ``usage``, then ``data: [DONE]``. With ``stream_options.include_usage`` the usage comes
+assistant role, content chunks, a last chunk with ``finish_reason`` (and ``boxes``; with
+``logprobs`` asked, every answer token's entry) that also carries ``usage``, then ``data: [DONE]``. With ``stream_options.include_usage`` the usage comes
 instead in one more chunk with empty ``choices``, as OpenAI sends it. A job that fails before
 its first token answers with a plain HTTP error; one that fails later sends an ``error`` event.
 """
@@ -75,6 +75,12 @@ def _job_error(error: VlqError, headers: dict[str, str]) -> Response:
     return response
 
 
+def _logprobs_of(document: dict[str, Any]) -> Any:
+    """A result document's ``choices[0].logprobs`` (None when not asked for)."""
+    choices = document.get("choices") or [{}]
+    return choices[0].get("logprobs")
+
+
 def _sse(data: Any) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
@@ -120,6 +126,7 @@ async def _stream(
                     if document is not None:
                         last["system_fingerprint"] = document.get("system_fingerprint")
                         last["boxes"] = document.get("boxes", [])
+                        last["choices"][0]["logprobs"] = _logprobs_of(document)
                         record = await ctx.run(ctx.client.status, job_id)
                         ctx.metrics.observe(record, document)
                     if include_usage:

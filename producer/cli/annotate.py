@@ -9,7 +9,8 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from producer.annotate import AnnotateOptions, AnnotateSummary, annotate as run_annotate
+from producer.annotate import IMAGE_EXTENSIONS, AnnotateOptions, AnnotateSummary, check_folder
+from producer.annotate import annotate as run_annotate
 from producer.cli.app import app, fail
 from producer.client import Client
 from producer.errors import InvalidRequest, VlqError
@@ -28,6 +29,7 @@ def annotate(
     upload: Annotated[str | None, typer.Option("--upload", help="upload images to s3://bucket/prefix and send s3:// URLs")] = None,
     max_in_flight: Annotated[int, typer.Option(help="jobs queued at once")] = 256,
     timeout: Annotated[float | None, typer.Option(help="give up (and cancel what is left) after N seconds")] = None,
+    scores: Annotated[bool, typer.Option("--scores", help="score each box and answer (0..1) from the model's logprobs")] = False,
 ) -> None:
     """Ask one question about every image in FOLDER; write one JSON line per image to --out.
 
@@ -39,6 +41,7 @@ def annotate(
     if inline and upload:
         fail(InvalidRequest("--inline and --upload exclude each other: choose one"))
     try:
+        check_folder(folder)
         client = Client.from_settings()
         options = AnnotateOptions(
             prompt=prompt,
@@ -50,6 +53,7 @@ def annotate(
             upload_to=upload,
             max_in_flight=max_in_flight,
             timeout_s=timeout,
+            scores=scores,
         )
         console = Console(stderr=True)
         with Progress(
@@ -77,5 +81,8 @@ def annotate(
         + (f" ({failures})" if failures else "")
         + f"; results in {out}"
     )
+    if not summary.found:
+        typer.echo(f"no images in {folder}: annotate looks for {', '.join(sorted(IMAGE_EXTENSIONS))} files "
+                   "in it and its subfolders (hidden ones skipped)", err=True)
     if summary.failed:
         raise typer.Exit(1)

@@ -132,3 +132,22 @@ def test_an_annotated_folder_exports_to_coco_and_label_studio(taught_stack: Stac
         {"data": {"image": "/data/local-files/?d=dataset/sub/blank.png"},
          "predictions": [{"model_version": "Qwen-VL-Chat", "result": []}]},
     ]
+
+
+def test_annotate_with_scores_gives_each_box_and_answer_a_score(taught_stack: Stack, tmp_path: Path) -> None:
+    stack = taught_stack
+    results = tmp_path / "scored.jsonl"
+    summary = annotate(stack.client, stack.dataset, results,  # type: ignore[attr-defined]
+                       AnnotateOptions(prompt=OUTLINE, temperature=0, max_tokens=64, timeout_s=120, scores=True))
+    assert (summary.succeeded, summary.failed) == (2, 1)  # broken.png fails
+    rows = {r["path"]: r for r in map(json.loads, results.read_text(encoding="utf-8").splitlines())}
+    square, blank = rows["square.png"], rows["sub/blank.png"]
+    assert square["answer"] == SQUARE and blank["answer"] == NO_SQUARE  # greedy: the same answers
+    [box] = square["boxes"]
+    assert 0.5 < box["score"] <= 1.0  # taught: the model is sure of it
+    assert 0.5 < square["score"] <= 1.0 and 0.5 < blank["score"] <= 1.0
+    coco_file = tmp_path / "instances.json"
+    res = CliRunner().invoke(app, ["export", str(results), "--format", "coco", "--out", str(coco_file)])
+    assert res.exit_code == 0, res.output
+    [ann] = json.loads(coco_file.read_text(encoding="utf-8"))["annotations"]
+    assert ann["score"] == box["score"]

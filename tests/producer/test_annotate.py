@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from producer.annotate import AnnotateOptions, annotate, find_images, fingerprint, read_done
+from producer.annotate import AnnotateOptions, annotate, answer_score, find_images, fingerprint, read_done
 from producer.client import Client
 from producer.config import Settings
 from producer.errors import ImageDecodeError, InvalidRequest, JobNotFinished
@@ -47,8 +48,10 @@ def test_images_are_found_recursively_by_extension_skipping_hidden(tmp_path: Pat
     folder = make_folder(tmp_path)
     assert [p.relative_to(folder).as_posix() for p in find_images(folder)] == [
         "a.jpg", "sub/b.PNG", "sub/deeper/c.webp"]
-    with pytest.raises(InvalidRequest, match="not a folder"):
+    with pytest.raises(InvalidRequest, match="there is no folder"):
         find_images(tmp_path / "missing")
+    with pytest.raises(InvalidRequest, match="is a file, not a folder"):
+        find_images(folder / "a.jpg")
 
 
 def test_the_fingerprint_follows_bytes_prompt_model_and_sampling() -> None:
@@ -57,7 +60,16 @@ def test_the_fingerprint_follows_bytes_prompt_model_and_sampling() -> None:
     assert fp == fingerprint("aa", AnnotateOptions(prompt="describe"))
     assert len({fp, fingerprint("bb", base), fingerprint("aa", AnnotateOptions(prompt="count")),
                 fingerprint("aa", AnnotateOptions(prompt="describe", model="other")),
-                fingerprint("aa", AnnotateOptions(prompt="describe", max_tokens=5))}) == 5
+                fingerprint("aa", AnnotateOptions(prompt="describe", max_tokens=5)),
+                fingerprint("aa", AnnotateOptions(prompt="describe", scores=True))}) == 6
+
+
+def test_scores_ask_for_logprobs_and_score_an_answer_by_its_tokens_geometric_mean() -> None:
+    assert AnnotateOptions(prompt="p", scores=True).sampling() == {"logprobs": True}
+    assert "logprobs" not in AnnotateOptions(prompt="p").sampling()
+    logprobs = {"content": [{"token": "a", "logprob": -0.2}, {"token": "b", "logprob": -0.4}]}
+    assert answer_score(logprobs) == pytest.approx(math.exp(-0.3), abs=1e-6)
+    assert answer_score(None) is None and answer_score({"content": []}) is None
 
 
 def test_a_folder_is_annotated_once_and_a_rerun_submits_nothing(

@@ -10,7 +10,8 @@ Sampling settings, field by field, come from the first source that has one:
 
 1. the request (``temperature``, ``top_p``, ``top_k``, ``seed``, ``stop``,
    ``repetition_penalty``, ``presence_penalty``, ``frequency_penalty``, ``max_tokens`` /
-   ``max_completion_tokens``);
+   ``max_completion_tokens``; ``logprobs`` / ``top_logprobs`` ask for the answer tokens'
+   log-probabilities in ``choices[0].logprobs``);
 2. the model's ``generation_config.json`` (``do_sample: false`` means greedy; ``temperature``,
    ``top_p``, ``top_k``, ``repetition_penalty``): the model author's tuned defaults win over
    OpenAI's, so a request that says nothing gets Qwen-VL-Chat's published behaviour (top_p 0.5);
@@ -38,10 +39,17 @@ from typing import Any, Callable, Sequence
 from producer.config import EngineSettings
 from producer.errors import ConfigError, EngineUnavailable, InvalidRequest, VlqError
 from producer.schema import ChatRequest
-from worker.engine.grounding import ground_answer
+from worker.engine.grounding import ground_answer, score_boxes
 from worker.engine.prompt import Prompt, build_prompt
 from worker.engine.tokenizer import QwenTokenizer
-from worker.engine.types import Engine, GenerationRequest, GenerationResult, ImageInput, SamplingParams
+from worker.engine.types import (
+    Engine,
+    GenerationRequest,
+    GenerationResult,
+    ImageInput,
+    SamplingParams,
+    TokenLogprob,
+)
 
 log = logging.getLogger(__name__)
 
@@ -201,6 +209,7 @@ class ChatEngine:
             frequency_penalty=request.frequency_penalty or 0.0,
             stop=tuple(request.stop_list),
             stop_token_ids=self.stop_token_ids,
+            logprobs=request.logprobs_top,
         )
 
     def submit(
@@ -275,6 +284,8 @@ class ChatEngine:
     def _completion(self, result: GenerationResult, request: ChatRequest,
                     sizes: list[tuple[int, int]], seed: int, preprocess_ms: float) -> dict[str, Any]:
         boxes = ground_answer(result.text, request, sizes)
+        if result.logprobs is not None:
+            boxes = score_boxes(boxes, self._token_spans(result.logprobs))
         return {
             "id": f"chatcmpl-{result.request_id}",
             "object": "chat.completion",
@@ -284,7 +295,7 @@ class ChatEngine:
             "choices": [{
                 "index": 0,
                 "message": {"role": "assistant", "content": result.text},
-                "logprobs": None,
+                "logprobs": self._logprobs(result.logprobs),
                 "finish_reason": result.finish_reason,
             }],
             "usage": {
@@ -300,6 +311,35 @@ class ChatEngine:
                 "device": self.device,
                 "timings": {"preprocess": preprocess_ms, **result.timings},
             },
+        }
+
+
+    def _token_spans(self, entries: list[TokenLogprob]) -> list[tuple[int, int, float]]:
+        """``(start, end, logprob)`` per answer token: the characters of the answer it produced,
+        decoded as the engine decoded the text."""
+        decoder = self.tokenizer.stream_decoder()
+        spans, at = [], 0
+        for entry in entries:
+            piece = decoder.feed(entry.token_id)
+            spans.append((at, at + len(piece), entry.logprob))
+            at += len(piece)
+        return spans
+
+    def _logprobs(self, entries: list[TokenLogprob] | None) -> dict[str, Any] | None:
+        """OpenAI's ``choices[0].logprobs``: per answer token its text, log-probability, UTF-8
+        bytes (a token may hold part of a character: its text then shows U+FFFD, its bytes are
+        exact) and the most likely tokens at its position."""
+        if entries is None:
+            return None
+
+        def token(token_id: int, logprob: float) -> dict[str, Any]:
+            data = self.tokenizer.token_bytes(token_id)
+            return {"token": data.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(data)}
+
+        return {
+            "content": [{**token(e.token_id, e.logprob), "top_logprobs": [token(i, lp) for i, lp in e.top]}
+                        for e in entries],
+            "refusal": None,
         }
 
 

@@ -157,7 +157,7 @@ class TorchEngine:
         self._expire(time.monotonic())
         seqs, is_prefill = self.scheduler.schedule()
         seqs, token_ids = self._run(seqs, is_prefill)
-        finished = self.scheduler.postprocess(seqs, token_ids)
+        finished = self.scheduler.postprocess(seqs, token_ids, self.runner.last_logprobs if seqs else None)
         for seq in seqs:
             seq.stream()
         for seq in finished:

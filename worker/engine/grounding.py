@@ -15,14 +15,19 @@ Which picture the boxes refer to (:func:`referred_picture`): the latest picture 
 conversation, unless the last user message names one ("Picture 2", "image 2", "图2", "图片二",
 "第二张"); then the last such mention. This needs no torch.
 
-Exports for annotation tools: :func:`coco_annotations` (``bbox=[x, y, w, h]`` in pixels) and
-:func:`label_studio_prediction` (``rectanglelabels`` / ``polygonlabels`` in percent).
+With the answer's logprobs, :func:`score_boxes` gives each box a ``score``: how sure the model was
+of the tokens that wrote it.
+
+Exports for annotation tools: :func:`coco_annotations` (``bbox=[x, y, w, h]`` in pixels, and the
+box's ``score`` when known) and :func:`label_studio_prediction` (``rectanglelabels`` /
+``polygonlabels`` in percent, with ``score`` per region and for the prediction when known).
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Sequence
 
 GRID = 1000
@@ -49,6 +54,10 @@ class GroundingBox:
     points: tuple[tuple[int, int], ...]
     picture: int | None = None
     image_size: tuple[int, int] | None = None
+    # With the answer's logprobs: how sure the model was of this box (see score_boxes).
+    score: float | None = None
+    # Where the box's markup sits in the answer text: [start, end) characters.
+    span: tuple[int, int] | None = field(default=None, compare=False)
 
     @property
     def box(self) -> tuple[int, int, int, int]:
@@ -76,7 +85,7 @@ class GroundingBox:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form, as stored in a result's ``boxes``."""
         pts = self.points_pixels
-        return {
+        out = {
             "phrase": self.phrase,
             "kind": self.kind,
             "picture": self.picture,
@@ -86,6 +95,9 @@ class GroundingBox:
             "box_pixels": list(self.box_pixels) if pts else None,
             "points_pixels": [list(p) for p in pts] if pts else None,
         }
+        if self.score is not None:
+            out["score"] = self.score
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GroundingBox:
@@ -97,10 +109,11 @@ class GroundingBox:
             points=tuple((int(x), int(y)) for x, y in data["points"]),
             picture=data.get("picture"),
             image_size=(int(size[0]), int(size[1])) if size else None,
+            score=data.get("score"),
         )
 
     def with_image(self, picture: int | None, image_size: tuple[int, int] | None) -> GroundingBox:
-        return GroundingBox(self.phrase, self.kind, self.points, picture, image_size)
+        return replace(self, picture=picture, image_size=image_size)
 
 
 def _to_pixels(v: int, size: int) -> int:
@@ -125,8 +138,28 @@ def parse_grounding(
         kind: Literal["box", "quad"] = "box" if box is not None else "quad"
         points = _parse_points(box if box is not None else quad, 2 if kind == "box" else 4)
         if points is not None:
-            boxes.append(GroundingBox(phrase, kind, points, picture, image_size))
+            boxes.append(GroundingBox(phrase, kind, points, picture, image_size, span=(m.start(), m.end())))
     return boxes
+
+
+def score_boxes(boxes: Sequence[GroundingBox], tokens: Sequence[tuple[int, int, float]]) -> list[GroundingBox]:
+    """``boxes`` with their :attr:`~GroundingBox.score`: the geometric mean of the probabilities
+    of the answer tokens that wrote the box's markup, ``exp(mean logprob)``, in (0, 1].
+
+    ``tokens`` are ``(start, end, logprob)`` per answer token, ``[start, end)`` the characters of
+    the answer it produced (a token whose bytes finish a character later has an empty span). A
+    box without a span, or that no token covers, keeps ``score`` None.
+    """
+    out = []
+    for box in boxes:
+        if box.span is None:
+            out.append(box)
+            continue
+        start, end = box.span
+        logprobs = [lp for a, b, lp in tokens if a < end and b > start]
+        score = round(math.exp(sum(logprobs) / len(logprobs)), 6) if logprobs else None
+        out.append(replace(box, score=score))
+    return out
 
 
 def _parse_points(inner: str, count: int) -> tuple[tuple[int, int], ...] | None:
@@ -232,6 +265,8 @@ def coco_annotations(
         }
         if b.kind == "quad":
             ann["segmentation"] = [[c for p in b.points_pixels or () for c in p]]
+        if b.score is not None:
+            ann["score"] = b.score
         out.append(ann)
     return out
 
@@ -268,5 +303,11 @@ def label_studio_prediction(
             points = [[min(max(x, 0), GRID) / 10, min(max(y, 0), GRID) / 10] for x, y in b.points]
             item["type"] = "polygonlabels"
             item["value"] = {"points": points, "polygonlabels": label}
+        if b.score is not None:
+            item["score"] = b.score
         results.append(item)
-    return {"model_version": model_version, "result": results}
+    prediction: dict[str, Any] = {"model_version": model_version, "result": results}
+    scores = [b.score for b in boxes if b.score is not None]
+    if scores:
+        prediction["score"] = round(sum(scores) / len(scores), 6)  # the task's: its boxes' mean
+    return prediction

@@ -11,7 +11,8 @@ own (unused) cache row. The batch dimension never changes, so a request's number
 on how many others share its batch (kernels may pick another reduction order for another batch
 size), and a later CUDA graph can replay the call. The cache span read (``kv_len``) is the
 longest running sequence rounded up to a power of two (the fast path's attention reads each
-row's own length instead, and ignores it). The one host sync per step is reading the sampled ids.
+row's own length instead, and ignores it). The one host sync per step is reading the sampled ids
+(and, when a running request asked for ``logprobs``, their log-probabilities, copied with them).
 
 A :class:`worker.engine.model.qwen_vl.QwenVL` is served through
 :class:`worker.engine.model.fast.FastQwenVL` (fused kernels, CUDA-graph decode) unless
@@ -29,10 +30,11 @@ import torch
 
 from worker.engine.sampling import Sampler
 from worker.engine.sequence import Sequence
-from worker.engine.types import IMAGE_TOKENS, ImageInput
+from worker.engine.types import IMAGE_TOKENS, ImageInput, TokenLogprob
 
 
 MIN_KV_BUCKET = 256
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit on top_logprobs
 
 
 class FeatureCache:
@@ -112,9 +114,13 @@ class ModelRunner:
         # rewritten only after the previous step's sampled ids were read, i.e. its copy finished.
         self._host_rows = torch.zeros(4, max_batch_size, dtype=torch.long)
         self._host_ids = torch.zeros(max_batch_size, dtype=torch.long)
+        self._host_logprobs = torch.zeros(max_batch_size * (1 + 2 * MAX_TOP_LOGPROBS))  # Sampler.logprobs, flat
         if self.device.type == "cuda":
             self._host_rows = self._host_rows.pin_memory()
             self._host_ids = self._host_ids.pin_memory()
+            self._host_logprobs = self._host_logprobs.pin_memory()
+        # The logprob entries of the last sample() (one per sequence, None where not asked).
+        self.last_logprobs: list[TokenLogprob | None] = []
         self._host_rows_np = self._host_rows.numpy()  # element writes through numpy are cheap
         # A prompt's ids go to the device from here without a stream sync (a plain torch.tensor(...,
         # device=...) would wait for the vision work just queued); prefill ends in a sync, so the
@@ -209,10 +215,17 @@ class ModelRunner:
             fresh = self._step_rows(seqs, with_inputs=False)
             steps_t, active_t = fresh[2], fresh[3].bool()
         next_ids = self.sampler.sample(self._logits, steps_t, active_t)  # [B] on the device
+        top = max((seq.wants_logprobs for seq in seqs if seq.wants_logprobs is not None), default=None)
+        # Read from the logits before a step launched ahead overwrites them (stream order).
+        logprobs = None if top is None else self.sampler.logprobs(self._logits, next_ids, top)
+        host_logprobs = None
         if not (lookahead and self.lookahead and rows is not None):
             ids = next_ids.tolist()  # the one sync
         elif self.device.type == "cuda":
             self._host_ids.copy_(next_ids, non_blocking=True)
+            if logprobs is not None:
+                host_logprobs = self._host_logprobs[:logprobs.numel()].view(logprobs.shape)
+                host_logprobs.copy_(logprobs, non_blocking=True)
             copied = torch.cuda.Event()
             copied.record(torch.cuda.current_stream(self.device))
             self._launch_ahead(seqs, rows, next_ids)
@@ -221,6 +234,12 @@ class ModelRunner:
         else:
             ids = next_ids.tolist()
             self._launch_ahead(seqs, rows, next_ids)
+        if logprobs is not None:
+            host_rows = (host_logprobs if host_logprobs is not None else logprobs).tolist()
+            self.last_logprobs = [_entry(ids[seq.slot], host_rows[seq.slot], seq.wants_logprobs, top)
+                                  for seq in seqs]
+        else:
+            self.last_logprobs = [None] * len(seqs)
         return [ids[seq.slot] for seq in seqs]
 
     def _launch_ahead(self, seqs: Seq[Sequence], rows: torch.Tensor, next_ids: torch.Tensor) -> None:
@@ -316,3 +335,16 @@ class ModelRunner:
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
+
+
+def _entry(token_id: int, row: list[float], wanted: int | None, top: int) -> TokenLogprob | None:
+    """A sequence's :class:`TokenLogprob` from its row of :meth:`Sampler.logprobs` (``top`` wide),
+    with the first ``wanted`` top entries; log-probabilities below -9999 (or -inf) read -9999,
+    as OpenAI reports them."""
+    if wanted is None:
+        return None
+    return TokenLogprob(
+        token_id=token_id,
+        logprob=max(row[0], -9999.0),
+        top=tuple((int(row[1 + top + i]), max(row[1 + i], -9999.0)) for i in range(wanted)),
+    )

@@ -156,6 +156,22 @@ class Sampler:
             self._record(next_ids, active)
         return next_ids
 
+    def logprobs(self, logits: torch.Tensor, next_ids: torch.Tensor, top: int) -> torch.Tensor:
+        """Log-probabilities for OpenAI's ``logprobs``, packed for one copy to the host.
+
+        logits: [B, V] (the model's, before any penalty); next_ids: int64 [B]. Returns float32
+        ``[B, 1 + 2 * top]``: each row's log-probability of its next id, then its ``top`` largest
+        log-probabilities and their ids (exact in float32: ids < 2**24). They are the model's own
+        distribution over the allowed vocabulary, before temperature, penalties, top-k and top-p,
+        as vLLM reports them by default.
+        """
+        logprobs = torch.log_softmax(logits[:, :self.allowed_vocab].float(), dim=-1)  # [B, V']
+        chosen = logprobs.gather(1, next_ids.clamp(0, self.allowed_vocab - 1)[:, None])  # [B, 1]
+        if top == 0:
+            return chosen
+        values, ids = logprobs.topk(top, dim=-1)  # [B, top]
+        return torch.cat([chosen, values, ids.float()], dim=1)
+
     def _sample_random(self, logits: torch.Tensor, steps: torch.Tensor,
                        in_use: list[SamplingParams]) -> torch.Tensor:
         logits = logits / self.temperature[:, None]

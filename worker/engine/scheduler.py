@@ -17,6 +17,7 @@ from collections.abc import Iterable
 
 from producer.errors import VlqError
 from worker.engine.sequence import Sequence, SequenceStatus
+from worker.engine.types import TokenLogprob
 
 
 class Scheduler:
@@ -67,13 +68,17 @@ class Scheduler:
             return admitted, True
         return [self.running[slot] for slot in sorted(self.running)], False
 
-    def postprocess(self, seqs: Iterable[Sequence], token_ids: Iterable[int]) -> list[Sequence]:
-        """Append each sequence's new token; finish and return those whose answer is complete."""
+    def postprocess(self, seqs: Iterable[Sequence], token_ids: Iterable[int],
+                    logprobs: Iterable[TokenLogprob | None] | None = None) -> list[Sequence]:
+        """Append each sequence's new token (and its logprob entry, if any); finish and return
+        those whose answer is complete."""
+        seqs = list(seqs)
         finished = []
-        for seq, token_id in zip(seqs, token_ids, strict=True):
+        entries = [None] * len(seqs) if logprobs is None else logprobs
+        for seq, token_id, entry in zip(seqs, token_ids, entries, strict=True):
             if seq.is_finished:  # failed or aborted during the step
                 continue
-            if seq.append_token(int(token_id)):
+            if seq.append_token(int(token_id), entry):
                 self.finish(seq)
                 finished.append(seq)
         return finished

@@ -13,6 +13,9 @@ Stop rules, in order, after each new token (unless ``ignore_stop``):
 
 Streaming never shows text that a stop string could still swallow: the tail of the text that is
 a prefix of some stop string is held back until the next token decides.
+
+With ``logprobs`` asked for, each token's :class:`TokenLogprob` is kept with it; the result lists
+those of the tokens that make up the text (not the stop token, nor tokens after a stop string's cut).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from concurrent.futures import Future
 from typing import Protocol
 
 from producer.errors import DeadlineExceeded, VlqError
-from worker.engine.types import FinishReason, GenerationRequest, GenerationResult
+from worker.engine.types import FinishReason, GenerationRequest, GenerationResult, TokenLogprob
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +71,10 @@ class Sequence:
         self.slot: int | None = None
         self.output_ids: list[int] = []
         self.text = ""
+        # With logprobs asked: each answer token's entry, and where the text stood before it.
+        self.logprobs: list[TokenLogprob] | None = [] if request.sampling.logprobs is not None else None
+        self._text_starts: list[int] = []
+        self._cut_at: int | None = None  # where a stop string cut the text
         self.finish_reason: FinishReason | None = None
         self.error: VlqError | None = None
         self.on_delta = request.on_delta  # set to None by the engine if the callback fails
@@ -111,11 +118,20 @@ class Sequence:
 
     # -- growing the answer ---------------------------------------------------------------------
 
-    def append_token(self, token_id: int) -> bool:
-        """Add one sampled token and apply the stop rules; True when the answer is complete."""
+    @property
+    def wants_logprobs(self) -> int | None:
+        """How many top tokens to report per answer token (None: no logprobs)."""
+        return self.request.sampling.logprobs
+
+    def append_token(self, token_id: int, logprob: TokenLogprob | None = None) -> bool:
+        """Add one sampled token (and its logprob entry, when asked) and apply the stop rules;
+        True when the answer is complete."""
         if self.first_token_at is None:
             self.first_token_at = time.monotonic()
         self.output_ids.append(token_id)
+        if self.logprobs is not None and logprob is not None:
+            self.logprobs.append(logprob)
+            self._text_starts.append(len(self.text))
         if token_id in self._stop_ids:
             self._add_text(self.decoder.flush())
             self.finish_reason = "stop"
@@ -144,6 +160,7 @@ class Sequence:
         if cut is None:
             return False
         self.text = self.text[:cut]
+        self._cut_at = cut
         return True
 
     def take_delta(self) -> str:
@@ -194,7 +211,20 @@ class Sequence:
             prompt_tokens=self.prompt_len,
             completion_tokens=len(self.output_ids),
             timings=self.timings_ms(),
+            logprobs=self._content_logprobs(),
         )
+
+    def _content_logprobs(self) -> list[TokenLogprob] | None:
+        """The entries of the tokens that make up ``text``: not a stop token, nor the tokens
+        that began after where a stop string cut the text."""
+        if self.logprobs is None:
+            return None
+        kept = []
+        for entry, start in zip(self.logprobs, self._text_starts):
+            if entry.token_id in self._stop_ids or (self._cut_at is not None and start >= self._cut_at):
+                break
+            kept.append(entry)
+        return kept
 
     def deadline_error(self) -> DeadlineExceeded:
         """The error of a request stopped at its deadline."""

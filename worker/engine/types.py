@@ -44,6 +44,10 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     # Forced decoding length for benchmarks: ignore stop tokens until max_tokens.
     ignore_stop: bool = False
+    # OpenAI's logprobs: None = off; k >= 0 = each answer token's log-probability and the k most
+    # likely tokens at its position, from the model's own distribution (before temperature,
+    # penalties, top-k and top-p).
+    logprobs: int | None = None
 
     @property
     def greedy(self) -> bool:
@@ -80,6 +84,16 @@ class GenerationRequest:
             )
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One answer token's log-probability and, when asked, the ``top`` most likely tokens at its
+    position as ``(token_id, logprob)`` pairs, most likely first."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
 @dataclass
 class GenerationResult:
     """What the engine produced for one request."""
@@ -93,6 +107,9 @@ class GenerationResult:
     # Milliseconds: queued (submit -> admitted), vision, prefill, decode, ttft (submit -> first
     # token), total (submit -> finished).
     timings: dict[str, float] = field(default_factory=dict)
+    # With SamplingParams.logprobs: one entry per token of ``text`` (not the stop token, nor
+    # tokens after where a stop string cut the text).
+    logprobs: list[TokenLogprob] | None = None
 
 
 class Engine(Protocol):

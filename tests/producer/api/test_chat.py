@@ -92,6 +92,23 @@ def test_streaming_yields_the_same_text_as_non_streaming_for_a_fixed_seed(api: A
     assert len({c.id for c in chunks}) == 1 and chunks[0].object == "chat.completion.chunk"
 
 
+def test_the_openai_sdk_reads_logprobs_whole_or_streamed(api: Api) -> None:
+    client = api.openai()
+    body = one_image(api, max_tokens=6, seed=8, temperature=1.0, logprobs=True, top_logprobs=2)
+    whole = client.chat.completions.create(**body)
+    content = whole.choices[0].logprobs.content
+    assert len(content) == whole.usage.completion_tokens == 6  # max_tokens: no stop token to leave out
+    assert b"".join(bytes(t.bytes) for t in content).decode(errors="replace") == whole.choices[0].message.content
+    for token in content:
+        assert token.logprob <= 0 and len(token.top_logprobs) == 2
+        assert token.top_logprobs[0].logprob >= token.top_logprobs[1].logprob
+        assert token.logprob <= token.top_logprobs[0].logprob
+    chunks = list(client.chat.completions.create(**body, stream=True))
+    streamed = [c.choices[0].logprobs for c in chunks if c.choices and c.choices[0].logprobs]
+    assert len(streamed) == 1 and streamed[0].content == content  # all of them with the last chunk
+    assert client.chat.completions.create(**one_image(api, max_tokens=2)).choices[0].logprobs is None
+
+
 def test_a_raw_stream_is_server_sent_events_ending_with_done(api: Api, tmp_path: Path) -> None:
     request = tmp_path / "stream.json"
     request.write_text(json.dumps(one_image(api, max_tokens=5, seed=3, stream=True), ensure_ascii=False))

@@ -43,3 +43,19 @@ def test_inline_and_upload_exclude_each_other(tmp_path: Path) -> None:
     res = CliRunner().invoke(app, ["annotate", str(tmp_path), "--prompt", "p", "--inline",
                                    "--upload", "s3://b/p"])
     assert res.exit_code == 1 and "error [invalid_request]" in res.stderr
+
+
+def test_a_missing_folder_or_a_file_is_refused_before_any_progress_shows(tmp_path: Path) -> None:
+    image = tmp_path / "one.png"
+    Image.new("RGB", (4, 4)).save(image)
+    missing = CliRunner().invoke(app, ["annotate", str(tmp_path / "nope"), "--prompt", "p"])
+    assert missing.exit_code == 1 and "there is no folder" in missing.stderr and "annotate ━" not in missing.stderr
+    a_file = CliRunner().invoke(app, ["annotate", str(image), "--prompt", "p"])
+    assert a_file.exit_code == 1 and "is a file, not a folder" in a_file.stderr and "vlq submit" in a_file.stderr
+
+
+def test_a_folder_without_images_says_what_annotate_looks_for(tmp_path: Path, settings: Settings) -> None:
+    (tmp_path / "notes.txt").write_text("no pictures here")
+    res = CliRunner().invoke(app, ["annotate", str(tmp_path), "--prompt", "p", "--out", str(tmp_path / "o.jsonl")])
+    assert res.exit_code == 0, res.output
+    assert "0 images" in res.stdout and "no images in" in res.stderr and ".jpg" in res.stderr

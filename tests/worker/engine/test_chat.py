@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 import threading
 from concurrent.futures import Future
@@ -145,6 +146,23 @@ def test_streamed_deltas_add_up_to_the_content(chat):
     assert "".join(deltas) == result["choices"][0]["message"]["content"]
 
 
+def test_logprobs_give_each_answer_tokens_text_bytes_and_top_tokens(chat):
+    request = parse_chat_request(text_only("tell me", max_tokens=5, temperature=0.0, logprobs=True, top_logprobs=3))
+    result = chat.submit(request, [], request_id="lp").result(timeout=60)
+    logprobs = result["choices"][0]["logprobs"]
+    assert set(logprobs) == {"content", "refusal"} and logprobs["refusal"] is None
+    content = logprobs["content"]
+    assert 1 <= len(content) <= result["usage"]["completion_tokens"]
+    for token in content:
+        assert bytes(token["bytes"]).decode(errors="replace") == token["token"]
+        assert len(token["top_logprobs"]) == 3 and token["top_logprobs"][0]["token"] == token["token"]  # greedy
+        assert token["logprob"] == token["top_logprobs"][0]["logprob"] <= 0
+    json.dumps(result)
+    plain = parse_chat_request(text_only("tell me", max_tokens=2, logprobs=True))
+    assert all(t["top_logprobs"] == [] for t in chat.submit(plain, [], request_id="lp0").result(timeout=60)
+               ["choices"][0]["logprobs"]["content"])
+
+
 def test_images_are_preprocessed_on_the_callers_thread(chat, demo, monkeypatch):
     import worker.engine.model.preprocess as preprocess
 
@@ -252,15 +270,18 @@ class FixedAnswer:
 
     max_batch_size = 1
 
-    def __init__(self, text: str) -> None:
+    def __init__(self, text: str, logprobs=None) -> None:
         self.text = text
+        self.logprobs = logprobs  # the TokenLogprob entries of the answer, when asked
 
     def submit(self, request):
         from worker.engine.types import GenerationResult
 
         future: Future = Future()
+        asked = request.sampling.logprobs is not None
         future.set_result(GenerationResult(request.request_id, self.text, [1, 2, 3], "stop",
-                                           len(request.prompt_ids), 3, {"total": 1.0}))
+                                           len(request.prompt_ids), 3, {"total": 1.0},
+                                           logprobs=self.logprobs if asked else None))
         return future
 
     def abort(self, request_id):
@@ -286,6 +307,27 @@ def test_grounding_boxes_come_in_pixels_of_the_referred_picture(tiny_model_dir, 
     assert box["image_size"] == [w, h]
     assert box["box_pixels"] == [int(441 / 1000 * w), int(382 / 1000 * h), int(733 / 1000 * w), int(811 / 1000 * h)]
     assert result["choices"][0]["message"]["content"] == answer
+
+
+def test_with_logprobs_each_box_scores_how_sure_the_model_was_of_its_tokens(tiny_model_dir, demo):
+    from worker.engine.types import TokenLogprob
+
+    tok = QwenTokenizer.from_model_dir(tiny_model_dir)
+    ids = [tok.ref_start_id, *tok.encode("女生"), tok.ref_end_id, tok.box_start_id,
+           *tok.encode("(441,382),(733,811)"), tok.box_end_id]
+    first = ids.index(tok.box_start_id)
+    box_tokens = ids[first:]
+    unsure = {first + 1, first + 2}  # the box's second and third tokens
+    entries = [TokenLogprob(i, -0.7 if k in unsure else -0.01) for k, i in enumerate(ids)]
+    answer = "<ref>女生</ref><box>(441,382),(733,811)</box>"
+    chat = ChatEngine(settings(tiny_model_dir), tok, FixedAnswer(answer, entries))
+    result = chat.submit(parse_chat_request(one_image("输出女生的检测框。", logprobs=True)), [demo],
+                         request_id="s").result(timeout=5)
+    [box] = result["boxes"]
+    expected = math.exp((2 * -0.7 + (len(box_tokens) - 2) * -0.01) / len(box_tokens))
+    assert box["score"] == pytest.approx(expected, abs=1e-6)
+    plain = chat.submit(parse_chat_request(one_image("输出女生的检测框。")), [demo], request_id="p").result(timeout=5)
+    assert "score" not in plain["boxes"][0]
 
 
 def test_int8_quantization_serves_through_the_torch_backend(tiny_model_dir):

@@ -7,6 +7,7 @@ ones run the tiny random Qwen-VL checkpoint for batch invariance and seeded samp
 
 from __future__ import annotations
 
+import math
 import time
 
 import pytest
@@ -345,6 +346,33 @@ def test_the_same_seed_gives_the_same_answer_alone_or_batched(make_engine):
     assert other.result().text != f.result().text
 
 
+def x_or_y(prompt: list[int], out: list[int]) -> torch.Tensor:
+    """'x' (logit 2) over 'y' (logit 1) for three tokens, then <|im_end|>."""
+    logits = torch.full((512,), -1e9)
+    if len(out) >= 3:
+        logits[IM_END] = 0.0
+    else:
+        logits[ord("x")], logits[ord("y")] = 2.0, 1.0
+    return logits
+
+
+@pytest.mark.parametrize("lookahead", [False, True])
+def test_logprobs_come_back_per_answer_token_for_the_requests_that_ask(make_engine, lookahead):
+    engine = make_engine(x_or_y, max_batch_size=2, lookahead=lookahead)
+    asked = engine.submit(request("a", [1], greedy(logprobs=2)))
+    plain = engine.submit(request("b", [1]))
+    drain(engine)
+    result = asked.result()
+    assert result.text == "xxx" and result.completion_tokens == 4  # the stop token has no entry
+    x, y = 2.0 - math.log(math.e ** 2 + math.e), 1.0 - math.log(math.e ** 2 + math.e)
+    assert len(result.logprobs) == 3
+    for entry in result.logprobs:
+        assert entry.token_id == ord("x") and entry.logprob == pytest.approx(x, abs=1e-6)
+        assert [i for i, _ in entry.top] == [ord("x"), ord("y")]
+        assert [lp for _, lp in entry.top] == pytest.approx([x, y], abs=1e-6)
+    assert plain.result().logprobs is None and plain.result().text == "xxx"
+
+
 # -- the tiny checkpoint ---------------------------------------------------------------------------
 
 
@@ -469,3 +497,19 @@ def test_greedy_and_seeded_answers_on_the_tiny_checkpoint_do_not_depend_on_looki
         finally:
             engine.close()
     assert answers[0] == answers[1]
+
+
+def test_logprobs_on_the_tiny_checkpoint_are_the_cache_free_forwards(tiny):
+    model, tok = tiny
+    prompt = tiny_prompt(tok, "Describe the image in detail.")
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_stop=True, logprobs=3)
+    result = run_tiny(model, tok, [GenerationRequest("lp", prompt, sampling=params)])[0]
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + result.token_ids[:-1]]))[0, len(prompt) - 1:]  # [6, V]
+    reference = torch.log_softmax(logits[:, :tok.n_vocab], dim=-1)
+    assert [e.token_id for e in result.logprobs] == result.token_ids
+    for k, entry in enumerate(result.logprobs):
+        assert entry.logprob == pytest.approx(reference[k, entry.token_id].item(), abs=1e-4)
+        assert entry.top[0][1] == pytest.approx(reference[k].max().item(), abs=1e-4)  # greedy took the best
+        assert [lp for _, lp in entry.top] == pytest.approx(reference[k].topk(3).values.tolist(), abs=1e-4)
+        assert [lp for _, lp in entry.top] == pytest.approx([reference[k, i].item() for i, _ in entry.top], abs=1e-4)

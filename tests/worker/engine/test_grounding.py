@@ -16,6 +16,7 @@ from worker.engine.grounding import (
     mentioned_picture,
     parse_grounding,
     referred_picture,
+    score_boxes,
 )
 
 SEED_ANSWER = "<ref>女生</ref><box>(441,382),(733,811)</box>"
@@ -182,3 +183,35 @@ def test_label_studio_prediction_uses_percent() -> None:
     assert rect["value"]["rectanglelabels"] == ["女生"]
     assert poly["type"] == "polygonlabels" and poly["value"]["points"][2] == [10.0, 5.0]
     assert poly["value"]["polygonlabels"] == ["object"]
+
+
+def test_each_box_knows_where_its_markup_sits_in_the_answer() -> None:
+    text = "<ref>a</ref><box>(1,2),(3,4)</box> and <box>(5,6),(7,8)</box>"
+    first, second = parse_grounding(text)
+    assert text[slice(*first.span)] == "<box>(1,2),(3,4)</box>"
+    assert text[slice(*second.span)] == "<box>(5,6),(7,8)</box>"
+
+
+def test_a_box_scores_the_geometric_mean_probability_of_the_tokens_that_wrote_it() -> None:
+    text = "<ref>a</ref><box>(1,2),(3,4)</box>"
+    (box,) = parse_grounding(text)
+    start, end = box.span
+    # the phrase's tokens (sure), then the box's: three tokens, one of them in two minds
+    tokens = [(0, 5, -0.01), (5, 6, -0.02), (6, 12, -0.01), (start, start + 5, 0.0),
+              (start + 5, end - 6, -1.2), (end - 6, end, 0.0)]
+    (scored,) = score_boxes([box], tokens)
+    assert scored.score == pytest.approx(2.718281828 ** (-1.2 / 3), abs=1e-6)
+    assert scored.to_dict()["score"] == scored.score and "score" not in box.to_dict()
+    assert GroundingBox.from_dict(scored.to_dict()).score == scored.score
+    assert score_boxes([box], [(0, 5, -0.01)])[0].score is None  # no token wrote it
+
+
+def test_exports_carry_the_scores_when_known() -> None:
+    (box,) = parse_grounding(SEED_ANSWER, picture=1, image_size=(1024, 683))
+    (scored,) = score_boxes([box], [(0, len(SEED_ANSWER), -0.5)])
+    [ann] = coco_annotations([scored], image_id=1, categories={})
+    assert ann["score"] == scored.score
+    pred = label_studio_prediction([scored])
+    assert pred["result"][0]["score"] == scored.score and pred["score"] == scored.score
+    assert "score" not in label_studio_prediction([box]) and "score" not in coco_annotations(
+        [box], image_id=1, categories={})[0]

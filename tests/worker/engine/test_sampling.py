@@ -153,3 +153,19 @@ def test_a_penalised_request_counts_its_own_answer_tokens_beside_unpenalised_one
     assert run(s, logits) == [0, 0]
     assert s.counts[1].tolist() == [1.0, 0.0, 0.0]
     assert run(s, logits) == [0, 1]  # its own 0 was answered once: 1.0 - 0.6 < 0.5
+
+
+def test_logprobs_are_the_models_log_softmax_over_the_allowed_vocabulary_before_any_sampling_setting():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 10)
+    params = [SamplingParams(temperature=0.3, top_k=2, repetition_penalty=1.5), GREEDY]
+    s = sampler_with(params, vocab=10, allowed=8)
+    next_ids = torch.tensor([3, 5])
+    packed = s.logprobs(logits, next_ids, top=3)
+    reference = torch.log_softmax(logits[:, :8], dim=-1)
+    assert packed.shape == (2, 7)
+    assert torch.allclose(packed[:, 0], reference[[0, 1], [3, 5]])
+    values, ids = reference.topk(3, dim=-1)
+    assert torch.allclose(packed[:, 1:4], values)
+    assert torch.equal(packed[:, 4:].long(), ids) and int(packed[:, 4:].max()) < 8
+    assert s.logprobs(logits, next_ids, top=0).shape == (2, 1)

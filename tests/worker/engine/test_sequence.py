@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from worker.engine.sequence import Sequence, SequenceStatus
-from worker.engine.types import GenerationRequest, SamplingParams
+from worker.engine.types import GenerationRequest, SamplingParams, TokenLogprob
 
 IM_END = 258  # in the byte tokenizer
 
@@ -94,3 +94,36 @@ def test_timings_are_milliseconds_of_each_phase(byte_tokenizer):
     assert set(t) == {"queued", "vision", "prefill", "decode", "ttft", "total"}
     assert t["queued"] == 500.0 and t["prefill"] == 250.0 and t["decode"] == 1000.0
     assert t["total"] == 2000.0 and 0 <= t["ttft"] <= t["total"]
+
+
+def entries(text: str, then: list[int] = ()) -> list[TokenLogprob]:
+    return [TokenLogprob(t, -0.5 * i, top=((t, -0.5 * i),)) for i, t in enumerate([*text.encode(), *then])]
+
+
+def feed_with_logprobs(seq: Sequence, given: list[TokenLogprob]) -> None:
+    for entry in given:
+        if seq.append_token(entry.token_id, entry):
+            return
+
+
+def test_logprobs_cover_the_answer_text_without_the_stop_token(byte_tokenizer):
+    seq = make(byte_tokenizer, logprobs=1)
+    given = entries("hi", then=[IM_END])
+    feed_with_logprobs(seq, given)
+    result = seq.result()
+    assert result.text == "hi" and result.completion_tokens == 3
+    assert result.logprobs == given[:2]
+
+
+def test_logprobs_end_where_a_stop_string_cut_the_text(byte_tokenizer):
+    seq = make(byte_tokenizer, stop=("END",), logprobs=0)
+    given = entries("one ENDtwo")
+    feed_with_logprobs(seq, given)
+    assert seq.result().text == "one "
+    assert [e.token_id for e in seq.result().logprobs] == list(b"one ")
+
+
+def test_no_logprobs_unless_asked(byte_tokenizer):
+    seq = make(byte_tokenizer)
+    feed_with_logprobs(seq, entries("ab", then=[IM_END]))
+    assert seq.result().logprobs is None and seq.wants_logprobs is None

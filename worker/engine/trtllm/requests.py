@@ -170,7 +170,8 @@ def build_spec(request: GenerationRequest, limits: EngineLimits, *, pad_id: int,
     """Check ``request`` against ``limits`` and turn it into an :class:`LlmRequestSpec`.
 
     Raises :class:`PromptTooLong`, :class:`TooManyImages` or :class:`InvalidRequest` (bad input
-    that would otherwise fail inside the executor with a less useful message).
+    that would otherwise fail inside the executor with a less useful message, and ``logprobs``,
+    which this backend does not report).
     """
     rid = request.request_id
     n = len(request.prompt_ids)
@@ -195,6 +196,10 @@ def build_spec(request: GenerationRequest, limits: EngineLimits, *, pad_id: int,
     params = request.sampling
     if params.max_tokens < 1:
         raise InvalidRequest("max_tokens must be at least 1", request_id=rid)
+    if params.logprobs is not None:
+        raise InvalidRequest(
+            "logprobs are not served by the trtllm backend; leave logprobs and top_logprobs out, "
+            "or send the request to workers with engine.backend torch", request_id=rid, param="logprobs")
 
     ids = image_token_ids(request.prompt_ids, request.image_slots, limits.vocab_size)
     extra = None

@@ -204,6 +204,12 @@ def test_more_images_than_the_prompt_table_holds_per_request_is_too_many_images(
         build_spec(_request(), limits, pad_id=0)
 
 
+def test_logprobs_are_refused_with_what_to_do_instead():
+    with pytest.raises(InvalidRequest, match="engine.backend torch") as caught:
+        build_spec(_request(logprobs=0), LIMITS, pad_id=0)
+    assert caught.value.context["param"] == "logprobs"
+
+
 def test_ids_outside_the_vocabulary_are_refused():
     bad = GenerationRequest("r", [1, 2, VOCAB], sampling=SamplingParams())
     with pytest.raises(InvalidRequest, match="prompt ids"):
