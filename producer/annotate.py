@@ -65,6 +65,12 @@ class AnnotateOptions:
     timeout_s: float | None = None  # for the whole run
     scores: bool = False  # ask for logprobs: each box, and the answer, gets a score
 
+    def __post_init__(self) -> None:
+        if not self.prompt.strip():
+            raise InvalidRequest("the prompt is empty: pass --prompt TEXT")
+        if self.transport == "s3" and not (self.upload_to or "").startswith("s3://"):
+            raise InvalidRequest("transport s3 needs an upload location: --upload s3://bucket/prefix")
+
     def sampling(self) -> dict[str, Any]:
         out = {"max_tokens": self.max_tokens, "temperature": self.temperature, "seed": self.seed,
                "logprobs": True if self.scores else None}
@@ -154,10 +160,6 @@ class Annotator:
         options: AnnotateOptions,
         on_progress: Callable[[AnnotateSummary], None] | None = None,
     ) -> None:
-        if not options.prompt.strip():
-            raise InvalidRequest("the prompt is empty: pass --prompt TEXT")
-        if options.transport == "s3" and not (options.upload_to or "").startswith("s3://"):
-            raise InvalidRequest("transport s3 needs an upload location: --upload s3://bucket/prefix")
         self.client = client
         self.options = options
         self.on_progress = on_progress or (lambda summary: None)

@@ -94,7 +94,7 @@ def wait_worker(pid: int, timeout: float) -> bool:
 
 
 def show(results: Path) -> None:
-    """Print the latest line per image: answer and boxes in pixels."""
+    """Print the latest line per image: answer and boxes in pixels (with their scores, if any)."""
     latest: dict[str, dict] = {}
     for line in results.read_text(encoding="utf-8").splitlines():
         row = json.loads(line)
@@ -105,6 +105,7 @@ def show(results: Path) -> None:
             continue
         boxes = "; ".join(
             f"{b.get('phrase')} at {[round(v) for v in b['box_pixels']]} px"
+            + (f", score {b['score']:.3f}" if b.get("score") is not None else "")
             for b in row.get("boxes") or [] if b.get("box_pixels")
         )
         print(f"  {path}: {row['answer']!r}" + (f"\n      -> {boxes}" if boxes else ""))

@@ -77,9 +77,9 @@ echo "worker $WORKER_PID is serving queue $RUN (log: $DEMO/worker.log)"
 
 echo "== 5. annotate"
 rm -f "$DEMO/results.jsonl"
-vlq annotate "$DEMO/images" --prompt "$PROMPT" --out "$DEMO/results.jsonl" --temperature 0 --max-tokens 64
+vlq annotate "$DEMO/images" --prompt "$PROMPT" --out "$DEMO/results.jsonl" --temperature 0 --max-tokens 64 --scores
 echo "second run (everything is done already):"
-vlq annotate "$DEMO/images" --prompt "$PROMPT" --out "$DEMO/results.jsonl" --temperature 0 --max-tokens 64
+vlq annotate "$DEMO/images" --prompt "$PROMPT" --out "$DEMO/results.jsonl" --temperature 0 --max-tokens 64 --scores
 
 echo "== 6. results"
 "$PY" -m producer.demo show "$DEMO/results.jsonl"

@@ -59,3 +59,8 @@ def test_a_folder_without_images_says_what_annotate_looks_for(tmp_path: Path, se
     res = CliRunner().invoke(app, ["annotate", str(tmp_path), "--prompt", "p", "--out", str(tmp_path / "o.jsonl")])
     assert res.exit_code == 0, res.output
     assert "0 images" in res.stdout and "no images in" in res.stderr and ".jpg" in res.stderr
+
+
+def test_an_empty_prompt_is_refused_before_any_progress_shows(tmp_path: Path) -> None:
+    res = CliRunner().invoke(app, ["annotate", str(tmp_path), "--prompt", "  "])
+    assert res.exit_code == 1 and "the prompt is empty" in res.stderr and "annotate ━" not in res.stderr
