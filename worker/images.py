@@ -290,7 +290,14 @@ class ImageLoader:
         return self._s3_client
 
     def _fetch_s3(self, url: str) -> bytes:
-        from botocore.exceptions import BotoCoreError, ClientError, ConnectTimeoutError, ReadTimeoutError
+        from botocore.exceptions import (
+            BotoCoreError,
+            ClientError,
+            ConnectTimeoutError,
+            NoCredentialsError,
+            PartialCredentialsError,
+            ReadTimeoutError,
+        )
 
         parts = urlsplit(url)
         bucket, key = parts.netloc, unquote(parts.path.lstrip("/"))
@@ -307,10 +314,17 @@ class ImageLoader:
         except ClientError as e:
             err = e.response.get("Error", {})
             status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-            message = f"s3 refused {url}: {err.get('Code', status)} {err.get('Message', '')}".strip()
-            if status >= 500 or status == 429 or err.get("Code") in ("SlowDown", "ServiceUnavailable"):
+            code = err.get("Code", status)
+            message = f"s3 refused {url}: {code} {err.get('Message', '')}".strip()
+            if status >= 500 or status == 429 or code in ("SlowDown", "ServiceUnavailable"):
                 raise ImageFetchUnavailable(message, url=url) from e
-            raise ImageFetchError(message, url=url) from e
+            hint = _S3_HINTS.get(str(code)) or _S3_HINTS.get(str(status))
+            raise ImageFetchError(f"{message}: {hint}" if hint else message, url=url, s3_code=str(code)) from e
+        except (NoCredentialsError, PartialCredentialsError) as e:  # the same on every retry: not transient
+            raise ImageFetchError(
+                f"the workers have no S3 credentials to read {url} ({e}): give them AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY (or an AWS profile or instance role), or send the image inline as a "
+                "data: URL", url=url) from e
         except (ConnectTimeoutError, ReadTimeoutError) as e:
             raise _timed_out(url, str(e)) from e
         except BotoCoreError as e:  # endpoint unreachable, connection closed
@@ -318,6 +332,18 @@ class ImageLoader:
         if len(data) > limit:
             raise _too_many_bytes(url, limit)
         return data
+
+
+# What to check when S3 refuses an image for good, by its error code (or HTTP status).
+_S3_HINTS = {
+    "NoSuchKey": "check the key (S3 keys are case-sensitive)",
+    "NoSuchBucket": "check the bucket name, and that store.s3.endpoint_url points at the S3 that holds it",
+    "AccessDenied": "check that the workers' credentials may read it (s3:GetObject)",
+    "InvalidAccessKeyId": "check the workers' AWS_ACCESS_KEY_ID",
+    "SignatureDoesNotMatch": "check the workers' AWS_SECRET_ACCESS_KEY",
+    "403": "check that the workers' credentials may read it (s3:GetObject)",
+    "404": "check the bucket and key",
+}
 
 
 # -- host policy (http(s) only) ------------------------------------------------------------------

@@ -392,10 +392,30 @@ def test_an_s3_object_loads(s3_loader: ImageLoader) -> None:
     assert img.size == (64, 48) and img.sha256 == hashlib.sha256(PNG).hexdigest()
 
 
-@pytest.mark.parametrize("url", ["s3://images/cats/missing.png", "s3://no-such-bucket/a.png"])
-def test_a_missing_s3_object_is_a_fetch_error(s3_loader: ImageLoader, url: str) -> None:
-    with pytest.raises(ImageFetchError, match="s3 refused"):
+@pytest.mark.parametrize("url, hint", [("s3://images/cats/missing.png", "check the key"),
+                                       ("s3://no-such-bucket/a.png", "check the bucket name")])
+def test_a_missing_s3_object_is_a_fetch_error_saying_what_to_check(s3_loader: ImageLoader, url: str,
+                                                                    hint: str) -> None:
+    with pytest.raises(ImageFetchError, match="s3 refused") as err:
         s3_loader.load(url)
+    assert hint in err.value.message
+
+
+def test_no_s3_credentials_fail_at_once_saying_how_to_give_them(s3_server: str, s3_bucket: str, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    import boto3
+
+    monkeypatch.setattr(boto3, "DEFAULT_SESSION", None)  # it keeps the credentials it found before
+    with ImageLoader(ImageSettings(fetch_timeout_s=5), S3Settings(endpoint_url=s3_server, region="us-east-1")) as loader:
+        with pytest.raises(ImageFetchError) as err:
+            loader.load("s3://images/cats/a.png")
+    assert not isinstance(err.value, ImageFetchUnavailable)  # not retried: it would fail the same way
+    assert err.value.code == "image_fetch_failed" and "AWS_ACCESS_KEY_ID" in err.value.message
 
 
 def test_an_s3_object_over_max_bytes_is_too_large(s3_loader: ImageLoader) -> None:
