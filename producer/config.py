@@ -188,6 +188,9 @@ class Settings(BaseSettings):
         except ValidationError as e:
             first = e.errors(include_url=False)[0]
             where = ".".join(str(p) for p in first["loc"])
+            if first["type"] == "extra_forbidden":
+                raise ConfigError(f"there is no setting {where}: {_known_settings(first['loc'])} "
+                                  "(check conf/*.yaml and VLQ_* variables)") from None
             raise ConfigError(
                 f"bad setting {where}: {first['msg']} (check conf/*.yaml and VLQ_* variables)"
             ) from None
@@ -195,6 +198,27 @@ class Settings(BaseSettings):
             _CONF_DIR_FOR_LOAD.pop("dir", None)
         settings._conf_dir = folder
         return settings
+
+
+def _known_settings(loc: tuple[Any, ...]) -> str:
+    """What the section of an unknown setting ``loc`` holds; for a name that begins with one of its
+    nested sections (``store.s3_bucket``), how to give that section (JSON, one variable)."""
+    model: Any = Settings
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+            return "see conf/*.yaml for the settings there are"
+        model = field.annotation
+    section = ".".join(str(p) for p in loc[:-1]) or "the top level"
+    names = ", ".join(model.model_fields)
+    for name, field in model.model_fields.items():
+        nested = field.annotation
+        if isinstance(nested, type) and issubclass(nested, BaseModel) and str(loc[-1]).startswith(name + "_"):
+            var = "VLQ_" + "_".join(str(p).upper() for p in (*loc[:-1], name))
+            inner = str(loc[-1])[len(name) + 1:]
+            return (f"{section} holds {names}; {name} is a section of its own, given as JSON: "
+                    f"{var}='{{\"{inner}\": ...}}'")
+    return f"{section} holds {names}"
 
 
 _CONF_DIR_FOR_LOAD: dict[str, Path | None] = {}

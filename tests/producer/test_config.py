@@ -1,0 +1,59 @@
+"""Settings: YAML files per concern, VLQ_* variables over them, and errors that name the setting."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from producer.config import Settings
+from producer.errors import ConfigError
+
+
+@pytest.fixture(autouse=True)
+def _no_vlq_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    for name in [n for n in os.environ if n.startswith("VLQ_")]:
+        monkeypatch.delenv(name)
+
+
+def test_a_yaml_file_fills_its_section_and_a_variable_wins_over_it(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "engine.yaml").write_text("max_batch_size: 4\nmax_images: 3\n")
+    monkeypatch.setenv("VLQ_ENGINE_MAX_BATCH_SIZE", "6")
+    monkeypatch.setenv("VLQ_IMAGES_ALLOWED_ROOTS", '["/data"]')
+    monkeypatch.setenv("VLQ_STORE_S3", '{"bucket": "results", "region": "eu-west-1"}')
+    settings = Settings.load(tmp_path)
+    assert settings.engine.max_batch_size == 6 and settings.engine.max_images == 3
+    assert settings.images.allowed_roots == [Path("/data")]
+    assert settings.store.s3.bucket == "results" and settings.store.s3.region == "eu-west-1"
+
+
+def test_a_bad_value_names_the_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VLQ_ENGINE_MAX_BATCH_SIZE", "two")
+    with pytest.raises(ConfigError, match="bad setting engine.max_batch_size: Input should be a valid integer"):
+        Settings.load()
+
+
+def test_an_unknown_setting_lists_what_its_section_holds(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VLQ_ENGINE_MAX_BATCHSIZE", "2")
+    with pytest.raises(ConfigError) as err:
+        Settings.load()
+    assert "there is no setting engine.max_batchsize: engine holds model_dir" in err.value.message
+    assert "max_batch_size" in err.value.message
+
+
+def test_a_nested_section_spelled_as_one_variable_per_field_says_to_give_it_as_json(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VLQ_STORE_S3_BUCKET", "results")
+    with pytest.raises(ConfigError) as err:
+        Settings.load()
+    assert "there is no setting store.s3_bucket" in err.value.message
+    assert """VLQ_STORE_S3='{"bucket": ...}'""" in err.value.message
+
+
+def test_an_unknown_key_in_a_yaml_file_is_refused_too(tmp_path: Path) -> None:
+    (tmp_path / "worker.yaml").write_text("concurency: 3\n")
+    with pytest.raises(ConfigError, match="there is no setting worker.concurency: worker holds"):
+        Settings.load(tmp_path)
