@@ -7,7 +7,10 @@ image-and-question prompt per slot, forced answers (``ignore_stop``):
   names that token, greedy tokens are their position's best entry, the other request gets none,
   and the answers and entries are the same with and without lookahead;
 - decode tokens/s at batch ``--batch`` with logprobs asked for by every request (``--top``
-  entries) and by none, interleaved ``--repeats`` times, in bf16 and then int8.
+  entries) and by none, interleaved ``--repeats`` times, in bf16 and then int8;
+- the logprobs kernels alone (:func:`kernels.token_logprobs`, two Triton launches) against
+  torch's ``log_softmax``, ``gather`` and ``topk`` over the whole vocabulary, each replayed in a
+  CUDA graph, for top 0, 5 and 20, with their outputs compared.
 
     python -m benchmarks.logprobs_bench [--tokens 128] [--batch 2] [--top 5] [--repeats 3]
 
@@ -78,6 +81,54 @@ def run(engine: TorchEngine, reqs: list[GenerationRequest]) -> tuple[list[Genera
     return results, sum(r.completion_tokens - 1 for r in results) / elapsed
 
 
+def torch_logprobs(logits: torch.Tensor, next_ids: torch.Tensor, top: int, width: int) -> torch.Tensor:
+    """What :func:`kernels.token_logprobs` computes, in torch over the whole row."""
+    logprobs = torch.log_softmax(logits[:, :width], dim=-1)
+    chosen = logprobs.gather(1, next_ids[:, None])
+    if top == 0:
+        return chosen
+    values, ids = logprobs.topk(top, dim=-1)
+    return torch.cat([chosen, values, ids.float()], dim=1)
+
+
+def graph_us(fn, calls: int = 20, replays: int = 50) -> float:
+    """Microseconds a call of ``fn()``, ``calls`` of them captured in one CUDA graph."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(replays):
+        graph.replay()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / (calls * replays) * 1e6
+
+
+def kernel_times(vocab: int, width: int, batch: int) -> None:
+    from worker.engine.model import kernels
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    logits = 3 * torch.randn(batch, vocab, device="cuda", generator=gen)
+    next_ids = logits[:, :width].argmax(dim=-1)
+    for top in (0, 5, 20):
+        ours = kernels.token_logprobs(logits, next_ids, top, width)
+        reference = torch_logprobs(logits, next_ids, top, width)
+        diff = (ours[:, :1 + top] - reference[:, :1 + top]).abs().max().item()
+        same_ids = torch.equal(ours[:, 1 + top:], reference[:, 1 + top:])
+        fast = graph_us(lambda: kernels.token_logprobs(logits, next_ids, top, width))
+        slow = graph_us(lambda: torch_logprobs(logits, next_ids, top, width))
+        print(f"  top {top:2d}: {fast:6.1f} us (two Triton launches) against {slow:6.1f} us (torch), "
+              f"[{batch}, {vocab}] float32 logits; max |difference| {diff:.1e}, ids equal: {same_ids}")
+
+
 def check(model, tok, ids, slot, pixels, batch: int, tokens: int, top: int, quantization: str) -> None:
     answers = []
     for lookahead in (True, False):
@@ -89,11 +140,11 @@ def check(model, tok, ids, slot, pixels, batch: int, tokens: int, top: int, quan
         asked, others = results[0], results[1:]
         entries = asked.logprobs
         assert [e.token_id for e in entries] == asked.token_ids, "an entry names another token"
-        best = sum(e.top[0][0] == e.token_id and e.top[0][1] == e.logprob for e in entries)
         assert all(len(e.top) == top for e in entries) and all(r.logprobs is None for r in others)
+        best = sum(e.top[0][0] == e.token_id and e.top[0][1] == e.logprob for e in entries) if top else None
         print(f"  {quantization}, lookahead {'on ' if lookahead else 'off'}: {len(entries)} entries, "
-              f"greedy token is the best entry at {best}/{len(entries)} positions, "
-              f"mean logprob {statistics.mean(e.logprob for e in entries):.3f}")
+              + (f"greedy token is the best entry at {best}/{len(entries)} positions, " if top else "")
+              + f"mean logprob {statistics.mean(e.logprob for e in entries):.3f}")
         answers.append((asked.token_ids, [(e.logprob, e.top) for e in entries], [r.token_ids for r in others]))
     assert answers[0] == answers[1], "lookahead changed the answers or their logprobs"
     print(f"  {quantization}: the same answers and entries with and without lookahead")
@@ -124,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     image = first_existing(DEVICE_DIR / "demo.jpeg", SHARED / "images" / "demo.jpeg")
     pixels = preprocess_image(Image.open(io.BytesIO(image.read_bytes())))
     ids, slot = seed_prompt(tok)
+    if device.type == "cuda":
+        print(f"logprobs kernels alone (batch {a.batch}, vocabulary {args.llm.vocab_size}, {tok.n_vocab} allowed):")
+        kernel_times(args.llm.vocab_size, tok.n_vocab, a.batch)
     model = random_model(args, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
     for quantization in ("bf16", "int8"):
         # int8: the model is quantized in place here, and stays so for the engines below

@@ -165,12 +165,9 @@ class Sampler:
         distribution over the allowed vocabulary, before temperature, penalties, top-k and top-p,
         as vLLM reports them by default.
         """
-        logprobs = torch.log_softmax(logits[:, :self.allowed_vocab].float(), dim=-1)  # [B, V']
-        chosen = logprobs.gather(1, next_ids.clamp(0, self.allowed_vocab - 1)[:, None])  # [B, 1]
-        if top == 0:
-            return chosen
-        values, ids = logprobs.topk(top, dim=-1)  # [B, top]
-        return torch.cat([chosen, values, ids.float()], dim=1)
+        from worker.engine.model.kernels import token_logprobs
+
+        return token_logprobs(logits.float(), next_ids.clamp(0, self.allowed_vocab - 1), top, self.allowed_vocab)
 
     def _sample_random(self, logits: torch.Tensor, steps: torch.Tensor,
                        in_use: list[SamplingParams]) -> torch.Tensor:

@@ -30,6 +30,8 @@ can be captured in a CUDA graph.
   :func:`dense_linear` is the model-dtype linear (for few rows the same Triton GEMV unless
   :data:`DENSE_GEMV` says cuBLAS). Split-K partial sums are added by the last program of each
   output tile to finish, in split order.
+- :func:`token_logprobs`: the log-probability of each row's sampled token and its top tokens,
+  for OpenAI's ``logprobs`` (two passes: blocks of each row, then a merge per row).
 
 "The last program to finish" is picked by an atomic ticket per tile (:func:`_tickets`), which
 that program sets back to zero; the sum it then does always runs in the same order, so answers
@@ -737,6 +739,45 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
+# -- OpenAI's logprobs ----------------------------------------------------------------------------
+
+LOGPROB_BLOCK = 4096  # logits per program of the first pass (37 programs a row for Qwen's vocabulary)
+
+
+def token_logprobs(logits: torch.Tensor, next_ids: torch.Tensor, top: int, width: int) -> torch.Tensor:
+    """Log-probabilities over ``logits[:, :width]`` (float32 ``[B, V]``) for OpenAI's logprobs.
+
+    Returns float32 ``[B, 1 + 2 * top]``: each row's log-probability of ``next_ids`` (int64 ``[B]``,
+    below ``width``), then its ``top`` largest log-probabilities, largest first (ties: the lower
+    id first), and their ids (exact in float32 below 2**24). In Triton two launches: the first
+    pass takes each ``LOGPROB_BLOCK`` of a row (its max, its sum of exponentials, its ``top``
+    largest), the second merges a row's blocks; torch's own ``log_softmax`` and ``topk`` run a few
+    programs a row over the whole vocabulary, several times slower for one or two rows.
+    """
+    if not triton_ok(logits):
+        logprobs = torch.log_softmax(logits[:, :width].float(), dim=-1)  # [B, V']
+        chosen = logprobs.gather(1, next_ids[:, None])  # [B, 1]
+        if top == 0:
+            return chosen
+        values, ids = logprobs.topk(top, dim=-1)  # [B, top]
+        return torch.cat([chosen, values, ids.float()], dim=1)
+    b = logits.shape[0]
+    blocks = triton.cdiv(width, LOGPROB_BLOCK)
+    top_p2 = triton.next_power_of_2(max(top, 1))
+    part_max = torch.empty(b, blocks, dtype=torch.float32, device=logits.device)
+    part_sum = torch.empty_like(part_max)
+    part_vals = torch.empty(b, blocks, top_p2, dtype=torch.float32, device=logits.device)
+    part_ids = torch.empty(b, blocks, top_p2, dtype=torch.int32, device=logits.device)
+    _logprob_blocks_kernel[(b, blocks)](
+        logits, part_max, part_sum, part_vals, part_ids, width, logits.stride(0),
+        TOP=top, TOP_P2=top_p2, BLOCK=LOGPROB_BLOCK, num_warps=8)
+    out = torch.empty(b, 1 + 2 * top, dtype=torch.float32, device=logits.device)
+    _logprob_rows_kernel[(b,)](
+        logits, next_ids, part_max, part_sum, part_vals, part_ids, out, logits.stride(0), blocks,
+        TOP=top, TOP_P2=top_p2, BLOCKS_P2=triton.next_power_of_2(blocks), num_warps=4)
+    return out
+
+
 # -- Triton kernels ------------------------------------------------------------------------------
 
 if triton is not None:
@@ -1166,3 +1207,46 @@ if triton is not None:
         if HAS_BIAS:
             acc += tl.load(b_ptr + n, mask=mask, other=0.0).to(tl.float32)
         tl.store(y_ptr + idx, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _logprob_blocks_kernel(logits_ptr, max_ptr, sum_ptr, vals_ptr, ids_ptr, width, stride,
+                               TOP: tl.constexpr, TOP_P2: tl.constexpr, BLOCK: tl.constexpr):
+        row, blk = tl.program_id(0), tl.program_id(1)
+        blocks = tl.num_programs(1)
+        cols = blk * BLOCK + tl.arange(0, BLOCK)
+        x = tl.load(logits_ptr + row * stride + cols, mask=cols < width, other=float("-inf")).to(tl.float32)
+        m = tl.max(x, axis=0)
+        tl.store(max_ptr + row * blocks + blk, m)
+        shift = tl.where(m == float("-inf"), 0.0, m)  # a block of -inf only adds 0, not nan
+        tl.store(sum_ptr + row * blocks + blk, tl.sum(tl.exp(x - shift), axis=0))
+        base = (row * blocks + blk) * TOP_P2
+        for t in tl.static_range(TOP):  # the block's largest, one at a time
+            v = tl.max(x, axis=0)
+            i = tl.min(tl.where(x == v, cols, 2147483647), axis=0)  # ties: the lower id
+            tl.store(vals_ptr + base + t, v)
+            tl.store(ids_ptr + base + t, i)
+            x = tl.where(cols == i, float("-inf"), x)
+
+    @triton.jit
+    def _logprob_rows_kernel(logits_ptr, next_ptr, max_ptr, sum_ptr, vals_ptr, ids_ptr, out_ptr, stride, blocks,
+                             TOP: tl.constexpr, TOP_P2: tl.constexpr, BLOCKS_P2: tl.constexpr):
+        row = tl.program_id(0)
+        b = tl.arange(0, BLOCKS_P2)
+        m = tl.load(max_ptr + row * blocks + b, mask=b < blocks, other=float("-inf"))
+        s = tl.load(sum_ptr + row * blocks + b, mask=b < blocks, other=0.0)
+        top_max = tl.max(m, axis=0)
+        lse = top_max + tl.log(tl.sum(s * tl.exp(m - top_max), axis=0))
+        width = 1 + 2 * TOP
+        chosen = tl.load(logits_ptr + row * stride + tl.load(next_ptr + row)).to(tl.float32)
+        tl.store(out_ptr + row * width, chosen - lse)
+        if TOP > 0:
+            c = tl.arange(0, BLOCKS_P2 * TOP_P2)
+            valid = (c // TOP_P2 < blocks) & (c % TOP_P2 < TOP)
+            v = tl.load(vals_ptr + row * blocks * TOP_P2 + c, mask=valid, other=float("-inf"))
+            ids = tl.load(ids_ptr + row * blocks * TOP_P2 + c, mask=valid, other=2147483647)
+            for t in tl.static_range(TOP):
+                best = tl.max(v, axis=0)
+                i = tl.min(tl.where(v == best, ids, 2147483647), axis=0)
+                tl.store(out_ptr + row * width + 1 + t, best - lse)
+                tl.store(out_ptr + row * width + 1 + TOP + t, i.to(tl.float32))
+                v = tl.where(ids == i, float("-inf"), v)

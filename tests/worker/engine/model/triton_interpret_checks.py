@@ -141,7 +141,26 @@ def check_rotary_attention() -> None:
             assert torch.equal(k_cache, separate_k) and torch.equal(v_cache, separate_v), f"cache, {where}"
 
 
+def check_token_logprobs() -> None:
+    """OpenAI's logprobs in two passes against log_softmax and topk over the whole row: the same
+    ids, log-probabilities within float32 rounding; a block of -inf only adds nothing."""
+    logits = 4 * randn(3, 9000)
+    logits[2, 4096:8192] = float("-inf")  # the second block of row 2
+    next_ids = torch.tensor([5, 8999, 17])
+    kernels.LOGPROB_BLOCK = 1024  # several blocks, the last one partial
+    reference = torch.log_softmax(logits[:, :8500], dim=-1)
+    for top in (0, 1, 3, 20):
+        out = kernels.token_logprobs(logits, next_ids.clamp(max=8499), top, 8500)
+        assert out.shape == (3, 1 + 2 * top), f"top {top}: shape {tuple(out.shape)}"
+        chosen = reference.gather(1, next_ids.clamp(max=8499)[:, None])[:, 0]
+        assert torch.allclose(out[:, 0], chosen, atol=1e-5), f"top {top}: chosen {out[:, 0]} vs {chosen}"
+        values, ids = reference.topk(top, dim=-1)
+        assert torch.equal(out[:, 1 + top:].long(), ids), f"top {top}: ids"
+        assert torch.allclose(out[:, 1:1 + top], values, atol=1e-5), f"top {top}: values"
+
+
 if __name__ == "__main__":
+    check_token_logprobs()
     check_gemv()
     check_fma_gemv()
     check_attention()
