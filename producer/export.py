@@ -18,8 +18,9 @@ exported, sorted by path:
   ``<quad>`` regions) in percent of the image, for a labeling config whose ``<Image
   name="image" value="$image"/>`` is labelled by ``<RectangleLabels name="label" ...>``.
 
-Images whose job succeeded without boxes are exported with no annotations (an empty
-prediction); failed or cancelled ones with no annotations and no prediction, and counted in
+Boxes carry their ``score`` when the results came from ``vlq annotate --scores``; ``min_score``
+then leaves out the boxes scored under it. Images whose job succeeded without boxes are exported
+with no annotations (an empty prediction); failed or cancelled ones with no annotations and no prediction, and counted in
 the :class:`ExportSummary`. The box conversions are :mod:`worker.engine.grounding`'s (torch-free).
 """
 
@@ -27,7 +28,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -73,6 +74,8 @@ class ExportSummary:
     boxes: int = 0
     categories: int = 0
     boxes_without_size: int = 0  # COCO needs pixels: such boxes (results from before sizes were recorded) are left out
+    boxes_below_min_score: int = 0
+    min_score: float | None = None
     failures: dict[str, int] = field(default_factory=dict)
 
     def line(self) -> str:
@@ -81,6 +84,8 @@ class ExportSummary:
                 f" {self.without_boxes} without, {self.failed} failed")
         if self.failures:
             text += " (" + ", ".join(f"{code} x{n}" for code, n in sorted(self.failures.items())) + ")"
+        if self.boxes_below_min_score:
+            text += f"; {self.boxes_below_min_score} boxes scored under {self.min_score} left out"
         if self.boxes_without_size:
             text += (f"; {self.boxes_without_size} boxes left out: their image size is unknown"
                      " (annotate again to record it)")
@@ -210,6 +215,26 @@ def to_label_studio(
     return tasks
 
 
+def keep_confident(lines: list[ResultLine], min_score: float, summary: ExportSummary) -> list[ResultLine]:
+    """``lines`` with only the boxes scored ``min_score`` or more (counted in ``summary``).
+
+    Raises :class:`InvalidRequest` when a box has no score: its results came from a run without
+    ``vlq annotate --scores``.
+    """
+    out = []
+    for line in lines:
+        unscored = next((b for b in line.boxes if b.score is None), None)
+        if unscored is not None:
+            raise InvalidRequest(
+                f"{line.path} (line {line.line_no}) has boxes without a score: --min-score needs the results "
+                "of vlq annotate --scores (run it again with --scores; the images are done again once)")
+        kept = tuple(b for b in line.boxes if b.score >= min_score)
+        summary.boxes_below_min_score += len(line.boxes) - len(kept)
+        out.append(replace(line, boxes=kept))
+    summary.min_score = min_score
+    return out
+
+
 def _count(line: ResultLine, summary: ExportSummary) -> None:
     summary.images += 1
     if not line.succeeded:
@@ -234,15 +259,19 @@ def export(
     image_prefix: str = "",
     from_name: str = "label",
     to_name: str = "image",
+    min_score: float | None = None,
 ) -> tuple[Any, ExportSummary]:
     """Read ``results``, convert to ``fmt`` and write it to ``out`` (atomically; None: write nothing).
 
-    Returns the exported document and its summary.
+    ``min_score`` leaves out the boxes scored under it (:func:`keep_confident`). Returns the
+    exported document and its summary.
     """
     if fmt not in FORMATS:
         raise InvalidRequest(f"unknown export format {fmt!r}: use one of {', '.join(FORMATS)}")
     lines = read_results(results)
     summary = ExportSummary()
+    if min_score is not None:
+        lines = keep_confident(lines, min_score, summary)
     if fmt == "coco":
         doc: Any = to_coco(lines, summary)
     else:

@@ -27,6 +27,8 @@ def export(
         help="Label Studio: put before each image path in data.image, e.g. /data/local-files/?d=photos/")] = "",
     from_name: Annotated[str, typer.Option(help="Label Studio: name of the RectangleLabels control")] = "label",
     to_name: Annotated[str, typer.Option(help="Label Studio: name of the Image object (and the data key)")] = "image",
+    min_score: Annotated[float | None, typer.Option(
+        min=0.0, max=1.0, help="leave out boxes scored under this (results of vlq annotate --scores)")] = None,
 ) -> None:
     """Turn vlq annotate results into a COCO dataset or Label Studio tasks with the boxes as predictions.
 
@@ -40,8 +42,8 @@ def export(
 
     to_stdout = str(out) == "-"
     try:
-        doc, summary = run_export(results, None if to_stdout else out, fmt.value,
-                                  image_prefix=image_prefix, from_name=from_name, to_name=to_name)
+        doc, summary = run_export(results, None if to_stdout else out, fmt.value, image_prefix=image_prefix,
+                                  from_name=from_name, to_name=to_name, min_score=min_score)
     except VlqError as e:
         fail(e)
     if to_stdout:

@@ -169,3 +169,20 @@ def test_the_exporter_imports_without_torch_or_pillow() -> None:
     code = ("import sys; sys.modules['torch'] = None; sys.modules['PIL'] = None\n"
             "import producer.cli, producer.export")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_min_score_leaves_out_the_unsure_boxes_and_scores_travel_into_both_formats(tmp_path: Path) -> None:
+    scored = [{"path": "p.jpg", "status": "succeeded", "answer": "...", "image_size": [640, 480],
+               "boxes": [{**CAT, "score": 0.91}, {**DOG, "score": 0.42}], "error": None}]
+    results = write_lines(tmp_path / "scored.jsonl", scored)
+    doc, summary = export(results, None, "coco", min_score=0.5)
+    assert [(a["phrase"], a["score"]) for a in doc["annotations"]] == [("the cat", 0.91)]
+    assert summary.boxes_below_min_score == 1 and "1 boxes scored under 0.5 left out" in summary.line()
+    tasks, _ = export(results, None, "labelstudio")
+    prediction = tasks[0]["predictions"][0]
+    assert [r["score"] for r in prediction["result"]] == [0.91, 0.42] and prediction["score"] == pytest.approx(0.665)
+
+
+def test_min_score_on_results_without_scores_says_to_annotate_with_scores(results: Path) -> None:
+    with pytest.raises(InvalidRequest, match="vlq annotate --scores"):
+        export(results, None, "coco", min_score=0.5)
