@@ -20,8 +20,9 @@ exported, sorted by path:
 
 Boxes carry their ``score`` when the results came from ``vlq annotate --scores``; ``min_score``
 then leaves out the boxes scored under it. Images whose job succeeded without boxes are exported
-with no annotations (an empty prediction); failed or cancelled ones with no annotations and no prediction, and counted in
-the :class:`ExportSummary`. The box conversions are :mod:`worker.engine.grounding`'s (torch-free).
+with no annotations (an empty prediction); failed or cancelled ones with no annotations and no
+prediction, and counted in the :class:`ExportSummary`. The box conversions are
+:mod:`worker.engine.grounding`'s (torch-free).
 """
 
 from __future__ import annotations

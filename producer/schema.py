@@ -161,7 +161,7 @@ class ChatRequest(BaseModel):
             raise ValueError("n must be 1: vlq returns one choice per request")
         if self.tools:
             raise ValueError("tools (function calling) are not supported by Qwen-VL-Chat")
-        if self.top_logprobs is not None and not self.logprobs:
+        if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
         kind = (self.response_format or {}).get("type", "text")
         if kind != "text":

@@ -29,7 +29,8 @@ def annotate(
     upload: Annotated[str | None, typer.Option("--upload", help="upload images to s3://bucket/prefix and send s3:// URLs")] = None,
     max_in_flight: Annotated[int, typer.Option(help="jobs queued at once")] = 256,
     timeout: Annotated[float | None, typer.Option(help="give up (and cancel what is left) after N seconds")] = None,
-    scores: Annotated[bool, typer.Option("--scores", help="score each box and answer (0..1) from the model's logprobs")] = False,
+    scores: Annotated[bool, typer.Option(
+        "--scores", help="score each box and answer (0..1) from the model's logprobs")] = False,
 ) -> None:
     """Ask one question about every image in FOLDER; write one JSON line per image to --out.
 

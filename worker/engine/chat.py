@@ -313,7 +313,6 @@ class ChatEngine:
             },
         }
 
-
     def _token_spans(self, entries: list[TokenLogprob]) -> list[tuple[int, int, float]]:
         """``(start, end, logprob)`` per answer token: the characters of the answer it produced,
         decoded as the engine decoded the text."""

@@ -25,8 +25,8 @@ box's ``score`` when known) and :func:`label_studio_prediction` (``rectanglelabe
 
 from __future__ import annotations
 
-import re
 import math
+import re
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Sequence
 
