@@ -261,6 +261,20 @@ class Client:
             raise JobNotFound(f"no job {job_id!r} (never submitted, or its record expired)")
         return record
 
+    def unserved_hint(self, status: JobStatus | None) -> str:
+        """For a job still queued (``status``): a clause saying that no live worker serves this
+        client's queue, when none does ("" otherwise, or when Redis cannot tell)."""
+        if status is not JobStatus.QUEUED:
+            return ""
+        try:
+            workers = self.store.workers(self.settings.worker.lease_timeout_s)
+        except VlqError:
+            return ""
+        queue = self.settings.broker.queue
+        if any(info.get("queue") == queue for info in workers.values()):
+            return ""
+        return f"; no worker is serving queue {queue!r} now: start one (vlq worker --model DIR)"
+
     def wait(self, job_id: str, timeout: float | None = None) -> JobRecord:
         """Poll until the job is terminal; returns its record. Raises :class:`JobNotFinished`
         after ``timeout`` seconds (None: no limit)."""
@@ -273,7 +287,7 @@ class Client:
             if deadline is not None and time.monotonic() >= deadline:
                 raise JobNotFinished(
                     f"job {job_id} is still {record.status.value} after {timeout:g}s;"
-                    f" wait longer or check the workers (vlq status {job_id})"
+                    f" wait longer or check the workers (vlq status {job_id})" + self.unserved_hint(record.status)
                 )
             sleep = delay if deadline is None else min(delay, max(0.0, deadline - time.monotonic()))
             time.sleep(sleep)
@@ -300,7 +314,9 @@ class Client:
                 delay = _POLL_MIN_S
                 continue
             if deadline is not None and time.monotonic() >= deadline:
-                raise JobNotFinished(f"{len(pending)} jobs still unfinished after {timeout:g}s")
+                queued = JobStatus.QUEUED if JobStatus.QUEUED in statuses else None
+                raise JobNotFinished(f"{len(pending)} jobs still unfinished after {timeout:g}s"
+                                     + self.unserved_hint(queued))
             time.sleep(delay)
             delay = min(delay * 1.5, _POLL_MAX_S)
 

@@ -68,9 +68,10 @@ class ApiContext:
                 return None
             left = deadline - time.monotonic()
             if left <= 0:
+                hint = await self.run(self.client.unserved_hint, record.status)
                 raise JobNotFinished(
                     f"job {job_id} is still {record.status.value} after {timeout:g}s; its result will"
-                    f" be at GET /v1/jobs/{job_id}",
+                    f" be at GET /v1/jobs/{job_id}{hint}",
                     job_id=job_id,
                 )
             await anyio.sleep(min(delay, left))

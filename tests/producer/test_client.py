@@ -163,6 +163,25 @@ def test_waiting_gives_up_after_its_timeout(client: Client) -> None:
         client.result(handle.id)  # no wait: not finished yet
 
 
+def test_a_timeout_says_when_no_live_worker_serves_the_queue(client: Client, settings: Settings) -> None:
+    handle = client.submit(request())
+    with pytest.raises(JobNotFinished, match=f"no worker is serving queue '{settings.broker.queue}'"):
+        handle.wait(timeout=0.1)
+    with pytest.raises(JobNotFinished, match="no worker is serving"):
+        list(client.as_completed([handle.id], timeout=0.1))
+    client.store.register_worker("elsewhere", {"queue": "another-queue"})  # serves another queue
+    with pytest.raises(JobNotFinished, match="no worker is serving"):
+        handle.wait(timeout=0.1)
+    client.store.register_worker("ours", {"queue": settings.broker.queue})
+    with pytest.raises(JobNotFinished) as err:
+        handle.wait(timeout=0.1)
+    assert "no worker" not in err.value.message  # one is: the job is just waiting its turn
+    # its heartbeat long gone: a worker that died does not count
+    client.store.redis.hset(client.store.keys.workers, "ours", json.dumps({"queue": settings.broker.queue, "at": 0}))
+    with pytest.raises(JobNotFinished, match="no worker is serving"):
+        handle.wait(timeout=0.1)
+
+
 def test_a_cancelled_queued_job_is_never_run(settings: Settings, client: Client) -> None:
     handle = client.submit(request())
     assert handle.cancel() == "cancelled"

@@ -79,6 +79,7 @@ def test_a_chat_request_nobody_answers_times_out_with_a_504_naming_its_job(http:
     err = assert_openai_error(response, 504, "timeout")
     job_id = response.headers["x-vlq-job-id"]
     assert f"/v1/jobs/{job_id}" in err["message"]
+    assert "no worker is serving queue" in err["message"]  # and says why nobody answers
     assert http.get(f"/v1/jobs/{job_id}").json()["status"] == "queued"  # still there, not lost
     assert http.delete(f"/v1/jobs/{job_id}").json()["status"] == "cancelled"
 
