@@ -5,7 +5,8 @@
 - The folder is walked recursively for image files (:data:`IMAGE_EXTENSIONS`, any case).
 - Each image becomes one job (a user message with the image and the prompt); all jobs of a run
   share a batch id. At most ``max_in_flight`` are queued at once, so a huge folder never floods
-  Redis (inline images in particular).
+  Redis (inline images in particular), and each image is read and hashed only when its turn to
+  be submitted comes, so the first jobs start at once however large the folder.
 - Results are appended to the output file as they arrive, one line per image:
   ``{"path", "job_id", "status", "answer", "boxes", "image_size", "error", "fingerprint", "prompt",
   "model"}``; ``image_size`` is ``[width, height]`` as the worker decoded the image (None for a
@@ -31,11 +32,12 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import itertools
 import json
 import math
 import mimetypes
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -165,43 +167,44 @@ class Annotator:
         self.on_progress = on_progress or (lambda summary: None)
         self._s3 = None
 
-    def plan(self, folder: Path, out: Path) -> tuple[list[_Item], AnnotateSummary]:
-        """The images still to do, and a summary counting the ones found and skipped."""
-        paths = find_images(folder)
+    def _todo(self, folder: Path, paths: list[Path], out: Path, summary: AnnotateSummary) -> Iterator[_Item]:
+        """The images still to do, one at a time: each is read and hashed only when the run is
+        ready to submit it, so a large folder starts at once; done ones count as skipped."""
         done = read_done(out)
-        summary = AnnotateSummary(found=len(paths), out=out)
-        todo = []
         for path in paths:
             sha = hashlib.sha256(path.read_bytes()).hexdigest()
             fp = fingerprint(sha, self.options)
             if fp in done:
                 summary.skipped += 1
+                self.on_progress(summary)
                 continue
-            todo.append(_Item(path, path.relative_to(folder).as_posix(), sha, fp))
-        return todo, summary
+            yield _Item(path, path.relative_to(folder).as_posix(), sha, fp)
 
     def run(self, folder: Path, out: Path) -> AnnotateSummary:
         folder, out = Path(folder), Path(out)
-        todo, summary = self.plan(folder, out)
+        paths = find_images(folder)
+        summary = AnnotateSummary(found=len(paths), out=out)
         self.on_progress(summary)
-        if not todo:
-            return summary
-        summary.batch_id = new_batch_id()
+        todo = self._todo(folder, paths, out, summary)
         deadline = None if self.options.timeout_s is None else time.monotonic() + self.options.timeout_s
         pending: dict[str, _Item] = {}
-        queue = list(reversed(todo))
+        more = True
         out.parent.mkdir(parents=True, exist_ok=True)
         try:
             with out.open("a", encoding="utf-8") as sink:
-                while queue or pending:
+                while more or pending:
                     room = self.options.max_in_flight - len(pending)
-                    if queue and room > 0:
-                        chunk = [queue.pop() for _ in range(min(room, len(queue)))]
+                    chunk = list(itertools.islice(todo, room)) if more and room > 0 else []
+                    more = more and len(chunk) == room
+                    if chunk:
+                        summary.batch_id = summary.batch_id or new_batch_id()
                         jobs = [self._job(item, summary.batch_id) for item in chunk]
                         self.client.submit_jobs(jobs)
                         pending.update({job.id: item for job, item in zip(jobs, chunk)})
                         summary.submitted += len(jobs)
                         self.on_progress(summary)
+                    if not pending:
+                        continue
                     left = None if deadline is None else max(0.0, deadline - time.monotonic())
                     for record in self._next_finished(list(pending), left):
                         item = pending.pop(record.id)

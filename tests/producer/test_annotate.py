@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from pathlib import Path
 
 import pytest
@@ -96,6 +97,35 @@ def test_a_folder_is_annotated_once_and_a_rerun_submits_nothing(
     url = record.job().request["messages"][0]["content"][0]["image_url"]["url"]
     assert url == (folder / lines[0]["path"]).resolve().as_uri()  # file:// by default
     assert record.batch_id == first.batch_id
+
+
+def test_the_run_counts_the_folder_first_and_reads_each_image_only_when_it_submits_it(
+    tmp_path: Path, settings: Settings, client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder, out = make_folder(tmp_path), tmp_path / "results.jsonl"
+    reads: list[str] = []  # the images this (the producer's) thread read
+    read_bytes, producer = Path.read_bytes, threading.current_thread()
+
+    def counting(self: Path) -> bytes:
+        if threading.current_thread() is producer:
+            reads.append(self.name)
+        return read_bytes(self)
+
+    monkeypatch.setattr(Path, "read_bytes", counting)
+    progress: list[tuple[int, int, int, int]] = []
+
+    def seen(s) -> None:
+        progress.append((s.found, s.skipped, s.submitted, len(reads)))
+
+    with scripted_worker(settings):
+        annotate(client, folder, out, AnnotateOptions(prompt="p", max_in_flight=1), on_progress=seen)
+        # the total shows before any image is read; then one image is read per job submitted
+        assert progress[0] == (3, 0, 0, 0)
+        assert [p[3] for p in progress if p[2] == 1][0] == 1
+        reads.clear()
+        progress.clear()
+        annotate(client, folder, out, AnnotateOptions(prompt="p", max_in_flight=1), on_progress=seen)
+    assert progress[0] == (3, 0, 0, 0) and [p[1] for p in progress] == [0, 1, 2, 3]  # skips count one by one
 
 
 def test_failed_images_are_retried_on_the_next_run(tmp_path: Path, settings: Settings, client: Client) -> None:
