@@ -261,11 +261,9 @@ class Client:
             raise JobNotFound(f"no job {job_id!r} (never submitted, or its record expired)")
         return record
 
-    def unserved_hint(self, status: JobStatus | None) -> str:
-        """For a job still queued (``status``): a clause saying that no live worker serves this
-        client's queue, when none does ("" otherwise, or when Redis cannot tell)."""
-        if status is not JobStatus.QUEUED:
-            return ""
+    def unserved_hint(self) -> str:
+        """For a job still queued: a clause saying that no live worker serves this client's
+        queue, when none does ("" otherwise, or when Redis cannot tell)."""
         try:
             workers = self.store.workers(self.settings.worker.lease_timeout_s)
         except VlqError:
@@ -287,7 +285,8 @@ class Client:
             if deadline is not None and time.monotonic() >= deadline:
                 raise JobNotFinished(
                     f"job {job_id} is still {record.status.value} after {timeout:g}s;"
-                    f" wait longer or check the workers (vlq status {job_id})" + self.unserved_hint(record.status)
+                    f" wait longer or check the workers (vlq status {job_id})"
+                    + (self.unserved_hint() if record.status is JobStatus.QUEUED else "")
                 )
             sleep = delay if deadline is None else min(delay, max(0.0, deadline - time.monotonic()))
             time.sleep(sleep)
@@ -314,9 +313,8 @@ class Client:
                 delay = _POLL_MIN_S
                 continue
             if deadline is not None and time.monotonic() >= deadline:
-                queued = JobStatus.QUEUED if JobStatus.QUEUED in statuses else None
                 raise JobNotFinished(f"{len(pending)} jobs still unfinished after {timeout:g}s"
-                                     + self.unserved_hint(queued))
+                                     + (self.unserved_hint() if JobStatus.QUEUED in statuses else ""))
             time.sleep(delay)
             delay = min(delay * 1.5, _POLL_MAX_S)
 

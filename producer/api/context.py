@@ -19,6 +19,7 @@ from producer.config import Settings
 from producer.errors import InvalidRequest, JobNotFinished
 from producer.files import FileStore
 from producer.preflight import Preflight
+from producer.schema import JobStatus
 from producer.state import JobRecord
 
 T = TypeVar("T")
@@ -68,7 +69,8 @@ class ApiContext:
                 return None
             left = deadline - time.monotonic()
             if left <= 0:
-                hint = await self.run(self.client.unserved_hint, record.status)
+                queued = record.status is JobStatus.QUEUED
+                hint = await self.run(self.client.unserved_hint) if queued else ""
                 raise JobNotFinished(
                     f"job {job_id} is still {record.status.value} after {timeout:g}s; its result will"
                     f" be at GET /v1/jobs/{job_id}{hint}",
