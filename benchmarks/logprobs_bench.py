@@ -81,16 +81,6 @@ def run(engine: TorchEngine, reqs: list[GenerationRequest]) -> tuple[list[Genera
     return results, sum(r.completion_tokens - 1 for r in results) / elapsed
 
 
-def torch_logprobs(logits: torch.Tensor, next_ids: torch.Tensor, top: int, width: int) -> torch.Tensor:
-    """What :func:`kernels.token_logprobs` computes, in torch over the whole row."""
-    logprobs = torch.log_softmax(logits[:, :width], dim=-1)
-    chosen = logprobs.gather(1, next_ids[:, None])
-    if top == 0:
-        return chosen
-    values, ids = logprobs.topk(top, dim=-1)
-    return torch.cat([chosen, values, ids.float()], dim=1)
-
-
 def graph_us(fn, calls: int = 20, replays: int = 50) -> float:
     """Microseconds a call of ``fn()``, ``calls`` of them captured in one CUDA graph."""
     stream = torch.cuda.Stream()
@@ -120,11 +110,11 @@ def kernel_times(vocab: int, width: int, batch: int) -> None:
     next_ids = logits[:, :width].argmax(dim=-1)
     for top in (0, 5, 20):
         ours = kernels.token_logprobs(logits, next_ids, top, width)
-        reference = torch_logprobs(logits, next_ids, top, width)
+        reference = kernels.token_logprobs_torch(logits, next_ids, top, width)
         diff = (ours[:, :1 + top] - reference[:, :1 + top]).abs().max().item()
         same_ids = torch.equal(ours[:, 1 + top:], reference[:, 1 + top:])
         fast = graph_us(lambda: kernels.token_logprobs(logits, next_ids, top, width))
-        slow = graph_us(lambda: torch_logprobs(logits, next_ids, top, width))
+        slow = graph_us(lambda: kernels.token_logprobs_torch(logits, next_ids, top, width))
         print(f"  top {top:2d}: {fast:6.1f} us (two Triton launches) against {slow:6.1f} us (torch), "
               f"[{batch}, {vocab}] float32 logits; max |difference| {diff:.1e}, ids equal: {same_ids}")
 

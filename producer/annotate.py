@@ -34,7 +34,6 @@ import base64
 import hashlib
 import itertools
 import json
-import math
 import mimetypes
 import time
 from collections.abc import Callable, Iterator
@@ -324,10 +323,9 @@ class Annotator:
 def answer_score(logprobs: dict[str, Any] | None) -> float | None:
     """How sure the model was of its whole answer: the geometric mean of its tokens'
     probabilities, ``exp(mean logprob)``, from a result's ``choices[0].logprobs`` (None without)."""
-    tokens = (logprobs or {}).get("content") or []
-    if not tokens:
-        return None
-    return round(math.exp(sum(t["logprob"] for t in tokens) / len(tokens)), 6)
+    from worker.engine.grounding import mean_probability  # torch-free; keeps worker code out of importing producer
+
+    return mean_probability([t["logprob"] for t in (logprobs or {}).get("content") or []])
 
 
 def _image_size(doc: dict[str, Any]) -> list[int] | None:

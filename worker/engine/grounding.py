@@ -156,10 +156,14 @@ def score_boxes(boxes: Sequence[GroundingBox], tokens: Sequence[tuple[int, int, 
             out.append(box)
             continue
         start, end = box.span
-        logprobs = [lp for a, b, lp in tokens if a < end and b > start]
-        score = round(math.exp(sum(logprobs) / len(logprobs)), 6) if logprobs else None
-        out.append(replace(box, score=score))
+        out.append(replace(box, score=mean_probability([lp for a, b, lp in tokens if a < end and b > start])))
     return out
+
+
+def mean_probability(logprobs: Sequence[float]) -> float | None:
+    """The geometric mean of the probabilities of tokens with these log-probabilities,
+    ``exp(mean logprob)``, in (0, 1], to six places (None for no tokens)."""
+    return round(math.exp(sum(logprobs) / len(logprobs)), 6) if logprobs else None
 
 
 def _parse_points(inner: str, count: int) -> tuple[tuple[int, int], ...] | None:

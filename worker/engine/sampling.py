@@ -18,6 +18,7 @@ from collections.abc import Sequence as Seq
 
 import torch
 
+from worker.engine.model.kernels import token_logprobs
 from worker.engine.types import SamplingParams
 
 _M32 = 0xFFFFFFFF
@@ -165,8 +166,6 @@ class Sampler:
         distribution over the allowed vocabulary, before temperature, penalties, top-k and top-p,
         as vLLM reports them by default.
         """
-        from worker.engine.model.kernels import token_logprobs
-
         return token_logprobs(logits.float(), next_ids.clamp(0, self.allowed_vocab - 1), top, self.allowed_vocab)
 
     def _sample_random(self, logits: torch.Tensor, steps: torch.Tensor,

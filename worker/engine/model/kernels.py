@@ -755,12 +755,7 @@ def token_logprobs(logits: torch.Tensor, next_ids: torch.Tensor, top: int, width
     programs a row over the whole vocabulary, several times slower for one or two rows.
     """
     if not triton_ok(logits):
-        logprobs = torch.log_softmax(logits[:, :width].float(), dim=-1)  # [B, V']
-        chosen = logprobs.gather(1, next_ids[:, None])  # [B, 1]
-        if top == 0:
-            return chosen
-        values, ids = logprobs.topk(top, dim=-1)  # [B, top]
-        return torch.cat([chosen, values, ids.float()], dim=1)
+        return token_logprobs_torch(logits, next_ids, top, width)
     b = logits.shape[0]
     blocks = triton.cdiv(width, LOGPROB_BLOCK)
     top_p2 = triton.next_power_of_2(max(top, 1))
@@ -776,6 +771,16 @@ def token_logprobs(logits: torch.Tensor, next_ids: torch.Tensor, top: int, width
         logits, next_ids, part_max, part_sum, part_vals, part_ids, out, logits.stride(0), blocks,
         TOP=top, TOP_P2=top_p2, BLOCKS_P2=triton.next_power_of_2(blocks), num_warps=4)
     return out
+
+
+def token_logprobs_torch(logits: torch.Tensor, next_ids: torch.Tensor, top: int, width: int) -> torch.Tensor:
+    """:func:`token_logprobs` in torch ops over the whole row (CPU, and the benchmarks' reference)."""
+    logprobs = torch.log_softmax(logits[:, :width].float(), dim=-1)  # [B, V']
+    chosen = logprobs.gather(1, next_ids[:, None])  # [B, 1]
+    if top == 0:
+        return chosen
+    values, ids = logprobs.topk(top, dim=-1)  # [B, top]
+    return torch.cat([chosen, values, ids.float()], dim=1)
 
 
 # -- Triton kernels ------------------------------------------------------------------------------
