@@ -825,7 +825,7 @@ def int8_kernel_check(s: Setup) -> float:
         for m in (1, 3, 40):
             x = torch.randn(m, k, device=s.device, dtype=s.dtype)
             y = kernels.int8_linear(x, q, sc).float()
-            ref = x.float() @ (q.float() * sc[:, None]).T
+            ref = x.float() @ (kernels.int8_weights(q) * sc[:, None]).T
             worst = max(worst, ((y - ref).norm() / ref.norm()).item())
     return worst
 

@@ -90,10 +90,13 @@ def ulp_error(y: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor | None, chunk: int = 16384) -> torch.Tensor:
-    """``x @ (q * scale).T`` in float64, ``chunk`` weight rows at a time -> ``[M, N]``."""
+    """``x @ (q * scale).T`` in float64, ``chunk`` weight rows at a time -> ``[M, N]`` (``q``: stored
+    int8, :func:`kernels.store_int8`, or model-dtype weights)."""
     out = []
     for first in range(0, q.shape[0], chunk):
         w = q[first:first + chunk].double()
+        if q.dtype == kernels.INT8_STORAGE:
+            w = w - kernels.INT8_OFFSET
         if scale is not None:
             w = w * scale[first:first + chunk].double()[:, None]
         out.append(x.double() @ w.T)

@@ -106,7 +106,7 @@ def check_normalised_x(k: int, rows: int, device: torch.device) -> dict:
     """The fused GEMV's normalised x, read back through an identity weight (every output is one
     bf16 value of x times 1): against float64 and against ``rms_norm``."""
     gen = torch.Generator(device=device).manual_seed(7 + rows)
-    q = torch.eye(k, device=device, dtype=torch.int8)
+    q = kernels.store_int8(torch.eye(k, device=device, dtype=torch.int8))
     scale = torch.ones(k, device=device)
     weight = (1 + 0.2 * torch.randn(k, device=device, generator=gen)).to(torch.bfloat16)
     trials = 20

@@ -1,13 +1,14 @@
 """The int8 decode GEMV in CUDA C++, compiled at run time with NVRTC (no compiler on the worker).
 
 ``y [M, N] = x [M, K] @ (q [N, K] * scale [N]).T (+ bias [N])`` for 1-4 rows of bf16 ``x``, int8
-``q`` and float32 ``scale``; ``gated``: ``q`` is ``[w1 | w2]`` (``[2N, K]``) and ``y`` is
+``q`` (stored as uint8 ``q + 128``, :func:`.kernels.quantize_int8`) and float32 ``scale``; ``gated``: ``q`` is ``[w1 | w2]`` (``[2N, K]``) and ``y`` is
 ``w1(x) * silu(w2(x))``, rounded as :func:`.kernels.silu_mul` rounds it. This is the kernel the
 Triton GEMVs of :mod:`.kernels` could not be made into: ``ksplit`` warps of one block own
 ``wrows`` output rows whole, each over its slice of K (one warp by default; no second launch),
 and every thread first issues all of its ``unroll`` 16-byte
 weight loads per row (``ld.global.nc`` without L1 allocation: each weight byte is read once),
-then converts them to float32 with one byte permute and a subtraction per weight and does one
+then converts them to float32 with one byte permute and a subtraction per weight (the stored byte
+is the mantissa it needs, no sign bit to flip) and does one
 FMA per weight and row of ``x``. Each warp adds its lanes' sums with shuffles at the end, and a
 group's warps add theirs in the block, in a fixed order: answers do not depend on timing.
 
@@ -104,19 +105,18 @@ static __device__ __forceinline__ int norm_slot(int m, int i) {
 }
 #endif
 
-// Four int8 weights of one word -> float32, exactly: the byte with its sign bit flipped (q + 128)
-// becomes the mantissa of 2^23, and 2^23 + 128 comes off again.
+// Four int8 weights of one word -> float32, exactly: each stored byte (q + 128) becomes the mantissa
+// of 2^23, and 2^23 + 128 comes off again.
 static __device__ __forceinline__ void int8x4_float(u32 w, float* out) {
-    const u32 t = w ^ 0x80808080u;
-    out[0] = __uint_as_float(__byte_perm(t, 0x4B000000u, 0x7540)) - 8388736.0f;
-    out[1] = __uint_as_float(__byte_perm(t, 0x4B000000u, 0x7541)) - 8388736.0f;
-    out[2] = __uint_as_float(__byte_perm(t, 0x4B000000u, 0x7542)) - 8388736.0f;
-    out[3] = __uint_as_float(__byte_perm(t, 0x4B000000u, 0x7543)) - 8388736.0f;
+    out[0] = __uint_as_float(__byte_perm(w, 0x4B000000u, 0x7540)) - 8388736.0f;
+    out[1] = __uint_as_float(__byte_perm(w, 0x4B000000u, 0x7541)) - 8388736.0f;
+    out[2] = __uint_as_float(__byte_perm(w, 0x4B000000u, 0x7542)) - 8388736.0f;
+    out[3] = __uint_as_float(__byte_perm(w, 0x4B000000u, 0x7543)) - 8388736.0f;
 }
 
 // The R weight rows of output group g (WROWS outputs, of both halves when gated: rows n and n_out + n).
 template <int R>
-static __device__ __forceinline__ void group_rows(const uint4* (&rows)[R], const signed char* q, int g, int n_out,
+static __device__ __forceinline__ void group_rows(const uint4* (&rows)[R], const unsigned char* q, int g, int n_out,
                                                   long long stride_q) {
 #pragma unroll
     for (int r = 0; r < R; ++r) {
@@ -310,7 +310,7 @@ static __device__ __forceinline__ void normalize(uint4* xs, const bf16* x, int s
 #define GEMV_BOUNDS __launch_bounds__(THREADS)
 #endif
 extern "C" __global__ void GEMV_BOUNDS
-vlq_int8_gemv(const bf16* __restrict__ x, const signed char* __restrict__ q, const float* __restrict__ s,
+vlq_int8_gemv(const bf16* __restrict__ x, const unsigned char* __restrict__ q, const float* __restrict__ s,
               const bf16* __restrict__ b, bf16* __restrict__ y, int n_out, int k, int stride_x, int stride_q,
               const bf16* __restrict__ norm_w, int eps_bits, const bf16* __restrict__ res) {
     constexpr int R = WROWS * (GATED ? 2 : 1);  // weight rows per warp
@@ -368,8 +368,8 @@ vlq_int8_gemv(const bf16* __restrict__ x, const signed char* __restrict__ q, con
 SOURCE = _HELPERS + _FMA_KERNEL
 
 _MMA_KERNEL = r"""
-// Two int8 weights (bytes 0-1 of t: selector 0x4140, bytes 2-3: 0x4342; t has its sign bits
-// flipped, q + 128) -> f16x2, exactly: each byte becomes the low mantissa of 1024 (0x64xx = 1024 +
+// Two int8 weights (bytes 0-1 of t: selector 0x4140, bytes 2-3: 0x4342; each stored as q + 128)
+// -> f16x2, exactly: each byte becomes the low mantissa of 1024 (0x64xx = 1024 +
 // byte), and 1024 + 128 comes off again.
 static __device__ __forceinline__ u32 int8x2_half2(u32 t, u32 selector) {
     const u32 h = __byte_perm(t, 0x64646464u, selector);
@@ -491,8 +491,8 @@ static __device__ __forceinline__ void mma_chunks(float (&acc)[4], const uint4 (
             x0 = xp[0];
             x1 = xp[1];
         }
-        const u32 lo[4] = {wl[u].x ^ 0x80808080u, wl[u].y ^ 0x80808080u, wl[u].z ^ 0x80808080u, wl[u].w ^ 0x80808080u};
-        const u32 hi[4] = {wh[u].x ^ 0x80808080u, wh[u].y ^ 0x80808080u, wh[u].z ^ 0x80808080u, wh[u].w ^ 0x80808080u};
+        const u32 lo[4] = {wl[u].x, wl[u].y, wl[u].z, wl[u].w};
+        const u32 hi[4] = {wh[u].x, wh[u].y, wh[u].z, wh[u].w};
         const u32 b[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
 #pragma unroll
         for (int t = 0; t < 4; ++t)
@@ -508,7 +508,7 @@ static __device__ __forceinline__ void mma_chunks(float (&acc)[4], const uint4 (
 // share in shared memory) as the 16 x 8 one, float32 sums. The block's SPLITS warps of a group add
 // their sums in shared memory in a fixed order: answers do not depend on timing.
 extern "C" __global__ void __launch_bounds__(WARPS * 32)
-vlq_int8_gemv_mma(const bf16* __restrict__ x, const signed char* __restrict__ q, const float* __restrict__ s,
+vlq_int8_gemv_mma(const bf16* __restrict__ x, const unsigned char* __restrict__ q, const float* __restrict__ s,
                   const bf16* __restrict__ b, bf16* __restrict__ y, int n_out, int k, int stride_x, int stride_q) {
     extern __shared__ uint4 smem[];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, row8 = lane >> 2, quad = lane & 3;
@@ -649,7 +649,7 @@ def _compiler_ok(x: torch.Tensor, kernel: str = "gemv") -> bool:
 
 
 def _weight_ok(q: torch.Tensor) -> bool:
-    return (q.dtype == torch.int8 and q.dim() == 2 and q.shape[1] % 16 == 0 and q.stride(1) == 1
+    return (q.dtype == torch.uint8 and q.dim() == 2 and q.shape[1] % 16 == 0 and q.stride(1) == 1
             and q.stride(0) % 16 == 0 and q.data_ptr() % 16 == 0)
 
 

@@ -23,8 +23,8 @@ can be captured in a CUDA graph.
   value into the cache and uses them from its registers. On Hopper that launch is the CUDA C++
   kernel of :mod:`.cuda_attention` (:data:`DECODE_ATTENTION`), whose blocks combine their ranges
   in distributed shared memory.
-- :func:`int8_linear`: ``x @ (q * scale).T + bias`` for int8 per-output-channel weights,
-  without materialising the dequantised matrix (a GEMV-shaped kernel when ``x`` has few rows: on
+- :func:`int8_linear`: ``x @ (q * scale).T + bias`` for int8 per-output-channel weights, stored
+  as ``q + 128`` in uint8 (:func:`quantize_int8`), without materialising the dequantised matrix (a GEMV-shaped kernel when ``x`` has few rows: on
   the tensor cores, or for 1-2 rows of the shapes in :data:`INT8_GEMV_BY_SHAPE` an FMA GEMV in
   Triton or in CUDA C++, :mod:`.cuda_gemv`);
   :func:`dense_linear` is the model-dtype linear (for few rows the same Triton GEMV unless
@@ -204,9 +204,9 @@ class FmaTile(NamedTuple):
     thread at 512 for int8, 256 for bf16). ``acc_2d``: keep a ``[block_n, block_k]`` float32
     accumulator per row of x and reduce along K once at the end (else each step reduces into
     ``[block_n]``). ``convert``: int8 -> float32 by the conversion unit (``"i2f"``), by integer
-    operations (``"magic"``: the byte with its sign bit flipped is the mantissa of ``2**23``;
-    taking ``2**23 + 128`` off gives it back exactly), or the same as one byte permute and one
-    subtraction per weight in PTX (``"prmt"``; CUDA only: the interpreter runs ``"magic"``).
+    operations (``"magic"``: the stored byte ``q + 128`` is the mantissa of ``2**23``; taking
+    ``2**23 + 128`` off gives ``q`` exactly), or the same as one byte permute and one subtraction
+    per weight in PTX (``"prmt"``; CUDA only: the interpreter runs ``"magic"``).
     """
 
     block_n: int
@@ -534,12 +534,13 @@ def _cuda_attention(qkv: torch.Tensor, positions: torch.Tensor, slots: torch.Ten
 
 def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
                 bias: torch.Tensor | None = None, config: tuple | None = None) -> torch.Tensor:
-    """``x [M, K]`` times int8 ``qweight [N, K]`` with float32 per-row ``scale [N]`` (+ ``bias``)
-    -> ``[M, N]`` in x's dtype. Products accumulate in float32 and are scaled once per output,
+    """``x [M, K]`` times int8 ``qweight [N, K]`` (stored as :func:`quantize_int8` stores it) with
+    float32 per-row ``scale [N]`` (+ ``bias``) -> ``[M, N]`` in x's dtype. Products accumulate in float32 and are scaled once per output,
     exactly ``(x @ (qweight * scale).T + bias)`` up to float32 rounding. ``config`` overrides the
     tile shape (benchmarks)."""
+    _check_stored(qweight)
     if not triton_ok(x):
-        y = x.float() @ qweight.float().T * scale
+        y = x.float() @ int8_weights(qweight).T * scale
         if bias is not None:
             y = y + bias.float()
         return y.to(x.dtype)
@@ -609,9 +610,11 @@ def _matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, b
     m, k = x.shape
     rows = weight.shape[0]
     n = rows // 2 if gated else rows  # output width
+    if scale is not None:
+        _check_stored(weight)
     if x.stride(1) != 1:
         x = x.contiguous()
-    if config is None and weight.dtype == torch.int8:
+    if config is None and weight.dtype == INT8_STORAGE:
         variant = int8_gemv_variant(rows, k, m)
         if variant == "mma":
             y = _int8_gemv_mma(x, weight, scale, bias, MMA_TILES.get((rows, k, m)), gated)
@@ -642,7 +645,7 @@ def _matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, b
         m, n, k, x.stride(0), weight.stride(0), blocks_per_split,
         HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
         SPLIT_K=split, GATED=gated, SUM_HERE=tickets is not None, DOT_FP32=INTERPRET,
-        num_warps=warps, num_stages=stages)
+        INT8=weight.dtype == INT8_STORAGE, num_warps=warps, num_stages=stages)
     if split > 1 and tickets is None:
         _sum_splits(partial, scale, bias, y, split)
     return y
@@ -694,7 +697,7 @@ def _gemv_fma(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None,
         return silu_mul(_gemv_fma(x, weight, scale, bias, config))
     y, partial = _gemv_outputs(x, n, split, gated)
     blocks_per_split = triton.cdiv(triton.cdiv(k, tile.block_k), split)
-    convert = 0 if weight.dtype != torch.int8 else {"i2f": 1, "magic": 2, "prmt": 3}[tile.convert]
+    convert = 0 if weight.dtype != INT8_STORAGE else {"i2f": 1, "magic": 2, "prmt": 3}[tile.convert]
     if convert == 3 and INTERPRET:
         convert = 2  # no inline PTX in the interpreter: the same arithmetic in Triton operations
     _gemv_fma_kernel[grid](
@@ -729,14 +732,39 @@ def _sum_splits(partial: torch.Tensor, scale: torch.Tensor | None, bias: torch.T
         HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, SPLIT_K=split, BLOCK=block, num_warps=4)
 
 
+# int8 weights are stored as uint8 q + 128 ("offset binary"): the stored byte is then the mantissa
+# the GEMVs' conversion to float32 wants as it is, where a signed byte would first need its sign bit
+# flipped, one more instruction per four weights (4% of the int8 decode step at batch 2 on an H200,
+# docs/benchmarks.md, run 112).
+INT8_STORAGE = torch.uint8
+INT8_OFFSET = 128
+
+
+def store_int8(q: torch.Tensor) -> torch.Tensor:
+    """Signed int8 weights ``q`` (any integer dtype, values -128..127) as the int8 kernels read them:
+    uint8 ``q + 128``."""
+    return (q.to(torch.int16) + INT8_OFFSET).to(INT8_STORAGE)
+
+
+def int8_weights(stored: torch.Tensor) -> torch.Tensor:
+    """The signed weights of ``stored`` (:func:`store_int8`) as float32, exactly."""
+    return stored.float() - INT8_OFFSET
+
+
+def _check_stored(q: torch.Tensor) -> None:
+    if q.dtype != INT8_STORAGE:  # a signed int8 tensor would read as other weights
+        raise TypeError(f"int8 weights are stored as uint8 q + 128 (kernels.quantize_int8 or store_int8), "
+                        f"not as {q.dtype}")
+
+
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-output-channel symmetric int8: ``weight [N, K]`` -> ``(q int8 [N, K], scale float32 [N])``
-    with ``weight ~= q * scale[:, None]`` and ``|q| <= 127``."""
+    """Per-output-channel symmetric int8: ``weight [N, K]`` -> ``(stored uint8 [N, K], scale float32
+    [N])``, ``stored`` holding ``q + 128`` (:func:`store_int8`) with ``weight ~= q * scale[:, None]``
+    and ``|q| <= 127``."""
     w = weight.float()
     amax = w.abs().amax(dim=1)  # [N]
     scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
-    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
-    return q, scale
+    return store_int8(torch.round(w / scale[:, None]).clamp_(-127, 127)), scale
 
 
 # -- OpenAI's logprobs ----------------------------------------------------------------------------
@@ -995,8 +1023,9 @@ if triton is not None:
     def _matmul_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, part_ptr, ticket_ptr, M, N, K, stride_xm, stride_wn,
                        blocks_per_split, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, GATED: tl.constexpr,
-                       SUM_HERE: tl.constexpr, DOT_FP32: tl.constexpr):
-        """y [M, N] = x [M, K] @ w[N, K].T (* scale[N] + bias[N]), w int8 or x's dtype; program
+                       SUM_HERE: tl.constexpr, DOT_FP32: tl.constexpr, INT8: tl.constexpr):
+        """y [M, N] = x [M, K] @ w[N, K].T (* scale[N] + bias[N]), w int8 (INT8: stored as q + 128
+        in uint8) or x's dtype; program
         (n, m, s) does one [BLOCK_M, BLOCK_N] tile over the s-th range of K.
 
         GATED: w is [w1 | w2] ([2N, K]) and y = w1(x) * silu(w2(x)), each program reading rows
@@ -1024,12 +1053,16 @@ if triton is not None:
             k_mask = k < K
             x = tl.load(x_rows + k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)  # [BM, BK]
             w = tl.load(w_cols + k[:, None], mask=k_mask[:, None] & n_mask[None, :], other=0)  # [BK, BN]
+            if INT8:  # the sign bit back: Triton's fast int8 conversion takes signed bytes
+                w = (w ^ 0x80).to(tl.int8, bitcast=True)
             if DOT_FP32:  # Triton's interpreter mishandles low-precision dots
                 acc += tl.dot(x.to(tl.float32), w.to(tl.float32))
             else:
                 acc += tl.dot(x, w.to(x.dtype))
             if GATED:
                 g = tl.load(g_cols + k[:, None], mask=k_mask[:, None] & n_mask[None, :], other=0)  # [BK, BN]
+                if INT8:
+                    g = (g ^ 0x80).to(tl.int8, bitcast=True)
                 if DOT_FP32:
                     acc_g += tl.dot(x.to(tl.float32), g.to(tl.float32))
                 else:
@@ -1165,26 +1198,26 @@ if triton is not None:
 
     @triton.jit
     def _fma_to_float(w, CONVERT: tl.constexpr):
-        """A weight tile as float32 (CONVERT: see _gemv_fma_kernel). For int8 by integer operations:
-        the byte q, its sign bit flipped (q + 128), is the mantissa of 2**23; taking 2**23 + 128
-        off again gives q exactly."""
-        if CONVERT == 2:
-            bits = w.to(tl.uint8, bitcast=True).to(tl.int32) ^ 0x4B000080
+        """A weight tile as float32 (CONVERT: see _gemv_fma_kernel). For int8 (the stored byte q +
+        128) by integer operations: the byte is the mantissa of 2**23; taking 2**23 + 128 off again
+        gives q exactly."""
+        if CONVERT == 1:
+            out = w.to(tl.float32) - 128.0
+        elif CONVERT == 2:
+            bits = w.to(tl.int32) | 0x4B000000
             out = bits.to(tl.float32, bitcast=True) - 8388736.0
-        elif CONVERT == 3:  # the same: one xor per four bytes, then one byte permute and a subtraction each
+        elif CONVERT == 3:  # the same: one byte permute and a subtraction per weight
             out = tl.inline_asm_elementwise(
-                """{
-                .reg .b32 t;
-                xor.b32 t, $4, 0x80808080;
-                prmt.b32 $0, t, 0x4B000000, 0x7540;
-                prmt.b32 $1, t, 0x4B000000, 0x7541;
-                prmt.b32 $2, t, 0x4B000000, 0x7542;
-                prmt.b32 $3, t, 0x4B000000, 0x7543;
+                """
+                prmt.b32 $0, $4, 0x4B000000, 0x7540;
+                prmt.b32 $1, $4, 0x4B000000, 0x7541;
+                prmt.b32 $2, $4, 0x4B000000, 0x7542;
+                prmt.b32 $3, $4, 0x4B000000, 0x7543;
                 sub.f32 $0, $0, 0f4B000080;
                 sub.f32 $1, $1, 0f4B000080;
                 sub.f32 $2, $2, 0f4B000080;
                 sub.f32 $3, $3, 0f4B000080;
-                }""",
+                """,
                 "=r,=r,=r,=r,r", [w], dtype=tl.float32, is_pure=True, pack=4)
         else:
             out = w.to(tl.float32)

@@ -1,7 +1,8 @@
 """int8 weight-only quantisation of the LLM (``engine.quantization: int8``), as the seed's engine.
 
 Every linear layer of the decoder blocks and the LM head becomes an :class:`Int8Linear`: int8
-weights with one float32 scale per output channel (symmetric, ``w ~= q * scale``), activations
+weights with one float32 scale per output channel (symmetric, ``w ~= q * scale``; stored as uint8
+``q + 128``, which the GEMVs convert to float32 in one instruction fewer), activations
 stay in the model dtype. The vision tower, the embedding and the norms keep their dtype. Weight
 bytes read per decode step fall from 2 to 1 per parameter, which is what decode is bound by.
 
@@ -15,11 +16,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .kernels import int8_linear, quantize_int8
+from .kernels import int8_linear, int8_weights, quantize_int8
 
 
 class Int8Linear(nn.Module):
-    """A linear layer with int8 weights ``qweight [out, in]`` and float32 ``scale [out]``.
+    """A linear layer with int8 weights ``qweight [out, in]`` (uint8 ``q + 128``,
+    :func:`.kernels.store_int8`) and float32 ``scale [out]``.
 
     State dict entries are ``qweight``, ``scale`` (and ``bias``), so a quantised model's
     ``state_dict`` does not pass for a bf16 checkpoint.
@@ -41,7 +43,7 @@ class Int8Linear(nn.Module):
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``q * scale`` as a dense ``[out, in]`` matrix."""
-        return (self.qweight.float() * self.scale[:, None]).to(dtype)
+        return (int8_weights(self.qweight) * self.scale[:, None]).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape

@@ -27,29 +27,34 @@ def byte_perm(a: np.ndarray, b: int, selector: int) -> np.ndarray:
     return out
 
 
+def stored_words(q: np.ndarray, per_word: int) -> np.ndarray:
+    """int8 weights as the model stores them (kernels.store_int8: the byte q + 128), ``per_word``
+    bytes of each uint32 word."""
+    stored = kernels.store_int8(torch.from_numpy(q)).numpy()
+    return stored.view(np.uint8 if per_word == 1 else np.uint16).astype(np.uint32).ravel()
+
+
 def test_the_byte_permute_conversion_gives_every_int8_value_exactly():
     q = np.arange(-128, 128, dtype=np.int8)
-    words = q.view(np.uint8).astype(np.uint32)  # one weight in byte 0 of each word
-    flipped = words ^ 0x80808080
-    bits = byte_perm(flipped, 0x4B000000, 0x7540)
+    bits = byte_perm(stored_words(q, 1), 0x4B000000, 0x7540)  # one weight in byte 0 of each word
     values = bits.astype(np.uint32).view(np.float32) - np.float32(8388736.0)
     assert np.array_equal(values, q.astype(np.float32))
     # the other three selectors pick bytes 1-3 of the same word
-    packed = np.array([0x04_83_7F_80], dtype=np.uint32)  # bytes (low first): -128, 127, -125, 4
-    got = [byte_perm(packed ^ 0x80808080, 0x4B000000, 0x7540 + i).view(np.float32)[0] - 8388736.0 for i in range(4)]
+    packed = np.array([0x84_03_FF_00], dtype=np.uint32)  # stored bytes (low first) of -128, 127, -125, 4
+    got = [byte_perm(packed, 0x4B000000, 0x7540 + i).view(np.float32)[0] - 8388736.0 for i in range(4)]
     assert got == [-128.0, 127.0, -125.0, 4.0]
 
 
 def test_the_cuda_gemv_does_not_run_on_cpu_tensors_or_other_dtypes():
     x = torch.zeros(1, 64, dtype=torch.bfloat16)
-    q = torch.zeros(32, 64, dtype=torch.int8)
+    q = torch.zeros(32, 64, dtype=torch.uint8)
     assert not cuda_gemv.available(x, q)
     assert kernels._int8_gemv_cuda(x, q, torch.ones(32), None, None, False) is None
 
 
 def test_the_tensor_core_gemv_does_not_run_on_cpu_tensors_and_falls_back_beyond_its_rows():
     x = torch.zeros(2, 64, dtype=torch.bfloat16)
-    q = torch.zeros(32, 64, dtype=torch.int8)
+    q = torch.zeros(32, 64, dtype=torch.uint8)
     assert not cuda_gemv.mma_available(x, q)
     assert kernels._int8_gemv_mma(x, q, torch.ones(32), None, None, False) is None
     with_mma = {**kernels.INT8_GEMV_BY_SHAPE, (4096, 4096, 2): "mma", (4096, 4096, 9): "mma"}
@@ -84,8 +89,7 @@ def test_disabling_the_cuda_gemv_logs_once_and_keeps_it_off(monkeypatch, caplog)
 
 def test_the_f16_byte_permute_conversion_gives_every_int8_value_exactly():
     q = np.arange(-128, 128, dtype=np.int8).reshape(-1, 2)  # two weights in bytes 0-1 of each word
-    words = q.view(np.uint16).astype(np.uint32).ravel() ^ 0x80808080
-    halves = byte_perm(words, 0x64646464, 0x4140).astype(np.uint32).view(np.uint16).view(np.float16)
+    halves = byte_perm(stored_words(q, 2), 0x64646464, 0x4140).astype(np.uint32).view(np.uint16).view(np.float16)
     values = halves.astype(np.float32) - np.float32(1152.0)  # the kernel's sub.f16x2 by 0x6480 (1152)
     assert np.array_equal(values.reshape(-1, 2), q.astype(np.float32))
 
@@ -129,7 +133,7 @@ def test_the_source_with_the_norm_or_the_residual_inside_compiles_for_hopper_wit
 
 
 def test_the_norm_and_the_residual_fuse_only_where_the_kernel_can_hold_them():
-    x, q = torch.zeros(2, 4096, dtype=torch.bfloat16), torch.zeros(12288, 4096, dtype=torch.int8)
+    x, q = torch.zeros(2, 4096, dtype=torch.bfloat16), torch.zeros(12288, 4096, dtype=torch.uint8)
     weight = torch.ones(4096, dtype=torch.bfloat16)
     residual = torch.zeros(2, 12288, dtype=torch.bfloat16)
     assert cuda_gemv.fusions_ok(x, q, CudaTile(2, 2, 256), norm_weight=weight, residual=residual)
@@ -137,9 +141,9 @@ def test_the_norm_and_the_residual_fuse_only_where_the_kernel_can_hold_them():
     assert not cuda_gemv.fusions_ok(x, q, CudaTile(2, 2, 256), norm_weight=weight[:2048])
     assert not cuda_gemv.fusions_ok(x[:, :2048], q[:, :2048], CudaTile(2, 2, 512), norm_weight=weight[:2048])  # K % 8T
     big = torch.zeros(4, 8192, dtype=torch.bfloat16)  # 4 rows of 8192: 64 KB of shared memory
-    assert not cuda_gemv.fusions_ok(big, torch.zeros(16, 8192, dtype=torch.int8), norm_weight=torch.ones(8192))
+    assert not cuda_gemv.fusions_ok(big, torch.zeros(16, 8192, dtype=torch.uint8), norm_weight=torch.ones(8192))
     assert not cuda_gemv.fusions_ok(x, q, residual=residual[:, :4096])
-    assert cuda_gemv.fusions_ok(x, torch.zeros(2 * 11008, 4096, dtype=torch.int8), gated=True,
+    assert cuda_gemv.fusions_ok(x, torch.zeros(2 * 11008, 4096, dtype=torch.uint8), gated=True,
                                 residual=torch.zeros(2, 11008, dtype=torch.bfloat16))
     macros = cuda_gemv.macros(2, CudaTile(), False, False, 4096, True)
     assert (macros["NORM"], macros["NORM_K"], macros["RESIDUAL"]) == (1, 4096, 1)

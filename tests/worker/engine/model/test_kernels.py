@@ -82,7 +82,7 @@ def test_int8_linear_scales_each_output_channel_once():
     x, weight, bias = randn(3, 20), randn(6, 20), randn(6)
     q, scale = kernels.quantize_int8(weight)
     y = kernels.int8_linear(x, q, scale, bias)
-    expected = x.double() @ (q.double() * scale.double()[:, None]).T + bias.double()
+    expected = x.double() @ (kernels.int8_weights(q).double() * scale.double()[:, None]).T + bias.double()
     assert torch.allclose(y.double(), expected, atol=1e-5)
 
 
@@ -162,7 +162,7 @@ def test_triton_kernels_give_the_separate_launches_bits_under_the_interpreter():
 
 
 def test_norm_linear_runs_as_separate_launches_where_the_cuda_gemv_cannot_take_it():
-    x, q = randn(2, 64).to(torch.bfloat16), torch.zeros(48, 64, dtype=torch.int8)
+    x, q = randn(2, 64).to(torch.bfloat16), torch.zeros(48, 64, dtype=kernels.INT8_STORAGE)
     norm = (torch.ones(64, dtype=torch.bfloat16), 1e-6)
     assert not kernels.fuses_in_gemv(x, q, torch.ones(48), norm=norm)  # a CPU tensor: no CUDA GEMV
     with kernels.norms_in_gemv(False):

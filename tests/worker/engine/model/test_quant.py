@@ -2,21 +2,38 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
-from worker.engine.model.kernels import quantize_int8
+from worker.engine.model.kernels import int8_linear, int8_weights, quantize_int8, store_int8
 from worker.engine.model.quant import Int8Linear, dequantize_llm, is_quantized, llm_linear_names, quantize_llm
+
+
+def test_int8_weights_are_stored_as_their_value_plus_128_and_read_back_exactly():
+    q = torch.arange(-128, 128, dtype=torch.int8)
+    stored = store_int8(q)
+    assert stored.dtype == torch.uint8 and stored.tolist() == list(range(256))
+    assert torch.equal(int8_weights(stored), q.float())
+
+
+def test_signed_int8_weights_are_refused_rather_than_misread():
+    x = torch.randn(2, 64)
+    stored, scale = quantize_int8(torch.randn(8, 64))
+    with pytest.raises(TypeError, match="uint8 q \\+ 128"):
+        int8_linear(x, int8_weights(stored).to(torch.int8), scale)
+    assert int8_linear(x, stored, scale).shape == (2, 8)
 
 
 def test_each_output_channel_gets_its_own_symmetric_scale():
     weight = torch.randn(5, 64, generator=torch.Generator().manual_seed(0))
     weight[1] *= 100
     weight[3] = 0
-    q, scale = quantize_int8(weight)
-    assert q.dtype == torch.int8 and scale.shape == (5,) and q.abs().max() == 127
-    assert torch.equal(q[3], torch.zeros(64, dtype=torch.int8)) and scale[3] > 0
-    error = (q.float() * scale[:, None] - weight).abs()
+    stored, scale = quantize_int8(weight)
+    q = int8_weights(stored)
+    assert stored.dtype == torch.uint8 and scale.shape == (5,) and q.abs().max() == 127
+    assert torch.equal(q[3], torch.zeros(64)) and scale[3] > 0
+    error = (q * scale[:, None] - weight).abs()
     assert (error <= scale[:, None] / 2 + 1e-6).all()
 
 

@@ -52,7 +52,7 @@ def gemv_cases(shapes, rows_of_x):
             x = randn(m, k).to(BF16)
             w = (randn(rows, k) / k**0.5).to(BF16)
             q, scale = kernels.quantize_int8(w.float())
-            q[0, :3] = torch.tensor([-128, 127, -127], dtype=torch.int8)
+            q[0, :3] = kernels.store_int8(torch.tensor([-128, 127, -127]))
             for bias in (None, (0.1 * randn(rows)).to(BF16)):
                 for weight, sc in ((w, None), (q, scale)):
                     yield rows, k, config, m, x, weight, sc, bias
@@ -66,7 +66,7 @@ def check_gemv() -> None:
         assert torch.equal(before, after), f"split-K sum {rows}x{k} {config} m={m}"
         gate = kernels._matmul(x, weight, sc, bias, config, gated=True)
         assert torch.equal(gate, kernels.silu_mul(after)), f"gate {rows}x{k} {config} m={m}"
-        dense = weight.float() * (sc[:, None] if sc is not None else 1)
+        dense = kernels.int8_weights(weight) * sc[:, None] if sc is not None else weight.float()
         y = x.float() @ dense.T + (bias.float() if bias is not None else 0)  # [M, rows]
         f = rows // 2
         expected = y[:, :f] * F.silu(y[:, f:])
@@ -85,7 +85,7 @@ def check_fma_gemv() -> None:
         assert torch.equal(before, after), f"fma split-K sum {rows}x{k} {tile} m={m}"
         gate = kernels._gemv_fma(x, weight, sc, bias, tile, gated=True)
         assert torch.equal(gate, kernels.silu_mul(after)), f"fma gate {tile} m={m}"
-        dense = weight.double() * (sc.double()[:, None] if sc is not None else 1)
+        dense = kernels.int8_weights(weight).double() * sc.double()[:, None] if sc is not None else weight.double()
         y = x.double() @ dense.T + (bias.double() if bias is not None else 0)  # [M, rows]
         ulp = torch.exp2(torch.floor(torch.log2(y.abs().clamp_min(1e-30))) - 7)
         assert ((after.double() - y).abs() <= ulp + 1e-6).all(), f"fma vs float64 {tile} m={m}"
