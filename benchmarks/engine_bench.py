@@ -267,6 +267,7 @@ def environment(device: torch.device) -> dict:
             env["nvidia_smi"] = out.stdout.strip()
         except (OSError, subprocess.SubprocessError) as e:
             env["nvidia_smi"] = f"unavailable: {e}"
+        env["gemv_tiles"] = f"tuned for {kernels.use_card_tiles(device) or 'H100 80GB HBM3 (built-in)'}"
     else:
         env["card"] = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     return env

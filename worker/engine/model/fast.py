@@ -159,6 +159,7 @@ class FastQwenVL:
         self._vision_graphs: dict[int, _Graph] = {}
         self._pools: dict[str, object] = {}
         self._layers: list[_LayerRefs] = []
+        kernels.use_card_tiles(self.device)
 
     @property
     def image_tokens(self) -> int:

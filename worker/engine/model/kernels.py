@@ -190,6 +190,32 @@ NORM_TILES: dict[tuple[int, int, int], CudaTile] = {
     (151936, 4096, 2): CudaTile(4, 2, 256),
 }
 
+# The tables above were tuned on H100 80GB HBM3s. Other cards replace some entries: the card's name
+# as torch gives it -> {table name: {key: tile}}, put in by use_card_tiles. On an H200 (4.8 TB/s, the
+# int8 GEMVs held back more by their instruction count) two-row [w1 | w2] reads with 8 warps a block
+# and lm_head with 8 output rows a warp: a batch-2 step 2,799 -> 2,743 us inside the decode graph
+# (benchmarks/graph_tiles.py --norm-tiles, run 115; the CUDA_TILES shapes kept theirs, run 116).
+CARD_TILES: dict[str, dict[str, dict[tuple[int, int, int], CudaTile]]] = {
+    "NVIDIA H200": {"NORM_TILES": {(22016, 4096, 2): CudaTile(1, 2, 256), (151936, 4096, 2): CudaTile(8, 1, 128)}},
+}
+_card_tiles_in: list[str] = []
+
+
+def use_card_tiles(device: torch.device) -> str | None:
+    """Put the tiles tuned for ``device``'s card (:data:`CARD_TILES`) into the tile tables, once per
+    process (a worker drives one card); returns the card's name where it has tiles of its own."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(device)
+    if name not in CARD_TILES:
+        return None
+    if not _card_tiles_in:
+        for table, tiles in CARD_TILES[name].items():
+            globals()[table] = {**globals()[table], **tiles}
+        _card_tiles_in.append(name)
+    return name
+
+
 # Tensor-core CUDA GEMV tiles, (N, K, rows of x) -> cuda_gemv.MmaTile (groups, splits, unroll). The
 # rest run MmaTile().
 MMA_TILES: dict[tuple[int, int, int], MmaTile] = {}

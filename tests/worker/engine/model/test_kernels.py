@@ -167,3 +167,20 @@ def test_norm_linear_runs_as_separate_launches_where_the_cuda_gemv_cannot_take_i
     assert not kernels.fuses_in_gemv(x, q, torch.ones(48), norm=norm)  # a CPU tensor: no CUDA GEMV
     with kernels.norms_in_gemv(False):
         assert not kernels.fuses_in_gemv(x, q, torch.ones(48), norm=norm)
+
+
+def test_a_card_with_tiles_of_its_own_gets_them_once_and_other_entries_stay(monkeypatch):
+    assert kernels.use_card_tiles(torch.device("cpu")) is None
+    key, other = (64, 32, 2), next(iter(kernels.NORM_TILES))
+    monkeypatch.setattr(kernels, "CARD_TILES", {"Fake Card": {"NORM_TILES": {key: kernels.CudaTile(8, 1, 128)}}})
+    monkeypatch.setattr(kernels, "NORM_TILES", dict(kernels.NORM_TILES))
+    monkeypatch.setattr(kernels, "_card_tiles_in", [])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    names = iter(["Fake Card", "Fake Card", "Another Card"])
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: next(names))
+    before, cuda_tiles = dict(kernels.NORM_TILES), kernels.CUDA_TILES
+    assert kernels.use_card_tiles(torch.device("cuda")) == "Fake Card"
+    assert kernels.NORM_TILES[key] == kernels.CudaTile(8, 1, 128) and kernels.NORM_TILES[other] == before[other]
+    assert kernels.use_card_tiles(torch.device("cuda")) == "Fake Card"  # once: the table is not rebuilt
+    assert kernels.use_card_tiles(torch.device("cuda")) is None  # a card without tiles of its own
+    assert kernels.CUDA_TILES is cuda_tiles  # a table the card does not name stays as it is
