@@ -57,11 +57,13 @@ def default_destination(settings: Settings) -> Destination:
 
 @dataclass(frozen=True)
 class StreamEvent:
-    """One item of :meth:`Client.stream`: a piece of answer text, or the final ``done`` event
-    carrying ``finish_reason`` and ``usage``."""
+    """One item of :meth:`Client.stream`: a piece of answer text (with, when the request asked for
+    logprobs, the ``choices[0].logprobs.content`` entries of the tokens it completes), or the
+    final ``done`` event carrying ``finish_reason`` and ``usage``."""
 
     type: str  # "delta" | "done"
     text: str = ""
+    logprobs: list[dict[str, Any]] = field(default_factory=list)
     finish_reason: str | None = None
     usage: dict[str, Any] | None = None
     result: dict[str, Any] | None = field(default=None, repr=False)
@@ -401,11 +403,11 @@ class Client:
 
         Token-level deltas exist for jobs whose request says ``"stream": true``; for other jobs
         the whole answer arrives as one delta when the job finishes. If a job is restarted on
-        another worker, text already yielded is not repeated. A failed job raises its error, a
+        another worker, text (and logprob entries) already yielded are not repeated. A failed job raises its error, a
         cancelled one :class:`JobCancelled`; :class:`JobNotFinished` after ``timeout``.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        emitted = 0  # characters of the answer yielded so far
+        emitted = tokens = 0  # characters of the answer, and logprob entries, yielded so far
         last = "0"
         while True:
             block = 500
@@ -422,34 +424,42 @@ class Client:
                 # Every event is written before the record turns terminal: read what is left.
                 events = self.store.read_events(job_id, last)
                 if not events:
-                    yield from self._stream_from_result(record, emitted)
+                    yield from self._stream_from_result(record, emitted, tokens)
                     return
             for event_id, event in events:
                 last = event_id
                 if event.get("type") == "delta":
-                    text, offset = event.get("text", ""), int(event.get("offset", 0))
-                    new = text[max(0, emitted - offset):] if offset + len(text) > emitted else ""
-                    if new:
+                    new = _unseen(event.get("text", ""), int(event.get("offset", 0)), emitted)
+                    entries = _unseen(event.get("logprobs") or [], int(event.get("token_offset", 0)), tokens)
+                    if new or entries:
                         emitted += len(new)
-                        yield StreamEvent("delta", text=new)
+                        tokens += len(entries)
+                        yield StreamEvent("delta", text=new, logprobs=entries)
                 elif event.get("type") == "done":
                     yield StreamEvent(
                         "done", finish_reason=event.get("finish_reason"), usage=event.get("usage")
                     )
                     return
 
-    def _stream_from_result(self, record: JobRecord, emitted: int) -> Iterator[StreamEvent]:
+    def _stream_from_result(self, record: JobRecord, emitted: int, tokens: int) -> Iterator[StreamEvent]:
         result = self.result_of(record)
         choice = (result.get("choices") or [{}])[0]
         content = (choice.get("message") or {}).get("content") or ""
-        if len(content) > emitted:
-            yield StreamEvent("delta", text=content[emitted:])
+        entries = ((choice.get("logprobs") or {}).get("content") or [])[tokens:]
+        if len(content) > emitted or entries:
+            yield StreamEvent("delta", text=content[emitted:], logprobs=entries)
         yield StreamEvent(
             "done",
             finish_reason=choice.get("finish_reason"),
             usage=result.get("usage"),
             result=result,
         )
+
+
+def _unseen(items: Any, offset: int, seen: int) -> Any:
+    """The part of ``items`` (text, or a list of entries) starting at ``offset`` of an answer that
+    lies past its first ``seen`` items: what a reader has not had yet."""
+    return items[max(0, seen - offset):] if offset + len(items) > seen else items[:0]
 
 
 class JobHandle:

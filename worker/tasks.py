@@ -55,7 +55,8 @@ class ChatEngineLike(Protocol):
     def validate(self, request: ChatRequest) -> None: ...
 
     def submit(self, request: ChatRequest, images: list[Any], *, request_id: str,
-               deadline: float | None = None, on_delta: Callable[[str], None] | None = None) -> Any: ...
+               deadline: float | None = None,
+               on_delta: Callable[[str, list[dict[str, Any]]], None] | None = None) -> Any: ...
 
     def abort(self, request_id: str) -> None: ...
 
@@ -283,15 +284,23 @@ class JobRunner:
         if lease.lost.is_set():
             raise JobCancelled(f"job {job.id} is held by another run")
 
-    def _delta_writer(self, job_id: str, attempt: int) -> Callable[[str], None]:
-        offset = 0
+    def _delta_writer(self, job_id: str, attempt: int) -> Callable[[str, list[dict[str, Any]]], None]:
+        """The engine's ``on_delta`` for a streamed job: each piece of text (and the logprob
+        entries it completes) becomes a delta event, with where it starts in this attempt's answer
+        (``offset`` in characters, ``token_offset`` in entries) so that readers skip what an
+        earlier attempt already gave them."""
+        offset = token_offset = 0
 
-        def on_delta(text: str) -> None:
-            nonlocal offset
-            if text:
-                self.events.emit(job_id, {"type": "delta", "text": text, "offset": offset,
-                                          "attempt": attempt})
-                offset += len(text)
+        def on_delta(text: str, logprobs: list[dict[str, Any]]) -> None:
+            nonlocal offset, token_offset
+            if not text and not logprobs:
+                return
+            event = {"type": "delta", "text": text, "offset": offset, "attempt": attempt}
+            if logprobs:
+                event.update(logprobs=logprobs, token_offset=token_offset)
+            self.events.emit(job_id, event)
+            offset += len(text)
+            token_offset += len(logprobs)
 
         return on_delta
 

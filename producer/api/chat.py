@@ -99,13 +99,16 @@ async def _stream(
     model = chat.model or ctx.settings.api.served_model
     include_usage = bool((chat.stream_options or {}).get("include_usage"))
 
-    def chunk(delta: dict[str, Any], finish_reason: str | None = None, **extra: Any) -> dict[str, Any]:
+    def chunk(delta: dict[str, Any], finish_reason: str | None = None, logprobs: list[dict[str, Any]] | None = None,
+              **extra: Any) -> dict[str, Any]:
         out: dict[str, Any] = {
             "id": f"chatcmpl-{job_id}",
             "object": "chat.completion.chunk",
             "created": created,
             "model": model,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+            "choices": [{"index": 0, "delta": delta,
+                         "logprobs": {"content": logprobs, "refusal": None} if logprobs else None,
+                         "finish_reason": finish_reason}],
         }
         if include_usage:
             out["usage"] = None
@@ -114,12 +117,14 @@ async def _stream(
 
     async def body() -> AsyncIterator[str]:
         ended = False  # the job reached an end (done or failed): nothing to cancel
+        sent = 0  # logprob entries sent so far
         try:
             yield _sse(chunk({"role": "assistant", "content": ""}))
             event = first
             while event is not None:
-                if event.type == "delta" and event.text:
-                    yield _sse(chunk({"content": event.text}))
+                if event.type == "delta" and (event.text or event.logprobs):
+                    yield _sse(chunk({"content": event.text}, logprobs=event.logprobs))
+                    sent += len(event.logprobs)
                 elif event.type == "done":
                     ended = True
                     document = event.result or await _result(ctx, job_id)
@@ -127,7 +132,8 @@ async def _stream(
                     if document is not None:
                         last["system_fingerprint"] = document.get("system_fingerprint")
                         last["boxes"] = document.get("boxes", [])
-                        last["choices"][0]["logprobs"] = _logprobs_of(document)
+                        rest = ((_logprobs_of(document) or {}).get("content") or [])[sent:]
+                        last["choices"][0]["logprobs"] = {"content": rest, "refusal": None} if rest else None
                         record = await ctx.run(ctx.client.status, job_id)
                         ctx.metrics.observe(record, document)
                     if include_usage:

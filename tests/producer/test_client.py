@@ -248,6 +248,21 @@ def test_a_restarted_job_does_not_repeat_streamed_text(client: Client) -> None:
     assert got == ["Hello ", "world", "done"]
 
 
+def test_a_restarted_job_does_not_repeat_streamed_logprob_entries(client: Client) -> None:
+    store, job_id = client.store, "job-restarted-logprobs"
+    a, b, c = ({"token": t, "logprob": -0.5} for t in ("Hel", "lo", " world"))
+    store.append_events(job_id, [{"type": "delta", "text": "Hel", "offset": 0, "logprobs": [a], "token_offset": 0}])
+    client.submit(request(), job_id=job_id)
+    store.append_events(job_id, [  # the second attempt, from the start: "Hel" and its entry again
+        {"type": "delta", "text": "Hello", "offset": 0, "logprobs": [a, b], "token_offset": 0, "attempt": 2},
+        {"type": "delta", "text": " world", "offset": 5, "logprobs": [c], "token_offset": 2, "attempt": 2},
+        {"type": "done", "finish_reason": "stop", "usage": {}, "attempt": 2},
+    ])
+    events = list(client.stream(job_id, timeout=5))
+    assert [(e.text, e.logprobs) for e in events[:-1]] == [("Hel", [a]), ("lo", [b]), (" world", [c])]
+    assert events[-1].type == "done"
+
+
 def test_streaming_a_failed_job_raises_its_error(settings: Settings, client: Client) -> None:
     with scripted_worker(settings) as w:
         w.images.error = ImageDecodeError("broken")

@@ -42,7 +42,7 @@ class ScriptedEngine:
         text = "echo: " + request.messages[-1].parts[-1].text
         if on_delta:
             for i in range(0, len(text), 4):
-                on_delta(text[i:i + 4])
+                on_delta(text[i:i + 4], [])
         doc = {"id": "chatcmpl-" + request_id, "object": "chat.completion",
                "model": request.model or "Qwen-VL-Chat",
                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},

@@ -219,15 +219,17 @@ class ChatEngine:
         *,
         request_id: str,
         deadline: float | None = None,
-        on_delta: Callable[[str], None] | None = None,
+        on_delta: Callable[[str, list[dict[str, Any]]], None] | None = None,
     ) -> Future[dict[str, Any]]:
         """Queue one chat request; the future resolves to its ``chat.completion`` dict.
 
         ``images`` are the request's :class:`worker.images.LoadedImage` in conversation order;
         they are preprocessed here, on the caller's thread. ``deadline`` is a
         ``time.monotonic()`` instant; ``on_delta`` receives answer text as it is produced (from
-        the engine's thread). The future raises a coded :class:`producer.errors.VlqError`:
-        BadInput for the request, DeadlineExceeded, JobCancelled, EngineError.
+        the engine's thread), with the ``choices[0].logprobs.content`` entries of the tokens
+        that text completes (an empty list when the request did not ask for logprobs). The
+        future raises a coded :class:`producer.errors.VlqError`: BadInput for the request,
+        DeadlineExceeded, JobCancelled, EngineError.
         """
         out: Future[dict[str, Any]] = Future()
         started = time.monotonic()
@@ -245,7 +247,7 @@ class ChatEngine:
                 images=[_image_input(image) for image in images],
                 sampling=self.sampling_params(request, seed=seed),
                 deadline=deadline,
-                on_delta=on_delta,
+                on_delta=None if on_delta is None else self._openai_delta(on_delta),
             )
         except VlqError as e:
             out.set_exception(e)
@@ -325,21 +327,27 @@ class ChatEngine:
         return spans
 
     def _logprobs(self, entries: list[TokenLogprob] | None) -> dict[str, Any] | None:
-        """OpenAI's ``choices[0].logprobs``: per answer token its text, log-probability, UTF-8
-        bytes (a token may hold part of a character: its text then shows U+FFFD, its bytes are
-        exact) and the most likely tokens at its position."""
+        """OpenAI's ``choices[0].logprobs`` (:meth:`_logprob_content` of each answer token)."""
         if entries is None:
             return None
+        return {"content": self._logprob_content(entries), "refusal": None}
+
+    def _logprob_content(self, entries: list[TokenLogprob]) -> list[dict[str, Any]]:
+        """Per answer token its text, log-probability, UTF-8 bytes (a token may hold part of a
+        character: its text then shows U+FFFD, its bytes are exact) and the most likely tokens at
+        its position."""
 
         def token(token_id: int, logprob: float) -> dict[str, Any]:
             data = self.tokenizer.token_bytes(token_id)
             return {"token": data.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(data)}
 
-        return {
-            "content": [{**token(e.token_id, e.logprob), "top_logprobs": [token(i, lp) for i, lp in e.top]}
-                        for e in entries],
-            "refusal": None,
-        }
+        return [{**token(e.token_id, e.logprob), "top_logprobs": [token(i, lp) for i, lp in e.top]}
+                for e in entries]
+
+    def _openai_delta(self, on_delta: Callable[[str, list[dict[str, Any]]], None]
+                      ) -> Callable[[str, list[TokenLogprob]], None]:
+        """The engine's ``on_delta`` that hands ``on_delta`` its text and OpenAI logprob entries."""
+        return lambda text, entries: on_delta(text, self._logprob_content(entries))
 
 
 def _first(*values: Any) -> Any:

@@ -33,8 +33,9 @@ the next waiting request are encoded ahead of its admission, and (``lookahead``,
 the next decode step is launched before the host reads this one's tokens.
 
 Streaming: ``on_delta`` is called from the engine thread with each new piece of answer text
-(never half a UTF-8 character, never text a stop string will remove), all of it before the
-future resolves; if the callback raises, it is logged and not called again for that request.
+(never half a UTF-8 character, never text a stop string will remove) and, with logprobs asked,
+the entries of the tokens whose text it completes; all of it before the future resolves; if the
+callback raises, it is logged and not called again for that request.
 """
 
 from __future__ import annotations

@@ -81,6 +81,7 @@ class Sequence:
         # (features, CUDA event or None) from ModelRunner.encode_ahead, until its prefill takes them
         self.encoded_images: tuple | None = None
         self._streamed = 0  # characters of ``text`` already handed to on_delta
+        self._streamed_logprobs = 0  # entries of ``logprobs`` already handed to on_delta
         params = request.sampling
         self._stop_ids = frozenset(() if params.ignore_stop else params.stop_token_ids)
         self._stop_strings = tuple(s for s in params.stop if s) if not params.ignore_stop else ()
@@ -174,16 +175,39 @@ class Sequence:
         self._streamed = end
         return delta
 
+    def take_logprobs(self) -> list[TokenLogprob]:
+        """The logprob entries not yet streamed of the tokens whose text has all been streamed
+        (once finished: the rest of the answer's entries); marks them streamed."""
+        if self.logprobs is None:
+            return []
+        if self.is_finished:
+            ready = (self._content_logprobs() or [])[self._streamed_logprobs:]
+        else:  # streamed text is never cut: a token inside it is part of the answer
+            end, last = self._streamed_logprobs, len(self.logprobs) - 1
+            while end <= last and self._text_end(end) <= self._streamed:
+                if end == last and self._text_starts[end] == len(self.text):
+                    break  # no text yet (part of a character): it goes with the text it begins
+                end += 1
+            ready = self.logprobs[self._streamed_logprobs:end]
+        self._streamed_logprobs += len(ready)
+        return ready
+
+    def _text_end(self, i: int) -> int:
+        """Where the text stood after token ``i`` (entries only)."""
+        return self._text_starts[i + 1] if i + 1 < len(self._text_starts) else len(self.text)
+
     def stream(self) -> None:
-        """Hand the new text (:meth:`take_delta`) to ``on_delta``; a callback that raises is
-        logged and not called again for this request."""
+        """Hand the new text (:meth:`take_delta`) and the logprob entries it completes
+        (:meth:`take_logprobs`) to ``on_delta``; a callback that raises is logged and not called
+        again for this request."""
         if self.on_delta is None or self.error is not None:
             return
         delta = self.take_delta()
-        if not delta:
+        entries = self.take_logprobs()
+        if not delta and not entries:
             return
         try:
-            self.on_delta(delta)
+            self.on_delta(delta, entries)
         except Exception:
             log.exception("on_delta of %s failed; streaming stops for it", self.request_id)
             self.on_delta = None

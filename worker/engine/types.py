@@ -74,8 +74,9 @@ class GenerationRequest:
     sampling: SamplingParams = SamplingParams()
     # Absolute time.monotonic() after which the engine stops the request (DeadlineExceeded).
     deadline: float | None = None
-    # Called from the engine's thread with each new piece of answer text (streaming); must be quick.
-    on_delta: Callable[[str], None] | None = None
+    # Called from the engine's thread with each new piece of answer text and, with logprobs asked,
+    # the entries of the tokens whose text has now all been handed over (streaming); must be quick.
+    on_delta: Callable[[str, list[TokenLogprob]], None] | None = None
 
     def __post_init__(self) -> None:
         if len(self.image_slots) != len(self.images):

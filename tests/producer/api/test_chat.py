@@ -104,8 +104,13 @@ def test_the_openai_sdk_reads_logprobs_whole_or_streamed(api: Api) -> None:
         assert token.top_logprobs[0].logprob >= token.top_logprobs[1].logprob
         assert token.logprob <= token.top_logprobs[0].logprob
     chunks = list(client.chat.completions.create(**body, stream=True))
-    streamed = [c.choices[0].logprobs for c in chunks if c.choices and c.choices[0].logprobs]
-    assert len(streamed) == 1 and streamed[0].content == content  # all of them with the last chunk
+    streamed = [c.choices[0] for c in chunks if c.choices and c.choices[0].logprobs]
+    assert [t for choice in streamed for t in choice.logprobs.content] == content
+    assert len(streamed) > 1  # each chunk with the tokens of its text
+    for choice in streamed:
+        if choice.delta.content:
+            text = b"".join(bytes(t.bytes) for t in choice.logprobs.content).decode(errors="replace")
+            assert choice.delta.content in text or "\ufffd" in text
     assert client.chat.completions.create(**one_image(api, max_tokens=2)).choices[0].logprobs is None
 
 

@@ -142,8 +142,18 @@ def test_the_seed_used_is_reported_and_reproduces_the_answer(chat):
 def test_streamed_deltas_add_up_to_the_content(chat):
     deltas: list[str] = []
     request = parse_chat_request(text_only("stream it", max_tokens=8, temperature=0.0))
-    result = chat.submit(request, [], request_id="st", on_delta=deltas.append).result(timeout=60)
+    result = chat.submit(request, [], request_id="st", on_delta=lambda text, _: deltas.append(text)).result(timeout=60)
     assert "".join(deltas) == result["choices"][0]["message"]["content"]
+
+
+def test_streamed_logprob_entries_come_with_their_text_and_add_up_to_the_results(chat):
+    pieces: list[tuple[str, list]] = []
+    request = parse_chat_request(text_only("stream it", max_tokens=8, temperature=0.0, logprobs=True, top_logprobs=2))
+    result = chat.submit(request, [], request_id="stl",
+                         on_delta=lambda text, entries: pieces.append((text, entries))).result(timeout=60)
+    assert "".join(text for text, _ in pieces) == result["choices"][0]["message"]["content"]
+    assert [e for _, entries in pieces for e in entries] == result["choices"][0]["logprobs"]["content"]
+    assert sum(1 for _, entries in pieces if entries) > 1  # per piece, not all at the end
 
 
 def test_logprobs_give_each_answer_tokens_text_bytes_and_top_tokens(chat):
@@ -247,7 +257,7 @@ def test_deadlines_and_aborts_reach_the_engine(chat):
                        deadline=time.monotonic() - 1)
     with pytest.raises(DeadlineExceeded):
         late.result(timeout=60)
-    slow = dict(on_delta=lambda d: time.sleep(0.01))  # so the answer cannot finish first
+    slow = dict(on_delta=lambda text, logprobs: time.sleep(0.01))  # so the answer cannot finish first
     held = chat.submit(parse_chat_request(text_only(max_tokens=1000, temperature=0.0)), [],
                        request_id="held", **slow)
     chat.abort("held")

@@ -167,7 +167,7 @@ def test_streamed_deltas_concatenate_to_the_final_text(make_engine, scripted_mod
     answer = "女生在沙滩上 <ref>dog</ref> ok!"
     engine = make_engine(scripted_model.spelling(answer + "##tail", end=IM_END), start=True)
     deltas: list[str] = []
-    future = engine.submit(request("r", [1], greedy(stop=("##",)), on_delta=deltas.append))
+    future = engine.submit(request("r", [1], greedy(stop=("##",)), on_delta=lambda text, _: deltas.append(text)))
     result = future.result(timeout=30)
     assert result.text == answer
     assert "".join(deltas) == answer
@@ -177,7 +177,7 @@ def test_streamed_deltas_concatenate_to_the_final_text(make_engine, scripted_mod
 def test_a_failing_on_delta_does_not_stop_the_answer(make_engine, scripted_model):
     engine = make_engine(scripted_model.spelling("abc", end=IM_END))
 
-    def broken(delta: str) -> None:
+    def broken(delta: str, logprobs: list) -> None:
         raise RuntimeError("subscriber gone")
 
     future = engine.submit(request("r", [1], on_delta=broken))

@@ -127,3 +127,30 @@ def test_no_logprobs_unless_asked(byte_tokenizer):
     seq = make(byte_tokenizer)
     feed_with_logprobs(seq, entries("ab", then=[IM_END]))
     assert seq.result().logprobs is None and seq.wants_logprobs is None
+
+
+def stream_with_logprobs(seq: Sequence, given: list[TokenLogprob]) -> list[tuple[str, list[int]]]:
+    """After each token, as the engine streams: the text delta and the token ids of the entries
+    handed over with it."""
+    out = []
+    for entry in given:
+        done = seq.append_token(entry.token_id, entry)
+        if done:
+            seq.status = SequenceStatus.FINISHED  # as the scheduler marks it
+        out.append((seq.take_delta(), [e.token_id for e in seq.take_logprobs()]))
+        if done:
+            break
+    return out
+
+
+def test_streamed_logprobs_come_with_the_text_they_complete_and_never_past_a_stop_string(byte_tokenizer):
+    seq = make(byte_tokenizer, stop=("###",), logprobs=0)
+    out = stream_with_logprobs(seq, entries("a##b###c"))
+    assert out == [("a", [97]), ("", []), ("", []), ("##b", [35, 35, 98]), ("", []), ("", []), ("", [])]
+    assert [e.token_id for e in seq.result().logprobs] == list(b"a##b")
+
+
+def test_a_token_holding_part_of_a_character_streams_with_the_character(byte_tokenizer):
+    seq = make(byte_tokenizer, logprobs=0)
+    out = stream_with_logprobs(seq, entries("é!", then=[IM_END]))
+    assert out == [("", []), ("é", list("é".encode())), ("!", [33]), ("", [])]

@@ -475,7 +475,8 @@ def test_closing_the_engine_fails_unfinished_requests_and_closes_the_executor(ma
 def test_on_delta_streams_the_answer_in_order_and_never_the_stop_string(make_engine):
     deltas: list[str] = []
     engine, _ = make_engine(answer("streamed text END more"))
-    future = engine.submit(GenerationRequest("s", [1], sampling=greedy(stop=("END",)), on_delta=deltas.append))
+    future = engine.submit(GenerationRequest("s", [1], sampling=greedy(stop=("END",)),
+                                             on_delta=lambda text, _: deltas.append(text)))
     drain(engine)
     assert "".join(deltas) == future.result(0).text == "streamed text "
     assert len(deltas) > 3
