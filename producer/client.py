@@ -403,8 +403,9 @@ class Client:
 
         Token-level deltas exist for jobs whose request says ``"stream": true``; for other jobs
         the whole answer arrives as one delta when the job finishes. If a job is restarted on
-        another worker, text (and logprob entries) already yielded are not repeated. A failed job raises its error, a
-        cancelled one :class:`JobCancelled`; :class:`JobNotFinished` after ``timeout``.
+        another worker, text (and logprob entries) already yielded are not repeated. A failed job
+        raises its error, a cancelled one :class:`JobCancelled`; :class:`JobNotFinished` after
+        ``timeout``.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         emitted = tokens = 0  # characters of the answer, and logprob entries, yielded so far

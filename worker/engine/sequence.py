@@ -193,7 +193,7 @@ class Sequence:
         return ready
 
     def _text_end(self, i: int) -> int:
-        """Where the text stood after token ``i`` (entries only)."""
+        """Where the text stood after the token of logprob entry ``i``."""
         return self._text_starts[i + 1] if i + 1 < len(self._text_starts) else len(self.text)
 
     def stream(self) -> None:

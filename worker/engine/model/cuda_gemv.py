@@ -1,16 +1,16 @@
 """The int8 decode GEMV in CUDA C++, compiled at run time with NVRTC (no compiler on the worker).
 
 ``y [M, N] = x [M, K] @ (q [N, K] * scale [N]).T (+ bias [N])`` for 1-4 rows of bf16 ``x``, int8
-``q`` (stored as uint8 ``q + 128``, :func:`.kernels.quantize_int8`) and float32 ``scale``; ``gated``: ``q`` is ``[w1 | w2]`` (``[2N, K]``) and ``y`` is
-``w1(x) * silu(w2(x))``, rounded as :func:`.kernels.silu_mul` rounds it. This is the kernel the
-Triton GEMVs of :mod:`.kernels` could not be made into: ``ksplit`` warps of one block own
-``wrows`` output rows whole, each over its slice of K (one warp by default; no second launch),
-and every thread first issues all of its ``unroll`` 16-byte
-weight loads per row (``ld.global.nc`` without L1 allocation: each weight byte is read once),
-then converts them to float32 with one byte permute and a subtraction per weight (the stored byte
-is the mantissa it needs, no sign bit to flip) and does one
-FMA per weight and row of ``x``. Each warp adds its lanes' sums with shuffles at the end, and a
-group's warps add theirs in the block, in a fixed order: answers do not depend on timing.
+``q`` (stored as uint8 ``q + 128``, :func:`.kernels.quantize_int8`) and float32 ``scale``;
+``gated``: ``q`` is ``[w1 | w2]`` (``[2N, K]``) and ``y`` is ``w1(x) * silu(w2(x))``, rounded as
+:func:`.kernels.silu_mul` rounds it. This is the kernel the Triton GEMVs of :mod:`.kernels` could
+not be made into: ``ksplit`` warps of one block own ``wrows`` output rows whole, each over its
+slice of K (one warp by default; no second launch), and every thread first issues all of its
+``unroll`` 16-byte weight loads per row (``ld.global.nc`` without L1 allocation: each weight byte
+is read once), then converts them to float32 with one byte permute and a subtraction per weight
+(the stored byte is the mantissa it needs, no sign bit to flip) and does one FMA per weight and
+row of ``x``. Each warp adds its lanes' sums with shuffles at the end, and a group's warps add
+theirs in the block, in a fixed order: answers do not depend on timing.
 
 Two fusions spare the decode step its RMSNorm launches (:func:`.kernels.norm_linear`): with
 ``norm`` the kernel first puts x through the decoder's RMSNorm, each block into its shared

@@ -24,9 +24,9 @@ can be captured in a CUDA graph.
   kernel of :mod:`.cuda_attention` (:data:`DECODE_ATTENTION`), whose blocks combine their ranges
   in distributed shared memory.
 - :func:`int8_linear`: ``x @ (q * scale).T + bias`` for int8 per-output-channel weights, stored
-  as ``q + 128`` in uint8 (:func:`quantize_int8`), without materialising the dequantised matrix (a GEMV-shaped kernel when ``x`` has few rows: on
-  the tensor cores, or for 1-2 rows of the shapes in :data:`INT8_GEMV_BY_SHAPE` an FMA GEMV in
-  Triton or in CUDA C++, :mod:`.cuda_gemv`);
+  as ``q + 128`` in uint8 (:func:`quantize_int8`), without materialising the dequantised matrix
+  (a GEMV-shaped kernel when ``x`` has few rows: on the tensor cores, or for 1-2 rows of the
+  shapes in :data:`INT8_GEMV_BY_SHAPE` an FMA GEMV in Triton or in CUDA C++, :mod:`.cuda_gemv`);
   :func:`dense_linear` is the model-dtype linear (for few rows the same Triton GEMV unless
   :data:`DENSE_GEMV` says cuBLAS). Split-K partial sums are added by the last program of each
   output tile to finish, in split order.
@@ -561,8 +561,9 @@ def _cuda_attention(qkv: torch.Tensor, positions: torch.Tensor, slots: torch.Ten
 def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
                 bias: torch.Tensor | None = None, config: tuple | None = None) -> torch.Tensor:
     """``x [M, K]`` times int8 ``qweight [N, K]`` (stored as :func:`quantize_int8` stores it) with
-    float32 per-row ``scale [N]`` (+ ``bias``) -> ``[M, N]`` in x's dtype. Products accumulate in float32 and are scaled once per output,
-    exactly ``(x @ (qweight * scale).T + bias)`` up to float32 rounding. ``config`` overrides the
+    float32 per-row ``scale [N]`` (+ ``bias``) -> ``[M, N]`` in x's dtype. Products accumulate in
+    float32 and are scaled once per output, exactly ``(x @ (qweight * scale).T + bias)`` up to
+    float32 rounding. ``config`` overrides the
     tile shape (benchmarks)."""
     _check_stored(qweight)
     if not triton_ok(x):
@@ -1051,8 +1052,8 @@ if triton is not None:
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, GATED: tl.constexpr,
                        SUM_HERE: tl.constexpr, DOT_FP32: tl.constexpr, INT8: tl.constexpr):
         """y [M, N] = x [M, K] @ w[N, K].T (* scale[N] + bias[N]), w int8 (INT8: stored as q + 128
-        in uint8) or x's dtype; program
-        (n, m, s) does one [BLOCK_M, BLOCK_N] tile over the s-th range of K.
+        in uint8) or x's dtype; program (n, m, s) does one [BLOCK_M, BLOCK_N] tile over the s-th
+        range of K.
 
         GATED: w is [w1 | w2] ([2N, K]) and y = w1(x) * silu(w2(x)), each program reading rows
         n and N + n. SPLIT_K > 1: float32 partial sums [SPLIT_K, M, N] (a second [SPLIT_K, M, N]
