@@ -287,7 +287,8 @@ class ChatEngine:
                     sizes: list[tuple[int, int]], seed: int, preprocess_ms: float) -> dict[str, Any]:
         boxes = ground_answer(result.text, request, sizes)
         if result.logprobs is not None:
-            boxes = score_boxes(boxes, self._token_spans(result.logprobs))
+            boxes = score_boxes(boxes, [(start, end, entry.logprob) for (start, end), entry
+                                        in zip(result.logprob_spans, result.logprobs, strict=True)])
         return {
             "id": f"chatcmpl-{result.request_id}",
             "object": "chat.completion",
@@ -314,17 +315,6 @@ class ChatEngine:
                 "timings": {"preprocess": preprocess_ms, **result.timings},
             },
         }
-
-    def _token_spans(self, entries: list[TokenLogprob]) -> list[tuple[int, int, float]]:
-        """``(start, end, logprob)`` per answer token: the characters of the answer it produced,
-        decoded as the engine decoded the text."""
-        decoder = self.tokenizer.stream_decoder()
-        spans, at = [], 0
-        for entry in entries:
-            piece = decoder.feed(entry.token_id)
-            spans.append((at, at + len(piece), entry.logprob))
-            at += len(piece)
-        return spans
 
     def _logprobs(self, entries: list[TokenLogprob] | None) -> dict[str, Any] | None:
         """OpenAI's ``choices[0].logprobs`` (:meth:`_logprob_content` of each answer token)."""

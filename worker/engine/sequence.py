@@ -12,7 +12,8 @@ Stop rules, in order, after each new token (unless ``ignore_stop``):
 3. ``max_tokens`` answer tokens end it with finish_reason ``length``.
 
 Streaming never shows text that a stop string could still swallow: the tail of the text that is
-a prefix of some stop string is held back until the next token decides.
+a prefix of some stop string is held back until the next token decides. With logprobs asked, each
+token's entry is streamed with the text that completes it.
 
 With ``logprobs`` asked for, each token's :class:`TokenLogprob` is kept with it; the result lists
 those of the tokens that make up the text (not the stop token, nor tokens after a stop string's cut).
@@ -235,7 +236,10 @@ class Sequence:
             prompt_tokens=self.prompt_len,
             completion_tokens=len(self.output_ids),
             timings=self.timings_ms(),
-            logprobs=self._content_logprobs(),
+            logprobs=(logprobs := self._content_logprobs()),
+            logprob_spans=None if logprobs is None else [
+                (min(self._text_starts[i], len(self.text)), min(self._text_end(i), len(self.text)))
+                for i in range(len(logprobs))],
         )
 
     def _content_logprobs(self) -> list[TokenLogprob] | None:

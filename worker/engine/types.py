@@ -109,8 +109,10 @@ class GenerationResult:
     # token), total (submit -> finished).
     timings: dict[str, float] = field(default_factory=dict)
     # With SamplingParams.logprobs: one entry per token of ``text`` (not the stop token, nor
-    # tokens after where a stop string cut the text).
+    # tokens after where a stop string cut the text), and per entry the characters [start, end) of
+    # ``text`` its token produced (empty for a token whose bytes a later token's character finishes).
     logprobs: list[TokenLogprob] | None = None
+    logprob_spans: list[tuple[int, int]] | None = None
 
 
 class Engine(Protocol):

@@ -280,9 +280,10 @@ class FixedAnswer:
 
     max_batch_size = 1
 
-    def __init__(self, text: str, logprobs=None) -> None:
+    def __init__(self, text: str, logprobs=None, spans=None) -> None:
         self.text = text
         self.logprobs = logprobs  # the TokenLogprob entries of the answer, when asked
+        self.spans = spans  # and the characters of text each one's token wrote
 
     def submit(self, request):
         from worker.engine.types import GenerationResult
@@ -291,7 +292,8 @@ class FixedAnswer:
         asked = request.sampling.logprobs is not None
         future.set_result(GenerationResult(request.request_id, self.text, [1, 2, 3], "stop",
                                            len(request.prompt_ids), 3, {"total": 1.0},
-                                           logprobs=self.logprobs if asked else None))
+                                           logprobs=self.logprobs if asked else None,
+                                           logprob_spans=self.spans if asked else None))
         return future
 
     def abort(self, request_id):
@@ -329,8 +331,14 @@ def test_with_logprobs_each_box_scores_how_sure_the_model_was_of_its_tokens(tiny
     box_tokens = ids[first:]
     unsure = {first + 1, first + 2}  # the box's second and third tokens
     entries = [TokenLogprob(i, -0.7 if k in unsure else -0.01) for k, i in enumerate(ids)]
+    decoder, spans, at = tok.stream_decoder(), [], 0
+    for i in ids:  # the characters each token wrote, as the engine's sequence counts them
+        piece = decoder.feed(i)
+        spans.append((at, at + len(piece)))
+        at += len(piece)
     answer = "<ref>女生</ref><box>(441,382),(733,811)</box>"
-    chat = ChatEngine(settings(tiny_model_dir), tok, FixedAnswer(answer, entries))
+    assert at == len(answer)
+    chat = ChatEngine(settings(tiny_model_dir), tok, FixedAnswer(answer, entries, spans))
     result = chat.submit(parse_chat_request(one_image("输出女生的检测框。", logprobs=True)), [demo],
                          request_id="s").result(timeout=5)
     [box] = result["boxes"]

@@ -112,7 +112,15 @@ def test_logprobs_cover_the_answer_text_without_the_stop_token(byte_tokenizer):
     feed_with_logprobs(seq, given)
     result = seq.result()
     assert result.text == "hi" and result.completion_tokens == 3
-    assert result.logprobs == given[:2]
+    assert result.logprobs == given[:2] and result.logprob_spans == [(0, 1), (1, 2)]
+
+
+def test_each_logprob_entry_names_the_characters_its_token_wrote(byte_tokenizer):
+    seq = make(byte_tokenizer, stop=("END",), logprobs=0)
+    feed_with_logprobs(seq, entries("é!ENDx"))
+    result = seq.result()
+    assert result.text == "é!"  # the first byte of é writes nothing; the second writes the character
+    assert result.logprob_spans == [(0, 0), (0, 1), (1, 2)]
 
 
 def test_logprobs_end_where_a_stop_string_cut_the_text(byte_tokenizer):
