@@ -137,7 +137,7 @@ def read_done(out: Path) -> dict[str, dict[str, Any]]:
         for line in f:
             try:
                 row = json.loads(line)
-            except ValueError:
+            except (ValueError, RecursionError):
                 continue
             if isinstance(row, dict) and row.get("status") == "succeeded" and row.get("fingerprint"):
                 done[row["fingerprint"]] = row

@@ -300,13 +300,17 @@ class Batches:
 
     def cancel(self, batch_id: str) -> BatchObject:
         """Cancel a batch: queued requests never run, running ones are aborted; the batch stays
-        ``cancelling`` until they stop, then finalizes its partial output as ``cancelled``."""
+        ``cancelling`` until they stop, then finalizes its partial output as ``cancelled``. Cancelling
+        a cancelling or cancelled batch again returns it; a finished one raises
+        :class:`InvalidRequest`."""
         now = int(time.time())
         moved, status = self._move(
             batch_id, ("validating", "in_progress"), "cancelling", cancelling_at=now, stop_reason="cancel"
         )
         if not moved and status == "":
             raise JobNotFound(f"no batch {batch_id!r} (never created, or it expired)", param="batch_id")
+        if not moved and status == "cancelled":
+            return self.get(batch_id)  # cancelled already: a retried cancel gets the batch, not an error
         if not moved and status not in ("cancelling",):
             raise InvalidRequest(
                 f"batch {batch_id} is {status} and cannot be cancelled", param="batch_id"
@@ -647,7 +651,7 @@ def _check_line(raw: bytes, n: int, endpoint: str, seen: set[str]) -> tuple[Line
 
     try:
         obj = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: nested too deep
         return bad("invalid_json_line", f"not valid JSON ({e}); each line must be one JSON object")
     if not isinstance(obj, dict):
         return bad("invalid_json_line", "each line must be a JSON object")

@@ -22,12 +22,15 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic import ValidationError
+
 from producer.broker import producer_app, send_job
 from producer.config import Settings
 from producer.errors import (
     BrokerUnavailable,
     ConfigError,
     DuplicateJob,
+    InvalidRequest,
     JobCancelled,
     JobNotFinished,
     JobNotFound,
@@ -118,7 +121,24 @@ class Client:
         job_id: str | None = None,
         validate: bool = True,
     ) -> Job:
-        """Build (and by default validate) the job :meth:`submit` would send."""
+        """Build (and by default validate) the job :meth:`submit` would send; a bad id, batch id,
+        destination or metadata raises :class:`InvalidRequest` naming the field."""
+        try:
+            job = self._job(request_or_job, destination, batch_id, metadata, job_id)
+        except ValidationError as e:
+            first = e.errors(include_url=False)[0]
+            field = ".".join(str(part) for part in first["loc"]) or (
+                "destination" if isinstance(destination, dict) else "job")
+            message = first["msg"].removeprefix("Value error, ")
+            if field in ("id", "batch_id"):
+                message = f"{first['input']!r} is not an id: use 1 to 200 letters, digits, '_', '.', ':' or '-'"
+            raise InvalidRequest(f"invalid job: {field}: {message}", param=field) from None
+        if validate:
+            self.preflight(job)
+        return job
+
+    def _job(self, request_or_job: dict[str, Any] | ChatRequest | Job, destination: Destination | dict[str, Any] | None,
+             batch_id: str | None, metadata: dict[str, Any] | None, job_id: str | None) -> Job:
         if isinstance(destination, dict):
             destination = Destination.model_validate(destination)
         if isinstance(request_or_job, Job):
@@ -131,7 +151,7 @@ class Client:
                 update["metadata"] = {**request_or_job.metadata, **metadata}
             if job_id is not None:
                 update["id"] = job_id
-            job = Job.model_validate({**request_or_job.model_dump(), **update})
+            return Job.model_validate({**request_or_job.model_dump(), **update})
         else:
             body = (
                 request_or_job.model_dump(exclude_none=True)
@@ -146,10 +166,7 @@ class Client:
             }
             if job_id is not None:
                 fields["id"] = job_id
-            job = Job(**fields)
-        if validate:
-            self.preflight(job)
-        return job
+            return Job(**fields)
 
     def preflight(self, job: Job) -> ChatRequest:
         """Check a job before it costs GPU time: the request body, and the image count against
@@ -398,26 +415,37 @@ class Client:
         """The ids of a batch's jobs in submission order."""
         return self.store.batch_job_ids(batch_id)
 
-    def stream(self, job_id: str, timeout: float | None = None) -> Iterator[StreamEvent]:
+    def stream(self, job_id: str, timeout: float | None = None, *,
+               idle_timeout: float | None = None) -> Iterator[StreamEvent]:
         """Yield the answer's text as the worker produces it, then one ``done`` event.
 
         Token-level deltas exist for jobs whose request says ``"stream": true``; for other jobs
         the whole answer arrives as one delta when the job finishes. If a job is restarted on
         another worker, text (and logprob entries) already yielded are not repeated. A failed job
         raises its error, a cancelled one :class:`JobCancelled`; :class:`JobNotFinished` after
-        ``timeout``.
+        ``timeout`` seconds in all, or after ``idle_timeout`` seconds without a new event (a job
+        still queued, or stalled). Either way the job goes on.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
+        idle_deadline = None if idle_timeout is None else time.monotonic() + idle_timeout
         emitted = tokens = 0  # characters of the answer, and logprob entries, yielded so far
         last = "0"
         while True:
             block = 500
-            if deadline is not None:
-                left = deadline - time.monotonic()
+            for end in (deadline, idle_deadline):
+                if end is None:
+                    continue
+                left = end - time.monotonic()
                 if left <= 0:
-                    raise JobNotFinished(f"job {job_id} did not finish within {timeout:g}s")
+                    state = self.status(job_id).status.value
+                    what = (f"did not finish within {timeout:g}s" if end is deadline
+                            else f"sent nothing new for {idle_timeout:g}s")
+                    raise JobNotFinished(f"job {job_id} ({state}) {what}; it goes on: fetch its result later"
+                                         f" (vlq result {job_id} --wait, or GET /v1/jobs/{job_id})", job_id=job_id)
                 block = max(1, min(block, int(left * 1000)))
             events = self.store.read_events(job_id, last, block_ms=block)
+            if events and idle_timeout is not None:
+                idle_deadline = time.monotonic() + idle_timeout
             if not events:
                 record = self.status(job_id)
                 if not record.is_terminal:

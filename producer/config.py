@@ -13,6 +13,7 @@ defaults below apply. Settings are validated once at start-up and passed down ex
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,6 +23,7 @@ from pydantic_settings import (
     BaseSettings,
     InitSettingsSource,
     PydanticBaseSettingsSource,
+    SettingsError,
     SettingsConfigDict,
 )
 
@@ -37,6 +39,13 @@ class BrokerSettings(_Section):
 
     url: str = "redis://127.0.0.1:6379/0"
     queue: str = "vlq"
+
+    @field_validator("url")
+    @classmethod
+    def _redis_url(cls, v: str) -> str:
+        if v.split("://", 1)[0] not in ("redis", "rediss", "unix"):
+            raise ValueError(f"{v!r} is not a Redis URL: write redis://host:6379/0 (rediss:// for TLS)")
+        return v
     # Redis redelivers an unacknowledged message after this many seconds; it must exceed the
     # longest job plus its queue wait. Crashed workers are recovered sooner by leases.
     visibility_timeout_s: int = Field(default=6 * 3600, ge=60)
@@ -128,6 +137,9 @@ class WorkerSettings(_Section):
     lease_timeout_s: float = Field(default=30.0, gt=0)
     job_timeout_s: float = Field(default=1800.0, gt=0)
     max_retries: int = Field(default=3, ge=0)
+    # Re-enqueues of a job whose worker died while running it; one more loss fails it worker_lost,
+    # so a job that crashes workers cannot take the fleet down one worker at a time.
+    max_reclaims: int = Field(default=3, ge=0)
     retry_backoff_s: float = Field(default=2.0, ge=0)
     retry_backoff_max_s: float = Field(default=120.0, ge=0)
 
@@ -185,6 +197,8 @@ class Settings(BaseSettings):
         _CONF_DIR_FOR_LOAD["dir"] = folder
         try:
             settings = cls(**overrides)
+        except SettingsError as e:  # a VLQ_* variable that should be JSON and is not
+            raise ConfigError(_unreadable_variable(e)) from None
         except ValidationError as e:
             first = e.errors(include_url=False)[0]
             where = ".".join(str(p) for p in first["loc"])
@@ -192,12 +206,22 @@ class Settings(BaseSettings):
                 raise ConfigError(f"there is no setting {where}: {_known_settings(first['loc'])} "
                                   "(check conf/*.yaml and VLQ_* variables)") from None
             raise ConfigError(
-                f"bad setting {where}: {first['msg']} (check conf/*.yaml and VLQ_* variables)"
+                f"bad setting {where}: {first['msg'].removeprefix('Value error, ')} (check conf/*.yaml and VLQ_*"
+                " variables)"
             ) from None
         finally:
             _CONF_DIR_FOR_LOAD.pop("dir", None)
         settings._conf_dir = folder
         return settings
+
+
+def _unreadable_variable(e: SettingsError) -> str:
+    """Which VLQ_* variables a settings section failed to parse from, and how to write them."""
+    found = re.search(r'field "(\w+)"', str(e))
+    prefix = f"VLQ_{found.group(1).upper()}_" if found else "VLQ_"
+    names = sorted(k for k in os.environ if k.upper().startswith(prefix))
+    return (f"cannot read {', '.join(names) or 'the VLQ_* variables'}: lists and sections are given as JSON,"
+            """ e.g. VLQ_IMAGES_ALLOWED_ROOTS='["/data"]' or VLQ_STORE_S3='{"bucket": "results"}'""")
 
 
 def _known_settings(loc: tuple[Any, ...]) -> str:

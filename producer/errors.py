@@ -19,6 +19,7 @@ input is permanent (the job fails at once); transient errors are retried with ba
     │   ├── StoreUnavailable         store_unavailable
     │   └── BrokerUnavailable        broker_unavailable
     ├── EngineError                  engine_error, deadline_exceeded, engine_unavailable
+    │   └── WorkerLost               worker_lost (its workers kept dying while running it)
     ├── CheckpointError              checkpoint_error
     ├── ConfigError                  config_error
     ├── StoreRejected                store_rejected (the result store refused a write: 4xx)
@@ -169,6 +170,13 @@ class DeadlineExceeded(EngineError):
 
 class EngineUnavailable(EngineError):
     code = "engine_unavailable"
+
+
+class WorkerLost(EngineError):
+    """The job's worker stopped heartbeating while running it (died, was killed, lost the GPU)
+    more than ``worker.max_reclaims`` times: the job itself may be what kills workers."""
+
+    code = "worker_lost"
 
 
 class CheckpointError(VlqError):

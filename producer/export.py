@@ -111,7 +111,7 @@ def read_results(path: Path) -> list[ResultLine]:
                 continue
             try:
                 row = json.loads(raw)
-            except ValueError as e:
+            except (ValueError, RecursionError) as e:
                 raise InvalidRequest(
                     f"{path} line {line_no} is not JSON ({e}): is this a vlq annotate results file?"
                 ) from None

@@ -31,6 +31,7 @@ from pydantic_core import PydanticCustomError
 from producer.errors import InvalidRequest, MalformedJob, UnsupportedContent
 
 SCHEMA_VERSION = 1
+MAX_TOP_K = 1 << 20  # above any vocabulary: a larger top_k is refused rather than overflowing the engine
 
 
 def new_job_id() -> str:
@@ -99,6 +100,12 @@ class Message(BaseModel):
     content: str | list[ContentPart]
     name: str | None = None
 
+    @field_validator("role", mode="before")
+    @classmethod
+    def _developer_is_system(cls, v: Any) -> Any:
+        # Newer OpenAI clients send the system prompt as role "developer" (as vLLM, read it as "system").
+        return "system" if v == "developer" else v
+
     @field_validator("content", mode="before")
     @classmethod
     def _known_part_types(cls, v: Any) -> Any:
@@ -124,12 +131,18 @@ class Message(BaseModel):
     def image_urls(self) -> list[str]:
         return [p.image_url.url for p in self.parts if isinstance(p, ImagePart)]
 
+    @property
+    def text(self) -> str:
+        """The text parts joined (a system message's prompt)."""
+        return "".join(p.text for p in self.parts if isinstance(p, TextPart))
+
 
 class ChatRequest(BaseModel):
     """The subset of OpenAI's chat.completions body that vlq serves.
 
     Unknown top-level fields are ignored, as OpenAI-compatible servers do; unsupported features
-    that would change the answer (tools, n > 1, a JSON ``response_format``) are refused.
+    that would change the answer (tools, n > 1, ``logit_bias``, a JSON ``response_format``) are
+    refused.
     """
 
     model_config = ConfigDict(extra="ignore", frozen=True)
@@ -139,8 +152,8 @@ class ChatRequest(BaseModel):
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, le=1.0)
-    top_k: int | None = Field(default=None, ge=0)
+    top_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=-1, le=MAX_TOP_K)  # 0 or -1 (vLLM's spelling): no top-k
     seed: int | None = None
     stop: str | list[str] | None = None
     repetition_penalty: float | None = Field(default=None, gt=0.0)
@@ -154,25 +167,30 @@ class ChatRequest(BaseModel):
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     response_format: dict[str, Any] | None = None
+    logit_bias: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _supported(self) -> ChatRequest:
         if self.n != 1:
-            raise ValueError("n must be 1: vlq returns one choice per request")
+            _refuse("n", "n must be 1: vlq returns one choice per request")
         if self.tools:
-            raise ValueError("tools (function calling) are not supported by Qwen-VL-Chat")
+            _refuse("tools", "tools (function calling) are not supported by Qwen-VL-Chat")
+        if self.logit_bias:
+            _refuse("logit_bias", "logit_bias is not supported: leave it out, or steer the answer in the prompt")
         if self.top_logprobs and not self.logprobs:
-            raise ValueError("top_logprobs needs logprobs: true")
+            _refuse("top_logprobs", "top_logprobs needs logprobs: true")
         kind = (self.response_format or {}).get("type", "text")
         if kind != "text":
-            raise ValueError(
+            _refuse("response_format", (
                 f"response_format {kind!r} is not supported: Qwen-VL-Chat has no constrained decoding; "
-                "ask for JSON in the prompt and parse the answer, or leave response_format out")
+                "ask for JSON in the prompt and parse the answer, or leave response_format out"))
         for i, msg in enumerate(self.messages):
-            if msg.role == "system" and (i != 0 or not isinstance(msg.content, str)):
-                raise ValueError("a system message must come first and its content be a string")
+            if msg.role == "system" and i != 0:
+                _refuse(f"messages[{i}].role", f"messages[{i}] is a system message: only the first message may be one")
+            if msg.role == "system" and msg.image_urls:
+                _refuse(f"messages[{i}].content", "the system message holds text only: put images in a user message")
         if self.messages[-1].role != "user":
-            raise ValueError("the last message must come from the user")
+            _refuse(f"messages[{len(self.messages) - 1}].role", "the last message must come from the user")
         return self
 
     @property
@@ -196,6 +214,11 @@ class ChatRequest(BaseModel):
         return (self.top_logprobs or 0) if self.logprobs else None
 
 
+def _refuse(param: str, message: str) -> None:
+    """Refuse a request from a model validator, naming the field (``param``) at fault."""
+    raise PydanticCustomError("refused", "{message}", {"message": message, "param": param})
+
+
 def parse_chat_request(body: Any) -> ChatRequest:
     """Validate an OpenAI chat.completions body, raising a coded :class:`producer.errors.BadInput`.
 
@@ -211,6 +234,8 @@ def parse_chat_request(body: Any) -> ChatRequest:
         for err in errors:
             if err["type"] == "unsupported_content":
                 raise UnsupportedContent(err["msg"], param=_loc(err["loc"])) from None
+            if err["type"] == "refused":
+                raise InvalidRequest(err["ctx"]["message"], param=err["ctx"]["param"]) from None
         first = errors[0]
         raise InvalidRequest(
             f"invalid request: {_loc(first['loc'])}: {first['msg']}", param=_loc(first["loc"])

@@ -32,7 +32,7 @@ from typing import Any
 import redis
 from pydantic import BaseModel, ConfigDict
 
-from producer.errors import BrokerUnavailable, DuplicateJob, VlqError
+from producer.errors import BrokerUnavailable, DuplicateJob, VlqError, WorkerLost
 from producer.keys import Keys
 from producer.schema import Destination, Job, JobStatus
 
@@ -185,8 +185,8 @@ redis.call('HSET', KEYS[1], 'cancel_requested', '1', 'updated_at', t)
 return 'cancelling'
 """
 
-# KEYS: job, leases, batch   ARGV: id, lease_timeout, ttl
-# -> {'fresh'} | {'gone'} | {'cancelled'} | {'requeue', job, queue}
+# KEYS: job, leases, batch   ARGV: id, lease_timeout, ttl, max_reclaims, error (when past it)
+# -> {'fresh'} | {'gone'} | {'cancelled'} | {'failed'} | {'requeue', job, queue}
 _RECLAIM = _PRELUDE + """
 local score = redis.call('ZSCORE', KEYS[2], ARGV[1])
 local t = now()
@@ -201,7 +201,16 @@ if redis.call('HGET', KEYS[1], 'cancel_requested') == '1' then
   move(KEYS[3], 'running', 'cancelled', ARGV[3])
   return {'cancelled'}
 end
-redis.call('HSET', KEYS[1], 'holder', '', 'updated_at', t)
+if tonumber(redis.call('HGET', KEYS[1], 'reclaims') or '0') >= tonumber(ARGV[4]) then
+  redis.call('HSET', KEYS[1], 'status', 'failed', 'finished_at', t, 'updated_at', t, 'holder', '',
+             'error', ARGV[5])
+  redis.call('EXPIRE', KEYS[1], ARGV[3])
+  move(KEYS[3], 'running', 'failed', ARGV[3])
+  return {'failed'}
+end
+local worker = redis.call('HGET', KEYS[1], 'worker') or ''
+redis.call('HSET', KEYS[1], 'holder', '', 'updated_at', t, 'last_error', cjson.encode({code = 'worker_lost',
+  message = 'worker ' .. worker .. ' stopped heartbeating while running the job; it was queued again'}))
 redis.call('HINCRBY', KEYS[1], 'reclaims', 1)
 return {'requeue', redis.call('HGET', KEYS[1], 'job'), redis.call('HGET', KEYS[1], 'queue') or ''}
 """
@@ -589,17 +598,25 @@ class JobStore:
             cutoff = sec + usec / 1e6 - lease_timeout_s
             return self.redis.zrangebyscore(self.keys.leases, "-inf", f"({cutoff}", 0, limit)
 
-    def reclaim(self, job_id: str, lease_timeout_s: float) -> tuple[Job, str] | None:
+    def reclaim(self, job_id: str, lease_timeout_s: float, max_reclaims: int = 3) -> tuple[Job, str] | None:
         """Release a stale lease. Returns the job to re-enqueue and the queue it came from (''
-        when unknown), or None (lease fresh again, job finished, or cancelled because a cancel
-        was pending)."""
+        when unknown), or None: the lease is fresh again, the job finished, it was cancelled
+        because a cancel was pending, or it had been reclaimed ``max_reclaims`` times already and
+        is now failed with :class:`WorkerLost`."""
+        lost = WorkerLost(
+            f"the workers running job {job_id} stopped heartbeating {max_reclaims + 1} times"
+            " (died, killed, or out of memory): the job itself may crash them, so it is not run again."
+            " Check the workers' logs for this job id, then resubmit it, with smaller or fewer images"
+            " if memory ran out", job_id=job_id, max_reclaims=max_reclaims)
         with redis_errors(self.url):
             batch_id = self.redis.hget(self.keys.job(job_id), "batch_id")
             bkey, _ = self._batch_keys(batch_id)
             out = self._reclaim(
                 keys=[self.keys.job(job_id), self.keys.leases, bkey, self.keys.stats],
-                args=[job_id, lease_timeout_s, self.ttl_s],
+                args=[job_id, lease_timeout_s, self.ttl_s, max_reclaims, json.dumps(lost.to_dict())],
             )
+        if out[0] == "failed":
+            raise lost
         if out[0] != "requeue":
             return None
         return Job.from_wire(out[1]), out[2]

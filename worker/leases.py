@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from producer.errors import VlqError
+from producer.errors import VlqError, WorkerLost
 from producer.schema import Job
 from producer.state import Heartbeat, JobStore
 
@@ -55,7 +55,8 @@ class Lease:
 class LeaseKeeper:
     """Heartbeats for this worker's running jobs, its registry entry, and reclaiming stale jobs.
 
-    ``requeue(job, queue)`` sends a reclaimed job back to a queue ('' = the worker's own).
+    ``requeue(job, queue)`` sends a reclaimed job back to a queue ('' = the worker's own); a job
+    reclaimed ``max_reclaims`` times already fails ``worker_lost`` instead.
     """
 
     def __init__(
@@ -67,11 +68,13 @@ class LeaseKeeper:
         lease_timeout_s: float,
         requeue: Callable[[Job, str], None],
         info: dict[str, Any] | None = None,
+        max_reclaims: int = 3,
     ) -> None:
         self.store = store
         self.worker_name = worker_name
         self.heartbeat_s = heartbeat_s
         self.lease_timeout_s = lease_timeout_s
+        self.max_reclaims = max_reclaims
         self.requeue = requeue
         self.info = {"host": socket.gethostname(), "pid": os.getpid(), "started_at": time.time(),
                      **(info or {})}
@@ -119,7 +122,10 @@ class LeaseKeeper:
         reclaimed = []
         for job_id in self.store.stale_leases(self.lease_timeout_s):
             try:
-                found = self.store.reclaim(job_id, self.lease_timeout_s)
+                found = self.store.reclaim(job_id, self.lease_timeout_s, self.max_reclaims)
+            except WorkerLost as e:
+                log.error("job %s: failed [%s]: %s", job_id, e.code, e.message)
+                continue
             except VlqError as e:  # e.g. a stored message that no longer decodes
                 log.error("cannot reclaim job %s: %s", job_id, e)
                 continue
@@ -163,6 +169,7 @@ class LeaseKeeper:
                     step()
                 except VlqError as e:  # Redis away: keep trying, the leases will tell
                     log.warning("lease keeper: %s", e)
+                    break  # the next step would only hit the same wall and say so again
                 except Exception:
                     log.exception("lease keeper step failed")
             self._stop.wait(max(0.0, self.heartbeat_s - (time.monotonic() - started)))

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from producer.broker import send_job
 from producer.config import Settings
-from producer.errors import ConfigError
+from producer.errors import ConfigError, StoreUnavailable
 from producer.keys import Keys
 from producer.schema import Job
 from producer.state import JobStore
@@ -98,6 +98,12 @@ def run_worker(
 
     check_timeouts(settings)
     wait_for_broker(settings)
+    from worker.stores import check_default_bucket
+
+    try:
+        check_default_bucket(settings)
+    except StoreUnavailable as e:  # S3 down for now: jobs retry their writes, so start anyway
+        log.warning("the result bucket cannot be reached yet: %s", e.message)
 
     from worker.engine.chat import ChatEngine  # imports torch: after the GPU is pinned
     from worker.images import ImageLoader
@@ -110,7 +116,7 @@ def run_worker(
     name = node_name(gpu)
     log.info("worker %s: loading %s (backend %s)", name, settings.engine.model_dir,
              settings.engine.backend)
-    engine = ChatEngine.from_settings(settings.engine)
+    engine = ChatEngine.from_settings(settings.engine, model_name=settings.api.served_model)
     images = ImageLoader(settings.images, settings.store.s3)
     store = JobStore.from_settings(settings)
     app = make_celery_app(settings)
@@ -123,6 +129,7 @@ def run_worker(
         worker_name=name,
         heartbeat_s=settings.worker.heartbeat_s,
         lease_timeout_s=settings.worker.lease_timeout_s,
+        max_reclaims=settings.worker.max_reclaims,
         requeue=requeue,
         info={"gpu": gpu, "queue": queue_name, "model": str(settings.engine.model_dir),
               "backend": settings.engine.backend, "concurrency": threads},

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import redis
 
 from producer.config import Settings
-from producer.errors import StoreRejected, StoreUnavailable
+from producer.errors import ConfigError, StoreRejected, StoreUnavailable
 from producer.keys import Keys
 from producer.schema import Destination
 from producer.state import redis_errors
@@ -150,6 +150,21 @@ def make_s3_client(settings: Settings) -> Any:
             retries={"max_attempts": 2, "mode": "standard"},
         ),
     )
+
+
+def check_default_bucket(settings: Settings, client: Any = None) -> None:
+    """With ``store.kind`` s3, check that ``store.s3.bucket`` exists and takes this worker's
+    credentials, before any GPU time goes into answers that could not be written: a bucket S3
+    refuses raises :class:`ConfigError`; S3 out of reach raises :class:`StoreUnavailable`."""
+    if settings.store.kind != "s3":
+        return
+    s3 = settings.store.s3
+    store = S3ResultStore(client or make_s3_client(settings), s3.bucket or "", s3.prefix)
+    try:
+        store._call("reach", "", lambda: store.s3.head_bucket(Bucket=store.bucket))
+    except StoreRejected as e:
+        raise ConfigError(f"store.s3.bucket {s3.bucket!r} cannot take results: {e.message}; create the bucket"
+                          " or set store.s3.bucket (VLQ_STORE_S3) to one that exists") from None
 
 
 class ResultStores:

@@ -344,7 +344,7 @@ def _readable_id(raw: Any) -> str | None:
     if isinstance(raw, (str, bytes)):
         try:
             data = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):
             return None
     if not isinstance(data, dict):
         return None

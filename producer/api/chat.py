@@ -89,7 +89,7 @@ def _sse(data: Any) -> str:
 async def _stream(
     ctx: ApiContext, job_id: str, chat: ChatRequest, created: int, timeout: float, headers: dict[str, str]
 ) -> Response:
-    events = ctx.client.stream(job_id, timeout=timeout)
+    events = ctx.client.stream(job_id, idle_timeout=timeout)  # a stream may run long while tokens flow
     try:
         first: StreamEvent | None = await ctx.run_blocking(next, events, None)
     except JobNotFinished as e:

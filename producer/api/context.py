@@ -102,7 +102,7 @@ async def read_json_object(request: Request) -> dict[str, Any]:
         raise InvalidRequest("the request has no body: send a JSON object")
     try:
         body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: nested too deep
         raise InvalidRequest(f"the request body is not valid JSON ({e}): send one JSON object") from None
     if not isinstance(body, dict):
         raise InvalidRequest(f"the request body must be a JSON object, not {type(body).__name__}")

@@ -47,7 +47,7 @@ def read_request(path: Path) -> dict[str, Any]:
         body = json.loads(path.read_text(encoding="utf-8"))
     except OSError as e:
         raise InvalidRequest(f"cannot read {path}: {e.strerror or e}") from None
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:  # RecursionError: nested too deep
         raise InvalidRequest(f"{path} is not JSON: {e}") from None
     if not isinstance(body, dict):
         raise InvalidRequest(f"{path} must hold one chat.completions request object")
@@ -84,7 +84,7 @@ def generate_once(model_dir: Path, body: dict[str, Any], *, image_roots: list[Pa
     roots = list(dict.fromkeys([*settings.images.allowed_roots, *image_roots]))
     with ImageLoader(settings.images.model_copy(update={"allowed_roots": roots}), settings.store.s3) as loader:
         images = loader.load_all(request.image_urls)
-    chat = ChatEngine.from_settings(limits, tokenizer=tokenizer)
+    chat = ChatEngine.from_settings(limits, tokenizer=tokenizer, model_name=settings.api.served_model)
     try:
         request_id = f"generate-{uuid.uuid4().hex[:16]}"
         return chat.submit(request, images, request_id=request_id).result()

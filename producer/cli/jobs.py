@@ -64,7 +64,7 @@ def read_requests(path: Path) -> Requests:
     for line_no, raw in rows:
         try:
             obj = json.loads(raw)
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:  # RecursionError: nested too deep
             found.problems.append((line_no, f"not JSON ({e})"))
             continue
         if not isinstance(obj, dict):

@@ -85,6 +85,8 @@ def test_a_batch_runs_every_line_as_a_job_and_writes_both_files(env) -> None:
     assert err[0]["response"]["body"]["error"]["code"] == "image_fetch_failed"
     assert batch.id not in batches.active_ids()
     assert batches.refresh(batch.id) == batch  # final: nothing moves any more
+    with pytest.raises(InvalidRequest, match="completed and cannot be cancelled"):
+        batches.cancel(batch.id)
 
 
 def test_a_body_that_fails_preflight_is_reported_and_never_queued(env) -> None:
@@ -105,12 +107,13 @@ def test_a_body_that_fails_preflight_is_reported_and_never_queued(env) -> None:
 
 def test_a_file_with_format_errors_fails_the_whole_batch(env) -> None:
     client, files, batches = env
-    bad = [line("a"), "[1]", {"method": "POST"}, line("a"), {**line("d"), "body": "text"}]
+    bad = [line("a"), "[1]", {"method": "POST"}, line("a"), {**line("d"), "body": "text"},
+           "[" * 100_000 + "]" * 100_000]  # nested deeper than Python's parser goes
     batch = batches.refresh(batches.create(upload(files, bad), "/v1/chat/completions").id)
     assert batch.status == "failed" and batch.failed_at
     assert [(e["line"], e["code"]) for e in batch.errors["data"]] == [
         (2, "invalid_json_line"), (3, "missing_required_parameter"), (4, "duplicate_custom_id"),
-        (5, "missing_required_parameter")]
+        (5, "missing_required_parameter"), (6, "invalid_json_line")]
     assert client.batch_jobs(batch.id) == []
     empty = batches.refresh(batches.create(upload(files, ["", "  "]), "/v1/chat/completions").id)
     assert empty.status == "failed" and empty.errors["data"][0]["code"] == "empty_file"
@@ -145,8 +148,7 @@ def test_cancelling_stops_queued_requests_and_keeps_finished_ones(env) -> None:
     assert [r["custom_id"] for r in rows(files, batch.output_file_id)] == ["a"]
     assert [(r["custom_id"], r["error"]["code"]) for r in rows(files, batch.error_file_id)] == [
         ("b", "batch_cancelled"), ("c", "batch_cancelled")]
-    with pytest.raises(InvalidRequest):
-        batches.cancel(batch.id)
+    assert batches.cancel(batch.id).status == "cancelled"  # a retried cancel gets the batch back
 
 
 def test_a_batch_cancelled_while_validating_never_queues_anything(env) -> None:

@@ -263,6 +263,33 @@ def test_a_restarted_job_does_not_repeat_streamed_logprob_entries(client: Client
     assert events[-1].type == "done"
 
 
+def test_a_stream_idle_timeout_counts_from_the_last_event_not_from_the_start(client: Client) -> None:
+    store, job_id = client.store, "job-slow-stream"
+    client.submit(request(), job_id=job_id)
+
+    def trickle() -> None:  # 1.2 s of text, a piece every 0.2 s
+        for i in range(6):
+            time.sleep(0.2)
+            store.append_events(job_id, [{"type": "delta", "text": f"{i} ", "offset": 2 * i}])
+        store.append_events(job_id, [{"type": "done", "finish_reason": "stop", "usage": {}}])
+
+    t = threading.Thread(target=trickle)
+    t.start()
+    events = list(client.stream(job_id, idle_timeout=0.6))
+    t.join(5)
+    assert "".join(e.text for e in events) == "0 1 2 3 4 5 " and events[-1].type == "done"
+
+
+def test_a_stream_that_stays_silent_gives_up_and_says_the_job_goes_on(client: Client) -> None:
+    handle = client.submit(request())
+    t0 = time.monotonic()
+    with pytest.raises(JobNotFinished, match=r"\(queued\) sent nothing new for 0.3s; it goes on") as err:
+        list(client.stream(handle.id, idle_timeout=0.3))
+    assert time.monotonic() - t0 < 1.5 and f"vlq result {handle.id} --wait" in err.value.message
+    with pytest.raises(JobNotFinished, match=r"did not finish within 0.2s; it goes on"):
+        list(client.stream(handle.id, timeout=0.2, idle_timeout=10))
+
+
 def test_streaming_a_failed_job_raises_its_error(settings: Settings, client: Client) -> None:
     with scripted_worker(settings) as w:
         w.images.error = ImageDecodeError("broken")

@@ -57,3 +57,18 @@ def test_an_unknown_key_in_a_yaml_file_is_refused_too(tmp_path: Path) -> None:
     (tmp_path / "worker.yaml").write_text("concurency: 3\n")
     with pytest.raises(ConfigError, match="there is no setting worker.concurency: worker holds"):
         Settings.load(tmp_path)
+
+
+@pytest.mark.parametrize("name, value", [("VLQ_IMAGES_ALLOWED_ROOTS", "/data"), ("VLQ_STORE_S3", "{bucket: x}")])
+def test_a_variable_that_should_be_json_is_named_with_how_to_write_it(monkeypatch: pytest.MonkeyPatch, name: str,
+                                                                      value: str) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match=f"cannot read {name}: lists and sections are given as JSON"):
+        Settings.load()
+
+
+@pytest.mark.parametrize("url", ["http://localhost:6379", "localhost:6379", "amqp://guest@localhost//"])
+def test_a_broker_url_that_is_not_redis_is_refused_at_load(monkeypatch: pytest.MonkeyPatch, url: str) -> None:
+    monkeypatch.setenv("VLQ_BROKER_URL", url)
+    with pytest.raises(ConfigError, match="bad setting broker.url: .* is not a Redis URL: write redis://"):
+        Settings.load()

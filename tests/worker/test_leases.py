@@ -21,7 +21,7 @@ def store(redis_server: str, key_prefix: str) -> JobStore:
     s.close()
 
 
-def keeper(store: JobStore, requeued: list | None = None, timeout: float = 0.3) -> LeaseKeeper:
+def keeper(store: JobStore, requeued: list | None = None, timeout: float = 0.3, max_reclaims: int = 3) -> LeaseKeeper:
     return LeaseKeeper(
         store,
         worker_name="w-test",
@@ -29,6 +29,7 @@ def keeper(store: JobStore, requeued: list | None = None, timeout: float = 0.3) 
         lease_timeout_s=timeout,
         requeue=lambda job, queue: requeued.append((job.id, queue)) if requeued is not None else None,
         info={"gpu": 0},
+        max_reclaims=max_reclaims,
     )
 
 
@@ -81,6 +82,26 @@ def test_stale_jobs_are_requeued_to_their_queue_once(store: JobStore) -> None:
     assert k.reclaim() == [dead.id]
     assert requeued == [(dead.id, "gpu-a")]
     assert k.reclaim() == []
+    record = store.get(dead.id)
+    assert record.status is JobStatus.RUNNING and record.reclaims == 1
+    assert record.last_error["code"] == "worker_lost" and "worker w stopped heartbeating" in record.last_error["message"]
+
+
+def test_a_job_whose_workers_keep_dying_fails_worker_lost_after_max_reclaims(store: JobStore) -> None:
+    job = running_job(store, "run-1")
+    requeued: list = []
+    k = keeper(store, requeued, max_reclaims=2)
+    for attempt in (2, 3):  # two re-enqueues, each taken up by a worker that dies in its turn
+        time.sleep(0.4)
+        assert k.reclaim() == [job.id]
+        assert store.start(job, token=f"run-{attempt}", worker="w", lease_timeout_s=0.3).started
+    time.sleep(0.4)
+    assert k.reclaim() == []  # the third loss: failed, not queued again
+    assert len(requeued) == 2
+    record = store.get(job.id)
+    assert record.status is JobStatus.FAILED and record.error["code"] == "worker_lost"
+    assert "stopped heartbeating 3 times" in record.error["message"] and "logs" in record.error["message"]
+    assert store.redis.zscore(store.keys.leases, job.id) is None
 
 
 def test_the_keeper_thread_keeps_a_long_job_alive_and_recovers_a_dead_one(store: JobStore) -> None:

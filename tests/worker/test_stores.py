@@ -7,11 +7,11 @@ import pytest
 from botocore.stub import Stubber
 
 from producer.config import Settings
-from producer.errors import StoreRejected, StoreUnavailable
+from producer.errors import ConfigError, StoreRejected, StoreUnavailable
 from producer.keys import Keys
 from producer.schema import Destination
 from producer.state import JobStore
-from worker.stores import RedisResultStore, ResultStores, S3ResultStore
+from worker.stores import RedisResultStore, ResultStores, S3ResultStore, check_default_bucket
 
 DOC = {"object": "chat.completion", "choices": [{"message": {"content": "一只熊猫"}}]}
 
@@ -81,3 +81,14 @@ def test_each_destination_gets_its_store(s3_server: str, redis_server: str, key_
     s3_store = stores.for_destination(Destination(kind="s3", bucket="b", prefix="p/"))
     assert isinstance(s3_store, S3ResultStore) and (s3_store.bucket, s3_store.prefix) == ("b", "p/")
     assert stores.for_destination(Destination(kind="s3", bucket="c")).s3 is s3_store.s3
+
+
+def test_a_worker_checks_its_default_bucket_before_serving(s3, s3_server: str) -> None:
+    def settings(bucket: str, kind: str = "s3") -> Settings:
+        return Settings.load(store={"kind": kind, "s3": {"bucket": bucket, "endpoint_url": s3_server,
+                                                         "region": "us-east-1"}})
+
+    check_default_bucket(settings("results"), s3)  # exists: nothing to say
+    check_default_bucket(settings("no-such-bucket", kind="redis"), s3)  # results go to Redis: not checked
+    with pytest.raises(ConfigError, match="store.s3.bucket 'no-such-bucket' cannot take results: .*create the bucket"):
+        check_default_bucket(settings("no-such-bucket"), s3)

@@ -156,10 +156,13 @@ class ChatEngine:
         self.max_input_len = min(settings.max_input_len, settings.max_seq_len - 1)
 
     @classmethod
-    def from_settings(cls, engine: EngineSettings, *, tokenizer: QwenTokenizer | None = None) -> ChatEngine:
+    def from_settings(cls, engine: EngineSettings, *, tokenizer: QwenTokenizer | None = None,
+                      model_name: str | None = None) -> ChatEngine:
         """Load ``engine.model_dir`` once and start the configured backend.
 
-        ``tokenizer`` reuses one already loaded from the same folder. Raises
+        ``tokenizer`` reuses one already loaded from the same folder; ``model_name`` is what
+        results name as their ``model`` when the request names none (default: the folder's name;
+        the worker passes ``api.served_model``, the name the API serves). Raises
         :class:`ConfigError` (no model folder), :class:`CheckpointError` (a folder that cannot
         be loaded) or :class:`EngineUnavailable` (the backend cannot run here).
         """
@@ -175,7 +178,7 @@ class ChatEngine:
             backend, device, dtype = _torch_backend(engine, tokenizer)
         log.info("engine ready: %s on %s (%s, %s), max_batch_size %d", model_dir, device,
                  engine.backend, dtype, engine.max_batch_size)
-        return cls(engine, tokenizer, backend, defaults=defaults, model_name=model_dir.name,
+        return cls(engine, tokenizer, backend, defaults=defaults, model_name=model_name or model_dir.name,
                    device=device, dtype=dtype)
 
     # -- requests -------------------------------------------------------------------------------
@@ -202,7 +205,7 @@ class ChatEngine:
             max_tokens=request.effective_max_tokens or self.settings.default_max_tokens,
             temperature=_first(request.temperature, d.temperature, 1.0),
             top_p=_first(request.top_p, d.top_p, 1.0),
-            top_k=_first(request.top_k, d.top_k, 0),
+            top_k=max(_first(request.top_k, d.top_k, 0), 0),
             seed=seed,
             repetition_penalty=_first(request.repetition_penalty, d.repetition_penalty, 1.0),
             presence_penalty=request.presence_penalty or 0.0,

@@ -123,7 +123,7 @@ def _chatml_items(request: ChatRequest, tok: QwenTokenizer) -> list[_Item]:
     messages = list(request.messages)
     system = DEFAULT_SYSTEM_PROMPT
     if messages[0].role == "system":
-        system = messages.pop(0).content  # a string: the schema refuses parts here
+        system = messages.pop(0).text  # text only: the schema refuses images here
     items: list[_Item] = [im_start, "system\n", system, im_end, "\n"]
 
     n_images = 0

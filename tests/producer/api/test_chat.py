@@ -92,6 +92,16 @@ def test_streaming_yields_the_same_text_as_non_streaming_for_a_fixed_seed(api: A
     assert len({c.id for c in chunks}) == 1 and chunks[0].object == "chat.completion.chunk"
 
 
+def test_a_request_without_a_model_is_answered_as_the_served_model_whole_streamed_and_polled(api: Api) -> None:
+    body = one_image(api, max_tokens=2)
+    del body["model"]
+    response = httpx.post(f"{api.v1}/chat/completions", json=body, timeout=120)
+    streamed = list(api.openai().chat.completions.create(**body, stream=True, model=""))
+    polled = httpx.get(f"{api.v1}/jobs/{response.headers['x-vlq-job-id']}", timeout=30).json()["result"]
+    models = {response.json()["model"], polled["model"], *(c.model for c in streamed)}
+    assert models == {"Qwen-VL-Chat"}  # api.served_model, never the worker's model folder
+
+
 def test_the_openai_sdk_reads_logprobs_whole_or_streamed(api: Api) -> None:
     client = api.openai()
     body = one_image(api, max_tokens=6, seed=8, temperature=1.0, logprobs=True, top_logprobs=2)

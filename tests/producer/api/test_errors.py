@@ -51,16 +51,23 @@ def test_a_body_that_is_not_a_json_object_is_a_400(http: httpx.Client, raw: byte
         ({"messages": []}, "invalid_request", "messages"),
         (chat(temperature=5), "invalid_request", "temperature"),
         (chat(max_tokens=0), "invalid_request", "max_tokens"),
-        (chat(n=2), "invalid_request", None),
-        (chat(tools=[{"type": "function"}]), "invalid_request", None),
-        (chat(response_format={"type": "json_object"}), "invalid_request", None),
-        (chat(top_logprobs=2), "invalid_request", None),
+        (chat(n=2), "invalid_request", "n"),
+        (chat(tools=[{"type": "function"}]), "invalid_request", "tools"),
+        (chat(response_format={"type": "json_object"}), "invalid_request", "response_format"),
+        (chat(top_logprobs=2), "invalid_request", "top_logprobs"),
+        (chat(top_k=10**30), "invalid_request", "top_k"),
+        (chat(logit_bias={"1234": -100}), "invalid_request", "logit_bias"),
+        (chat(top_p=-0.5), "invalid_request", "top_p"),
+        ({"messages": [{"role": "user", "content": "hi"}, {"role": "system", "content": "late"},
+                       {"role": "user", "content": "hi"}]}, "invalid_request", "messages[1].role"),
+        ({"messages": [{"role": "system", "content": [IMAGE]}, {"role": "user", "content": "hi"}]},
+         "invalid_request", "messages[0].content"),
         (chat(logprobs=True, top_logprobs=21), "invalid_request", "top_logprobs"),
         ({"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]},
          "unsupported_content", "messages[0].content"),
         ({"messages": [{"role": "robot", "content": "hi"}]}, "invalid_request", "messages[0].role"),
         ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
-         "invalid_request", None),
+         "invalid_request", "messages[1].role"),
         ({"messages": [{"role": "user", "content": [IMAGE] * 4 + [{"type": "text", "text": "x"}]}]},
          "too_many_images", "messages"),
         ({"messages": [{"role": "user", "content": "字" * 1100}]}, "prompt_too_long", None),
@@ -107,3 +114,18 @@ def test_junk_never_causes_a_500(http: httpx.Client, value) -> None:
         response = http.post(path, content=json.dumps(value))
         assert 400 <= response.status_code < 500, (path, value, response.text)
         assert set(response.json()["error"]) == {"message", "type", "code", "param"}
+
+
+def test_json_nested_deeper_than_python_can_parse_is_a_400(http: httpx.Client) -> None:
+    deep = b"[" * 100_000 + b"]" * 100_000
+    for path in ("/v1/chat/completions", "/v1/jobs", "/v1/job_batches", "/v1/batches"):
+        assert_openai_error(http.post(path, content=deep), 400, "invalid_request")
+
+
+@pytest.mark.parametrize("bad", ["a b", "a/b", "*", "x" * 201])
+def test_an_id_that_is_not_an_id_is_a_400_naming_the_field(http: httpx.Client, bad: str) -> None:
+    for path, body, param in [("/v1/jobs", {"id": bad, "request": chat()}, "id"),
+                              ("/v1/jobs", {"batch_id": bad, "request": chat()}, "batch_id"),
+                              ("/v1/job_batches", {"id": bad, "requests": [chat()]}, None)]:
+        err = assert_openai_error(http.post(path, json=body), 400, "invalid_request")
+        assert "letters, digits" in err["message"] and param in (None, err["param"]), (path, err)

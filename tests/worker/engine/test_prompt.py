@@ -95,6 +95,14 @@ def test_own_system_message_replaces_the_default(tok: QwenTokenizer) -> None:
     )
 
 
+@pytest.mark.parametrize("role", ["system", "developer"])
+def test_a_system_prompt_as_text_parts_or_as_developer_role_is_the_same_prompt(tok: QwenTokenizer, role: str) -> None:
+    plain = _build(tok, [{"role": "system", "content": "Answer in French."}, {"role": "user", "content": "Hi"}])
+    parts = _build(tok, [{"role": role, "content": [_text("Answer "), _text("in French.")]},
+                         {"role": "user", "content": "Hi"}])
+    assert parts.ids == plain.ids
+
+
 def test_text_parts_are_joined_and_message_ends_stripped(tok: QwenTokenizer) -> None:
     prompt = _build(tok, [{"role": "user", "content": [_text("\n\nfirst "), _text("second \n\t ")]}])
     assert "<|im_start|>user\nfirst second<|im_end|>" in _as_text(tok, prompt)
@@ -173,8 +181,8 @@ def test_an_image_in_an_assistant_message_is_unsupported(tok: QwenTokenizer) -> 
         _build(tok, messages)
 
 
-def test_a_system_message_with_parts_is_refused_by_the_schema() -> None:
-    with pytest.raises(InvalidRequest, match="system"):
+def test_a_system_message_with_an_image_is_refused_by_the_schema() -> None:
+    with pytest.raises(InvalidRequest, match="system message holds text only"):
         parse_chat_request({"messages": [{"role": "system", "content": [_img()]}, {"role": "user", "content": "x"}]})
 
 
