@@ -43,7 +43,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from engine_build.manifest import write_manifest
+from engine_build.manifest import readable_by_all, write_manifest
 from producer.errors import CheckpointError, VlqError
 
 DTYPES = ("bfloat16", "float16", "float32")
@@ -288,6 +288,7 @@ def convert_checkpoint(
 
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(weights, str(out_dir / "rank0.safetensors"), metadata={"format": "pt"})
+    readable_by_all(out_dir / "rank0.safetensors")
     (out_dir / "config.json").write_text(json.dumps(config, indent=4) + "\n")
     return out_dir
 

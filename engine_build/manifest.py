@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 import sys
 from dataclasses import asdict, dataclass, field
@@ -200,3 +201,11 @@ def same_source(manifest: Manifest, folder: str | Path) -> bool:
     except CheckpointError:
         return False
     return current == manifest.source.get("files")
+
+
+def readable_by_all(path: Path) -> None:
+    """Give ``path`` the umask's usual mode: safetensors writes 0600, which a worker running as
+    another user (or in a container) cannot read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o666 & ~umask)

@@ -31,12 +31,13 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote
 
 import torch
 import torch.nn.functional as F
 
-from engine_build.manifest import read_manifest, write_manifest
+from engine_build.manifest import read_manifest, readable_by_all, write_manifest
 from producer.errors import InvalidRequest
 from worker.engine.model.args import QwenVLArgs
 from worker.engine.model.qwen_vl import QwenVL
@@ -189,6 +190,7 @@ def save_weights(out: Path, state: dict[str, torch.Tensor]) -> None:
 
     tensors = {name: tensor.detach().to(torch.bfloat16).contiguous() for name, tensor in state.items()}
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    readable_by_all(out / "model.safetensors")
 
 
 def _count_ranks(vocab_file: Path) -> int:
@@ -270,7 +272,7 @@ def teach(model_dir: Path, examples: Sequence[dict], steps: int = 400, seed: int
     model = load_model(model_dir, "cpu", torch.float32)
     batch = []
     for example in examples:
-        prompt = build_prompt(parse_chat_request(example["request"]), tokenizer)
+        prompt = build_prompt(parse_chat_request(_file_urls(example["request"])), tokenizer)
         targets = answer_ids(tokenizer, example["answer"])
         features = None
         if prompt.image_urls:
@@ -346,6 +348,22 @@ def _load_pixels(urls: Sequence[str], base_dir: Path) -> torch.Tensor:
             image.load()
             images.append(image)
     return preprocess_images(images)
+
+
+def _file_urls(request: dict) -> dict:
+    """``request`` with each image given as a bare path turned into a ``file://`` URL (teaching
+    files name images by path; a chat request needs a URL)."""
+    from producer.schema import IMAGE_URL_SCHEMES
+
+    def part(p: Any) -> Any:
+        url = (p.get("image_url") or {}).get("url") if isinstance(p, dict) and p.get("type") == "image_url" else None
+        if isinstance(url, str) and url and not url.lower().startswith(IMAGE_URL_SCHEMES):
+            return {**p, "image_url": {**p["image_url"], "url": "file://" + url}}
+        return p
+
+    messages = [{**m, "content": [part(p) for p in m["content"]]} if isinstance(m, dict)
+                and isinstance(m.get("content"), list) else m for m in request.get("messages") or []]
+    return {**request, "messages": messages}
 
 
 def _record_teaching(model_dir: Path, examples: Sequence[dict], steps: int, seed: int) -> None:

@@ -88,6 +88,7 @@ class AnnotateSummary:
     succeeded: int = 0
     failed: int = 0
     cancelled: int = 0
+    redone: int = 0  # done before by a checkpoint the live workers no longer serve
     batch_id: str | None = None
     out: Path | None = None
     failures: dict[str, int] = field(default_factory=dict)  # error code -> count
@@ -128,6 +129,17 @@ def fingerprint(image_sha256: str, options: AnnotateOptions) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+def serving_checkpoints(client: Client) -> set[str]:
+    """The checkpoints (``vlq.checkpoint`` of their results) that live workers of the client's
+    queue serve now; empty when none is up or Redis cannot tell."""
+    try:
+        workers = client.store.workers(client.settings.worker.lease_timeout_s)
+    except VlqError:
+        return set()
+    queue = client.settings.broker.queue
+    return {info["checkpoint"] for info in workers.values() if info.get("queue") == queue and info.get("checkpoint")}
+
+
 def read_done(out: Path) -> dict[str, dict[str, Any]]:
     """Fingerprint -> line, for the lines of ``out`` that succeeded (unreadable lines are ignored)."""
     done: dict[str, dict[str, Any]] = {}
@@ -152,6 +164,28 @@ class _Item:
     fingerprint: str
 
 
+class _LazyFile:
+    """A JSONL file opened for appending on its first write."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._f: Any = None
+
+    def write(self, text: str) -> None:
+        if self._f is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._f = self.path.open("a", encoding="utf-8")
+        self._f.write(text)
+
+    def flush(self) -> None:
+        if self._f is not None:
+            self._f.flush()
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+
+
 class Annotator:
     """Runs :func:`annotate`; ``on_progress(summary)`` is called after every change."""
 
@@ -170,10 +204,15 @@ class Annotator:
         """The images still to do, one at a time: each is read and hashed only when the run is
         ready to submit it, so a large folder starts at once; done ones count as skipped."""
         done = read_done(out)
+        # The request's model name does not say which weights answer: a line written by a
+        # checkpoint that no live worker serves now is done again, not mixed in.
+        serving = serving_checkpoints(self.client)
         for path in paths:
             sha = hashlib.sha256(path.read_bytes()).hexdigest()
             fp = fingerprint(sha, self.options)
-            if fp in done:
+            if fp in done and serving and done[fp].get("checkpoint") not in serving | {None}:
+                summary.redone += 1
+            elif fp in done:
                 summary.skipped += 1
                 self.on_progress(summary)
                 continue
@@ -188,27 +227,26 @@ class Annotator:
         deadline = None if self.options.timeout_s is None else time.monotonic() + self.options.timeout_s
         pending: dict[str, _Item] = {}
         more = True
-        out.parent.mkdir(parents=True, exist_ok=True)
+        sink = _LazyFile(out)  # created with its first line: a run that writes nothing leaves no file
         try:
-            with out.open("a", encoding="utf-8") as sink:
-                while more or pending:
-                    room = self.options.max_in_flight - len(pending)
-                    chunk = list(itertools.islice(todo, room)) if more and room > 0 else []
-                    more = more and len(chunk) == room
-                    if chunk:
-                        summary.batch_id = summary.batch_id or new_batch_id()
-                        jobs = [self._job(item, summary.batch_id) for item in chunk]
-                        self.client.submit_jobs(jobs)
-                        pending.update({job.id: item for job, item in zip(jobs, chunk)})
-                        summary.submitted += len(jobs)
-                        self.on_progress(summary)
-                    if not pending:
-                        continue
-                    left = None if deadline is None else max(0.0, deadline - time.monotonic())
-                    for record in self._next_finished(list(pending), left):
-                        item = pending.pop(record.id)
-                        self._write(sink, item, record, summary)
-                        self.on_progress(summary)
+            while more or pending:
+                room = self.options.max_in_flight - len(pending)
+                chunk = list(itertools.islice(todo, room)) if more and room > 0 else []
+                more = more and len(chunk) == room
+                if chunk:
+                    summary.batch_id = summary.batch_id or new_batch_id()
+                    jobs = [self._job(item, summary.batch_id) for item in chunk]
+                    self.client.submit_jobs(jobs)
+                    pending.update({job.id: item for job, item in zip(jobs, chunk)})
+                    summary.submitted += len(jobs)
+                    self.on_progress(summary)
+                if not pending:
+                    continue
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                for record in self._next_finished(list(pending), left):
+                    item = pending.pop(record.id)
+                    self._write(sink, item, record, summary)
+                    self.on_progress(summary)
         except BaseException:
             # Interrupted or timed out: do not leave work behind that nobody will collect.
             for job_id in pending:
@@ -217,6 +255,8 @@ class Annotator:
                 except VlqError:
                     pass
             raise
+        finally:
+            sink.close()
         return summary
 
     def _next_finished(self, job_ids: list[str], timeout: float | None) -> list[JobRecord]:
@@ -292,6 +332,7 @@ class Annotator:
             "fingerprint": item.fingerprint,
             "prompt": self.options.prompt,
             "model": self.options.model,
+            "checkpoint": None,  # which weights answered (the worker's checkpoint_id)
         }
         if record.status is JobStatus.SUCCEEDED:
             try:
@@ -303,6 +344,7 @@ class Annotator:
                     row["score"] = answer_score(choice.get("logprobs"))
                 row["image_size"] = _image_size(doc)
                 row["usage"] = doc.get("usage")
+                row["checkpoint"] = (doc.get("vlq") or {}).get("checkpoint")
                 summary.succeeded += 1
             except VlqError as e:  # the result expired or its store is away: count it failed
                 row.update(status="failed", error={"code": e.code, "message": e.message})

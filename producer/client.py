@@ -41,7 +41,7 @@ from producer.errors import (
 )
 from producer.keys import Keys
 from producer.schema import ChatRequest, Destination, Job, JobStatus, parse_chat_request
-from producer.state import BatchCounts, JobRecord, JobStore, redis_errors
+from producer.state import BatchCounts, JobRecord, JobStore, redis_errors, safe_url
 
 _POLL_MIN_S = 0.01
 _POLL_MAX_S = 0.25
@@ -277,8 +277,13 @@ class Client:
         """The job's record (status, timestamps, attempts, error). Raises :class:`JobNotFound`."""
         record = self.store.get(job_id)
         if record is None:
-            raise JobNotFound(f"no job {job_id!r} (never submitted, or its record expired)")
+            raise JobNotFound(f"no job {job_id!r} {self._where()} (never submitted there, or its record expired)")
         return record
+
+    def _where(self) -> str:
+        """Where ids are looked up, for not-found messages: a job submitted with another Redis or
+        key prefix (another deployment, the demo's own) is not found here."""
+        return f"in {safe_url(self.store.url) or 'Redis'} under key prefix {self.settings.key_prefix!r}"
 
     def unserved_hint(self) -> str:
         """For a job still queued: a clause saying that no live worker serves this client's
@@ -401,14 +406,15 @@ class Client:
         finished job keeps its status, which is returned."""
         outcome = self.store.cancel(job_id)
         if outcome == "missing":
-            raise JobNotFound(f"no job {job_id!r} (never submitted, or its record expired)")
+            raise JobNotFound(f"no job {job_id!r} {self._where()} (never submitted there, or its record expired)")
         return outcome
 
     def batch(self, batch_id: str) -> BatchCounts:
         """A batch's counts: total, queued, running, succeeded, failed, cancelled."""
         counts = self.store.batch(batch_id)
         if counts.total == 0:
-            raise JobNotFound(f"no batch {batch_id!r} (never submitted, or it expired)")
+            hint = "; that is a job id: leave --batch out" if batch_id.startswith("job-") else ""
+            raise JobNotFound(f"no batch {batch_id!r} {self._where()} (never submitted there, or it expired){hint}")
         return counts
 
     def batch_jobs(self, batch_id: str) -> list[str]:

@@ -49,7 +49,7 @@ def make_images(out: Path, examples: Path | None, prompt: str, seed: int = 0) ->
         box = [round(x1 / w * 1000), round(y1 / h * 1000), round(x2 / w * 1000), round(y2 / h * 1000)]
         answer = f"<ref>the {name} square</ref><box>({box[0]},{box[1]}),({box[2]},{box[3]})</box>"
         request = {"messages": [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": str(path.resolve())}},
+            {"type": "image_url", "image_url": {"url": path.resolve().as_uri()}},
             {"type": "text", "text": prompt}]}]}
         lines.append(json.dumps({"request": request, "answer": answer}, ensure_ascii=False))
     if examples is not None:

@@ -70,10 +70,22 @@ class TextPart(BaseModel):
     text: str
 
 
+IMAGE_URL_SCHEMES = ("http://", "https://", "file://", "s3://", "data:")
+
+
 class ImageURL(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
     url: str = Field(min_length=1)
     detail: Literal["auto", "low", "high"] | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _known_scheme(cls, v: str) -> str:
+        if not v.lower().startswith(IMAGE_URL_SCHEMES):
+            hint = f" (a file on the workers: file://{v})" if v.startswith("/") else ""
+            raise ValueError(f"{v[:200]!r} is not an image URL: use http(s)://, file://{hint}, s3:// or"
+                             " data:image/...;base64,")
+        return v
 
 
 class ImagePart(BaseModel):
@@ -236,19 +248,22 @@ def parse_chat_request(body: Any) -> ChatRequest:
                 raise UnsupportedContent(err["msg"], param=_loc(err["loc"])) from None
             if err["type"] == "refused":
                 raise InvalidRequest(err["ctx"]["message"], param=err["ctx"]["param"]) from None
-        first = errors[0]
+        first = max(errors, key=lambda err: len(err["loc"]))  # the deepest: a union's real branch
         raise InvalidRequest(
-            f"invalid request: {_loc(first['loc'])}: {first['msg']}", param=_loc(first["loc"])
+            f"invalid request: {_loc(first['loc'])}: {first['msg'].removeprefix('Value error, ')}",
+            param=_loc(first["loc"])
         ) from None
 
 
 def _loc(loc: tuple[Any, ...]) -> str:
     out = ""
-    for part in loc:
+    for i, part in enumerate(loc):
         if isinstance(part, int):
             out += f"[{part}]"
         elif part in ("str", "list[tagged-union[TextPart,ImagePart]]", "function-after[_supported(), ChatRequest]"):
             continue
+        elif part in _PART_TYPES and i > 0 and isinstance(loc[i - 1], int):
+            continue  # the content part's type tag, not a field
         else:
             out += ("." if out else "") + str(part)
     return out or "body"

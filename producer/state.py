@@ -346,11 +346,11 @@ def redis_errors(url: str = "") -> Iterator[None]:
     try:
         yield
     except (redis.ConnectionError, redis.TimeoutError) as e:
-        where = f" at {_safe_url(url)}" if url else ""
+        where = f" at {safe_url(url)}" if url else ""
         raise BrokerUnavailable(f"cannot reach Redis{where}: {e}") from e
 
 
-def _safe_url(url: str) -> str:
+def safe_url(url: str) -> str:
     """The URL without its password."""
     if "@" in url and "://" in url:
         scheme, rest = url.split("://", 1)

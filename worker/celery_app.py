@@ -26,7 +26,7 @@ from producer.broker import celery_config
 from producer.config import Settings
 from producer.errors import BrokerUnavailable, ConfigError
 from producer.keys import Keys
-from producer.state import _safe_url
+from producer.state import safe_url
 
 log = logging.getLogger(__name__)
 
@@ -144,15 +144,15 @@ def wait_for_broker(settings: Settings, timeout_s: float | None = None) -> None:
             try:
                 client.ping()
                 if attempt > 1:
-                    log.info("broker %s is up after %d attempts", _safe_url(url), attempt)
+                    log.info("broker %s is up after %d attempts", safe_url(url), attempt)
                 return
             except (redis.ConnectionError, redis.TimeoutError) as e:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise BrokerUnavailable(
-                        f"Redis at {_safe_url(url)} did not answer within {timeout_s:g}s: {e}"
+                        f"Redis at {safe_url(url)} did not answer within {timeout_s:g}s: {e}"
                     ) from e
-                log.warning("waiting for the broker %s (attempt %d): %s", _safe_url(url), attempt, e)
+                log.warning("waiting for the broker %s (attempt %d): %s", safe_url(url), attempt, e)
                 time.sleep(min(delay, left))
                 delay = min(delay * 2, 5.0)
     finally:

@@ -231,7 +231,9 @@ class ImageLoader:
         if not any(resolved.is_relative_to(root) for root in self._roots):
             raise ImageURLForbidden(
                 f"{path} is outside the folders images may be read from "
-                f"({', '.join(map(str, self._roots))})",
+                f"({', '.join(map(str, self._roots))}): add its folder to the workers'"
+                " images.allowed_roots (VLQ_IMAGES_ALLOWED_ROOTS), or send the image inline (data: URL,"
+                " vlq annotate --inline)",
                 url=_short(url),
             )
         try:

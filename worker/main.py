@@ -52,15 +52,22 @@ def worker_settings(
     model_dir: str | Path | None = None,
     queue: str | None = None,
     concurrency: int | None = None,
+    gpu: int | None = None,
 ) -> Settings:
-    """``settings`` with the command line's model folder, queue and concurrency applied."""
+    """``settings`` with the command line's model folder, queue, concurrency and GPU applied (a
+    GPU asked for makes an ``auto`` device ``cuda``: no quiet fallback to the CPU)."""
     engine = settings.engine
     if model_dir is not None:
         engine = engine.model_copy(update={"model_dir": Path(model_dir)})
+    if gpu is not None and engine.device == "auto":
+        engine = engine.model_copy(update={"device": "cuda"})
     if engine.model_dir is None:
         raise ConfigError("no model folder: pass --model DIR or set engine.model_dir")
+    if Path(engine.model_dir).is_file():
+        raise ConfigError(f"{engine.model_dir} is a file: --model takes the model's folder (config.json,"
+                          " qwen.tiktoken and the weights)")
     if not Path(engine.model_dir).is_dir():
-        raise ConfigError(f"model folder {engine.model_dir} does not exist")
+        raise ConfigError(f"model folder {engine.model_dir} does not exist: check --model (or engine.model_dir)")
     broker = settings.broker.model_copy(update={"queue": queue}) if queue else settings.broker
     work = settings.worker
     if concurrency is not None:
@@ -92,7 +99,7 @@ def run_worker(
 ) -> int:
     """Run a worker until it is told to stop; returns its exit code."""
     pin_gpu(gpu)  # before anything below imports torch
-    settings = worker_settings(settings, model_dir, queue, concurrency)
+    settings = worker_settings(settings, model_dir, queue, concurrency, gpu)
     configure_logging(loglevel)
     from worker.celery_app import check_timeouts, make_celery_app, wait_for_broker
 
@@ -117,6 +124,7 @@ def run_worker(
     log.info("worker %s: loading %s (backend %s)", name, settings.engine.model_dir,
              settings.engine.backend)
     engine = ChatEngine.from_settings(settings.engine, model_name=settings.api.served_model)
+    log.info("worker %s: checkpoint %s", name, engine.checkpoint)
     images = ImageLoader(settings.images, settings.store.s3)
     store = JobStore.from_settings(settings)
     app = make_celery_app(settings)
@@ -132,7 +140,7 @@ def run_worker(
         max_reclaims=settings.worker.max_reclaims,
         requeue=requeue,
         info={"gpu": gpu, "queue": queue_name, "model": str(settings.engine.model_dir),
-              "backend": settings.engine.backend, "concurrency": threads},
+              "checkpoint": engine.checkpoint, "backend": settings.engine.backend, "concurrency": threads},
     )
     events = EventWriter(store)
     runner = JobRunner(

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -12,6 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from producer.annotate import IMAGE_EXTENSIONS, AnnotateOptions, AnnotateSummary, check_folder
 from producer.annotate import annotate as run_annotate
 from producer.cli.app import app, fail
+from producer.cli.jobs import warn_if_unserved
 from producer.client import Client
 from producer.errors import InvalidRequest, VlqError
 
@@ -67,15 +72,31 @@ def annotate(
             transient=False,
         ) as bar:
             task = bar.add_task("annotate", total=None, ok=0, failed=0, skipped=0)
+            said = {"unserved": False, "at": time.monotonic()}
 
             def progress(s: AnnotateSummary) -> None:
-                bar.update(task, total=s.found, completed=s.skipped + s.succeeded + s.failed + s.cancelled,
-                           ok=s.succeeded, failed=s.failed, skipped=s.skipped)
+                done = s.skipped + s.succeeded + s.failed + s.cancelled
+                bar.update(task, total=s.found, completed=done, ok=s.succeeded, failed=s.failed, skipped=s.skipped)
+                if s.submitted and not said["unserved"]:
+                    said["unserved"] = True
+                    warn_if_unserved(client)
+                if not console.is_terminal and time.monotonic() - said["at"] >= PLAIN_PROGRESS_S:
+                    said["at"] = time.monotonic()  # no live bar in a log file: a line now and then
+                    typer.echo(f"annotate: {done}/{s.found} done, ok {s.succeeded} failed {s.failed}"
+                               f" skipped {s.skipped}", err=True)
 
-            summary = run_annotate(client, folder, out, options, progress)
+            with _sigterm_as_interrupt():
+                summary = run_annotate(client, folder, out, options, progress)
     except VlqError as e:
         fail(e)
+    except KeyboardInterrupt:
+        typer.echo(f"interrupted: the unfinished jobs were cancelled; results so far are in {out}; run the"
+                   " same command again to resume", err=True)
+        raise typer.Exit(130) from None
     failures = ", ".join(f"{code} x{n}" for code, n in sorted(summary.failures.items()))
+    if summary.redone:
+        typer.echo(f"{summary.redone} images done before by another checkpoint than the workers serve now"
+                   " are done again; their new lines follow the old ones", err=True)
     typer.echo(
         f"{summary.found} images: {summary.skipped} already done, {summary.submitted} submitted,"
         f" {summary.succeeded} succeeded, {summary.failed} failed"
@@ -85,5 +106,26 @@ def annotate(
     if not summary.found:
         typer.echo(f"no images in {folder}: annotate looks for {', '.join(sorted(IMAGE_EXTENSIONS))} files "
                    "in it and its subfolders (hidden ones skipped)", err=True)
-    if summary.failed:
+    if summary.failed or not summary.found:
         raise typer.Exit(1)
+
+
+PLAIN_PROGRESS_S = 10.0  # how often a run whose stderr is not a terminal prints a progress line
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (kill, systemd, a CI timeout) stops a run as Ctrl-C does: its queued jobs are
+    cancelled rather than left for nobody to collect."""
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread: leave SIGTERM alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

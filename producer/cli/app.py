@@ -27,11 +27,10 @@ app = typer.Typer(
 # error code -> what the user should do next (one line)
 NEXT_STEP: dict[str, str] = {
     "broker_unavailable": "start Redis (redis-server) or point VLQ_BROKER_URL at a running one",
-    "config_error": "fix the setting in conf/*.yaml or the VLQ_* variable it names",
+    "config_error": "fix the flag or setting it names (settings: conf/*.yaml or VLQ_* variables)",
     "checkpoint_error": "check the model folder (make one with: python -m engine_build.tiny_model --out DIR)",
-    "not_found": "check the job id (vlq status ID), or the result may have expired",
+    "not_found": "check the id, and that VLQ_BROKER_URL and VLQ_KEY_PREFIX are those it was submitted with",
     "store_unavailable": "check the result store (Redis, or the S3 endpoint and credentials)",
-    "engine_unavailable": "install the backend's extra or switch engine.backend back to torch",
     "store_rejected": "check that the S3 bucket exists and the credentials may write to it",
     "duplicate_job": "leave the id out to get a fresh one, or follow the existing job (vlq status ID)",
 }

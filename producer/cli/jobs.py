@@ -124,10 +124,20 @@ def submit(
                        f"results: vlq result {batch_id} --batch --wait)", err=True)
         for job_id in ids:
             typer.echo(job_id)
+        if wait:
+            warn_if_unserved(c)
         if wait and sum(_print_outcome(c, record) for record in c.as_completed(ids, timeout=timeout)):
             raise typer.Exit(1)
     except VlqError as e:
         fail(e)
+
+
+def warn_if_unserved(c: Client) -> None:
+    """Before a wait: say on stderr when no live worker serves the queue, instead of a silent wait."""
+    hint = c.unserved_hint()
+    if hint:
+        typer.secho(f"warning: {hint.removeprefix('; ')}; waiting for one (Ctrl-C stops waiting)",
+                    fg=typer.colors.YELLOW, err=True)
 
 
 def _print_outcome(c: Client, record: JobRecord) -> bool:
@@ -180,9 +190,13 @@ def result(
     try:
         c = client()
         if not batch:
+            if wait and not c.status(job_id).is_terminal:
+                warn_if_unserved(c)
             _print_json(c.result(job_id, timeout=(timeout if wait else 0)))
             return
-        c.batch(job_id)  # an unknown batch: not_found
+        counts = c.batch(job_id)  # an unknown batch: not_found
+        if wait and not counts.done:
+            warn_if_unserved(c)
         ids = c.batch_jobs(job_id)
         printed = failed = 0
         try:
@@ -205,6 +219,8 @@ def cancel(job_id: Annotated[str, typer.Argument(help="a job id")]) -> None:
     """Cancel a job: a queued one is never run, a running one is aborted."""
     try:
         outcome = client().cancel(job_id)
+        if outcome in ("succeeded", "failed"):
+            outcome = f"already {outcome}, nothing to cancel"
         typer.echo(f"{job_id}: {outcome}")
     except VlqError as e:
         fail(e)

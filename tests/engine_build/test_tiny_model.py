@@ -135,7 +135,7 @@ def greedy_answer(model_dir, request: dict, base_dir) -> tuple[list[int], str]:
 
     model = load_model(model_dir, "cpu", torch.float32)
     tokenizer = QwenTokenizer.from_model_dir(model_dir)
-    prompt = build_prompt(parse_chat_request(request), tokenizer)
+    prompt = build_prompt(parse_chat_request(tiny_model._file_urls(request)), tokenizer)  # teaching's bare paths too
     paths = [base_dir / url.removeprefix("file://") for url in prompt.image_urls]
     features = model.encode_images(preprocess_images([Image.open(p) for p in paths]))
     model.setup_cache(1, len(prompt.ids) + 64)

@@ -18,7 +18,7 @@ def test_each_sample_image_has_a_square_where_its_taught_box_says(tmp_path: Path
     examples = [json.loads(line) for line in (tmp_path / "teach.jsonl").read_text().splitlines()]
     for path, example in zip(paths, examples):
         content = example["request"]["messages"][0]["content"]
-        assert content[0]["image_url"]["url"] == str(path.resolve())
+        assert content[0]["image_url"]["url"] == path.resolve().as_uri()  # a chat request: a URL
         assert content[1]["text"] == "Outline the square."
         x1, y1, x2, y2 = map(int, re.search(r"<box>\((\d+),(\d+)\),\((\d+),(\d+)\)</box>", example["answer"]).groups())
         with Image.open(path) as image:

@@ -26,6 +26,7 @@ class ScriptedEngine:
     def __init__(self) -> None:
         self.hold = False
         self.fail: Exception | None = None
+        self.checkpoint = "scripted@000000000000"
         self.submitted: list[dict] = []
         self.pending: dict[str, Future] = {}
 
@@ -48,7 +49,7 @@ class ScriptedEngine:
                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                             "finish_reason": "stop"}],
                "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8},
-               "boxes": [{"ref": "it", "box": [1, 2, 3, 4]}]}
+               "boxes": [{"ref": "it", "box": [1, 2, 3, 4]}], "vlq": {"checkpoint": self.checkpoint}}
         if self.hold:
             self.pending[request_id] = fut
             fut.doc = doc  # type: ignore[attr-defined]

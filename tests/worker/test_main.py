@@ -37,6 +37,15 @@ def test_a_missing_model_folder_is_a_clear_config_error(tmp_path: Path) -> None:
         worker_settings(Settings.load(), model_dir=tmp_path / "nope")
     with pytest.raises(ConfigError, match="--model"):
         worker_settings(Settings.load(engine={"model_dir": None}))
+    (tmp_path / "photo.jpg").write_bytes(b"x")
+    with pytest.raises(ConfigError, match="is a file: --model takes the model's folder"):
+        worker_settings(Settings.load(), model_dir=tmp_path / "photo.jpg")
+
+
+def test_a_gpu_asked_for_is_never_quietly_the_cpu(tmp_path: Path) -> None:
+    assert worker_settings(Settings.load(), model_dir=tmp_path, gpu=0).engine.device == "cuda"
+    assert worker_settings(Settings.load(), model_dir=tmp_path).engine.device == "auto"
+    assert worker_settings(Settings.load(engine={"device": "cpu"}), model_dir=tmp_path, gpu=0).engine.device == "cpu"
 
 
 def test_node_names_are_unique_per_start() -> None:

@@ -39,6 +39,7 @@ from typing import Any, Callable, Sequence
 from producer.config import EngineSettings
 from producer.errors import ConfigError, EngineUnavailable, InvalidRequest, VlqError
 from producer.schema import ChatRequest
+from worker.engine.checkpoint_id import checkpoint_id
 from worker.engine.grounding import ground_answer, score_boxes
 from worker.engine.prompt import Prompt, build_prompt
 from worker.engine.tokenizer import QwenTokenizer
@@ -117,8 +118,8 @@ def resolve_device(device: str, dtype: str) -> tuple[Any, Any]:
         raise ConfigError(f"engine.device {device!r} is not a device (auto, cpu, cuda, cuda:N): {e}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise EngineUnavailable(
-            f"engine.device is {device} but torch sees no CUDA device; install a CUDA build of "
-            "torch or set engine.device to cpu")
+            f"engine.device is {device} (or vlq worker --gpu asked for a GPU) but torch sees no CUDA"
+            " device; install a CUDA build of torch, or leave --gpu out and set engine.device to cpu")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise EngineUnavailable(f"engine.device {device}: only {torch.cuda.device_count()} CUDA devices visible")
     if dtype == "auto":
@@ -142,8 +143,10 @@ class ChatEngine:
         model_name: str = "Qwen-VL-Chat",
         device: str = "cpu",
         dtype: str = "float32",
+        checkpoint: str | None = None,
     ) -> None:
         self.settings = settings
+        self.checkpoint = checkpoint  # checkpoint_id of the weights: results say which wrote them
         self.tokenizer = tokenizer
         self.engine = engine
         self.defaults = defaults
@@ -179,7 +182,7 @@ class ChatEngine:
         log.info("engine ready: %s on %s (%s, %s), max_batch_size %d", model_dir, device,
                  engine.backend, dtype, engine.max_batch_size)
         return cls(engine, tokenizer, backend, defaults=defaults, model_name=model_name or model_dir.name,
-                   device=device, dtype=dtype)
+                   device=device, dtype=dtype, checkpoint=checkpoint_id(model_dir))
 
     # -- requests -------------------------------------------------------------------------------
 
@@ -315,6 +318,7 @@ class ChatEngine:
                 "seed": seed,
                 "backend": self.settings.backend,
                 "device": self.device,
+                "checkpoint": self.checkpoint,
                 "timings": {"preprocess": preprocess_ms, **result.timings},
             },
         }

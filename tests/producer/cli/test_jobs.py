@@ -149,10 +149,11 @@ def test_result_of_an_unfinished_job_says_how_to_wait(tmp_path: Path, env) -> No
 def test_unknown_ids_print_one_line_and_the_next_step(env) -> None:
     res = vlq("status", "job-nope")
     assert res.exit_code == 1
-    assert res.stderr.splitlines() == [
-        "error [not_found]: no job 'job-nope' (never submitted, or its record expired)",
-        "  next: check the job id (vlq status ID), or the result may have expired",
-    ]
+    first, hint = res.stderr.splitlines()
+    assert first.startswith("error [not_found]: no job 'job-nope' in redis://") and " under key prefix '" in first
+    assert hint == "  next: check the id, and that VLQ_BROKER_URL and VLQ_KEY_PREFIX are those it was submitted with"
+    res = vlq("result", "job-nope", "--batch")
+    assert res.exit_code == 1 and "that is a job id: leave --batch out" in res.stderr
 
 
 def test_an_unreachable_broker_says_to_start_redis(monkeypatch: pytest.MonkeyPatch) -> None:

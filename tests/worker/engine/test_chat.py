@@ -23,6 +23,7 @@ from producer.errors import (
     TooManyImages,
 )
 from producer.schema import parse_chat_request
+from worker.engine.checkpoint_id import checkpoint_id
 from worker.engine.chat import ChatEngine, GenerationDefaults, resolve_device
 from worker.engine.engine import TorchEngine
 from worker.engine.tokenizer import QwenTokenizer
@@ -63,6 +64,7 @@ def text_only(text: str = "hello", **fields) -> dict:
 
 def test_a_model_folder_loads_with_its_tokenizer_and_generation_defaults(chat, tiny_model_dir):
     assert chat.model_name == tiny_model_dir.name
+    assert chat.checkpoint == checkpoint_id(tiny_model_dir)  # results say which weights wrote them
     assert (chat.device, chat.dtype) == ("cpu", "float32")
     assert chat.defaults.top_p == 0.5 and chat.defaults.top_k == 0
     assert chat.tokenizer.im_end_id in chat.stop_token_ids
@@ -105,6 +107,7 @@ def test_a_seed_request_gives_an_openai_chat_completion(chat, seed_requests, dem
     assert result["id"] == "chatcmpl-job-1"
     assert result["object"] == "chat.completion" and result["model"] == "QwenVL"
     assert isinstance(result["created"], int) and result["system_fingerprint"].startswith("vlq-")
+    assert result["vlq"]["checkpoint"] == chat.checkpoint
     choice = result["choices"][0]
     assert choice["index"] == 0 and choice["logprobs"] is None
     assert choice["message"]["role"] == "assistant" and isinstance(choice["message"]["content"], str)

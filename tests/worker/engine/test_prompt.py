@@ -54,9 +54,9 @@ def test_prompt_layout_matches_chatml_with_pictures(tok: QwenTokenizer) -> None:
     prompt = _build(
         tok,
         [
-            {"role": "user", "content": [_img("u1"), _text("这是什么")]},
+            {"role": "user", "content": [_img("https://a.example/u1.jpg"), _text("这是什么")]},
             {"role": "assistant", "content": "一只狗。"},
-            {"role": "user", "content": [_text("和这张比呢？"), _img("u2")]},
+            {"role": "user", "content": [_text("和这张比呢？"), _img("https://a.example/u2.jpg")]},
         ],
     )
     assert _as_text(tok, prompt) == (
@@ -67,7 +67,7 @@ def test_prompt_layout_matches_chatml_with_pictures(tok: QwenTokenizer) -> None:
         f"<|im_start|>user\n和这张比呢？Picture 2: <img>{PAD}</img><|im_end|>\n"
         "<|im_start|>assistant\n"
     )
-    assert prompt.image_urls == ["u1", "u2"]
+    assert prompt.image_urls == ["https://a.example/u1.jpg", "https://a.example/u2.jpg"]
     assert prompt.ids[:11] == [151644, 8948, 198, 2610, 525, 264, 10950, 17847, 13, 151645, 198]
     assert prompt.ids[-3:] == [151644, 77091, 198]
 
