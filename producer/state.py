@@ -653,6 +653,16 @@ class JobStore:
         with redis_errors(self.url):
             self.redis.hdel(self.keys.workers, name)
 
+    def forget_workers(self, older_than_s: float) -> list[str]:
+        """Remove the registry entries whose last heartbeat is older than ``older_than_s`` (workers
+        that died without unregistering); returns their names."""
+        now = time.time()
+        gone = [name for name, info in self.workers().items() if now - float(info.get("at", 0)) > older_than_s]
+        if gone:
+            with redis_errors(self.url):
+                self.redis.hdel(self.keys.workers, *gone)
+        return gone
+
     def workers(self, max_age_s: float | None = None) -> dict[str, dict[str, Any]]:
         """Registered workers (name -> last heartbeat info); only recent ones with ``max_age_s``."""
         with redis_errors(self.url):

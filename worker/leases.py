@@ -52,6 +52,9 @@ class Lease:
                 log.exception("aborting job %s failed", self.job_id)
 
 
+FORGET_WORKERS_AFTER_S = 24 * 3600  # a dead worker stays listed (vlq workers --all) this long
+
+
 class LeaseKeeper:
     """Heartbeats for this worker's running jobs, its registry entry, and reclaiming stale jobs.
 
@@ -118,7 +121,10 @@ class LeaseKeeper:
         self.store.register_worker(self.worker_name, {**self.info, "running": len(leases)})
 
     def reclaim(self) -> list[str]:
-        """Re-enqueue jobs whose lease is stale. Returns their ids."""
+        """Re-enqueue jobs whose lease is stale (and forget workers silent for a day). Returns
+        their ids."""
+        for name in self.store.forget_workers(FORGET_WORKERS_AFTER_S):
+            log.info("forgot worker %s: no heartbeat for a day", name)
         reclaimed = []
         for job_id in self.store.stale_leases(self.lease_timeout_s):
             try:

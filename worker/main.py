@@ -20,6 +20,7 @@ import socket
 import sys
 import uuid
 from pathlib import Path
+from typing import Any
 
 from producer.broker import send_job
 from producer.config import Settings
@@ -112,6 +113,8 @@ def run_worker(
     except StoreUnavailable as e:  # S3 down for now: jobs retry their writes, so start anyway
         log.warning("the result bucket cannot be reached yet: %s", e.message)
 
+    from celery.signals import worker_shutting_down
+
     from worker.engine.chat import ChatEngine  # imports torch: after the GPU is pinned
     from worker.images import ImageLoader
     from worker.leases import LeaseKeeper
@@ -156,6 +159,13 @@ def run_worker(
     )
     register(app, runner)
     leases.start()
+
+    def say_what_is_left(**_: Any) -> None:  # SIGTERM / Ctrl-C: Celery finishes the running jobs first
+        running = leases.running()
+        log.info("worker %s: stopping; waiting for %d running job(s)%s", name, len(running),
+                 f": {', '.join(running)}" if running else "")
+
+    worker_shutting_down.connect(say_what_is_left, weak=False)
     log.info("worker %s: serving queue %r with %d threads (engine batch %d), keys %s:*",
              name, queue_name, threads, settings.engine.max_batch_size, Keys(settings.key_prefix).prefix)
     try:

@@ -185,6 +185,8 @@ class JobRunner:
             log.info("job %s: skipped delivery (%s)", job.id, taken.status)
             return Outcome(f"skipped:{taken.status}")
         lease = self.leases.track(job.id, token, on_abort=lambda: self.engine.abort(job.id))
+        log.info("job %s: started (attempt %d%s)", job.id, taken.attempt,
+                 f", batch {job.batch_id}" if job.batch_id else "")
         try:
             return self._run_taken(job, lease, taken.attempt, retries, received)
         except BrokerUnavailable as e:
@@ -225,8 +227,9 @@ class JobRunner:
             log.exception("job %s: unexpected error", job.id)
             return self._fail(job, EngineError(f"unexpected worker error: {type(e).__name__}: {e}"))
         status, changed = self.store.finish(job, JobStatus.SUCCEEDED, result_location=location)
-        log.info("job %s: %s in %.0f ms (attempt %d)%s", job.id, status.value,
-                 (time.time() - started) * 1000, attempt, "" if changed else " (already finished)")
+        log.info("job %s: %s in %.0f ms (attempt %d; %s)%s", job.id, status.value,
+                 (time.time() - started) * 1000, attempt, _breakdown(document),
+                 "" if changed else " (already finished)")
         return Outcome(status.value)
 
     def _execute(self, job: Job, lease: Lease, attempt: int, received: float) -> dict[str, Any]:
@@ -336,6 +339,17 @@ class JobRunner:
         # Celery holds a retry's message until it is due; Redis would deliver it again after
         # the visibility timeout, so a delay must stay well below it.
         return min(delay, self.settings.broker.visibility_timeout_s / 2)
+
+
+def _breakdown(document: dict[str, Any]) -> str:
+    """Where a job's time went, for its log line: image fetching, the wait for an engine slot,
+    the model's parts (milliseconds), and the tokens written."""
+    t = (document.get("vlq") or {}).get("timings") or {}
+    parts = [f"{name} {t[key]:.0f} ms" for name, key in (
+        ("images", "images"), ("slot wait", "queued"), ("vision", "vision"), ("prefill", "prefill"),
+        ("decode", "decode")) if isinstance(t.get(key), (int, float))]
+    tokens = (document.get("usage") or {}).get("completion_tokens")
+    return ", ".join(parts + ([f"{tokens} tokens"] if tokens is not None else []))
 
 
 def _readable_id(raw: Any) -> str | None:

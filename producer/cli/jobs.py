@@ -60,6 +60,7 @@ def read_requests(path: Path) -> Requests:
         rows = [(1, text)]
     if not rows:
         raise InvalidRequest(f"{path} holds no requests")
+    _check_suffix(path, text, rows)
     found = Requests([], [], len(rows))
     for line_no, raw in rows:
         try:
@@ -75,6 +76,30 @@ def read_requests(path: Path) -> Requests:
         except VlqError as e:
             found.problems.append((line_no, e.message))
     return found
+
+
+def _check_suffix(path: Path, text: str, rows: list[tuple[int, str]]) -> None:
+    """A file whose content fits the other suffix: say so instead of listing JSON errors."""
+    jsonl = path.suffix.lower() == ".jsonl"
+    lines = [raw for _, raw in rows] if jsonl else [line for line in text.splitlines() if line.strip()]
+    if len(lines) < 2:
+        return
+    if jsonl and not _is_json(lines[0]) and isinstance(_loads(text), dict):
+        raise InvalidRequest(f"{path} holds one JSON object over several lines: name it .json, or write one"
+                             " request per line for a .jsonl batch")
+    if not jsonl and _loads(text) is None and all(_is_json(line) for line in lines):
+        raise InvalidRequest(f"{path} holds {len(lines)} JSON lines: name it .jsonl to submit them as a batch")
+
+
+def _loads(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+
+
+def _is_json(text: str) -> bool:
+    return _loads(text) is not None
 
 
 def _as_item(obj: dict[str, Any]) -> dict[str, Any] | Job:

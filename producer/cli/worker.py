@@ -1,15 +1,20 @@
-"""``vlq worker``: start a GPU worker (imports torch only when it runs)."""
+"""``vlq worker``: start a GPU worker (imports torch only when it runs); ``vlq workers``: list them."""
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.console import Console
+from rich.table import Table
 
 from producer.cli.app import app, fail
 from producer.config import Settings
 from producer.errors import VlqError
+from producer.state import JobStore
 
 
 @app.command()
@@ -32,3 +37,41 @@ def worker(
     except VlqError as e:
         fail(e)
     raise typer.Exit(code)
+
+
+@app.command()
+def workers(
+    every: Annotated[bool, typer.Option("--all", help="also workers whose heartbeat stopped")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object per line")] = False,
+) -> None:
+    """List the workers registered in Redis: queue, GPU, checkpoint, jobs running, last heartbeat.
+
+    A worker is live while its heartbeat is younger than worker.lease_timeout_s. Exits 1 when no
+    live worker serves the queue (broker.queue), so scripts can wait for one.
+    """
+    try:
+        settings = Settings.load()
+        store = JobStore.from_settings(settings)
+        found = store.workers()
+    except VlqError as e:
+        fail(e)
+    now, limit = time.time(), settings.worker.lease_timeout_s
+    rows = []
+    for name, info in sorted(found.items()):
+        age = now - float(info.get("at", 0))
+        if age <= limit or every:
+            rows.append({"name": name, "live": age <= limit, "heartbeat_s_ago": round(age, 1), **info})
+    if as_json:
+        for row in rows:
+            typer.echo(json.dumps(row))
+    else:
+        table = Table("worker", "queue", "gpu", "checkpoint", "running", "heartbeat", box=None)
+        for row in rows:
+            beat = f"{row['heartbeat_s_ago']:g}s ago" + ("" if row["live"] else " (stopped)")
+            table.add_row(row["name"], str(row.get("queue")), str(row.get("gpu")), str(row.get("checkpoint")),
+                          str(row.get("running", 0)), beat)
+        Console().print(table)
+    if not any(row["live"] and row.get("queue") == settings.broker.queue for row in rows):
+        typer.echo(f"no live worker serves queue {settings.broker.queue!r}: start one (vlq worker --model DIR)",
+                   err=True)
+        raise typer.Exit(1)

@@ -7,6 +7,7 @@ engine is a stand-in whose behaviour each test scripts, so every branch of the t
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 
@@ -62,6 +63,17 @@ def test_a_job_runs_to_a_result_keyed_by_its_id(env) -> None:
     assert doc["vlq"]["metadata"] == {"path": "a.jpg"}
     assert set(doc["vlq"]["timings"]) >= {"job_queue", "images", "engine_wall"}
     assert engine.submitted[0]["images"] == ["image:0"]
+
+
+def test_a_job_logs_its_start_and_where_its_time_went(env, caplog: pytest.LogCaptureFixture) -> None:
+    runner, store, _, _ = env
+    job = queued(store, batch_id="batch-logs")
+    with caplog.at_level(logging.INFO, logger="worker.tasks"):
+        runner.run(job.to_json())
+    lines = [r.getMessage() for r in caplog.records if job.id in r.getMessage()]
+    assert lines[0] == f"job {job.id}: started (attempt 1, batch batch-logs)"
+    assert lines[-1].startswith(f"job {job.id}: succeeded in ") and "(attempt 1; images " in lines[-1]
+    assert lines[-1].endswith("3 tokens)")
 
 
 def test_the_engine_gets_the_jobs_wall_clock_deadline(env) -> None:

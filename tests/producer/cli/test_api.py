@@ -38,3 +38,17 @@ def test_a_bad_setting_is_one_line_and_exit_1() -> None:
     assert out.returncode == 1
     assert out.stderr.startswith("error [config_error]: bad setting api.port")
     assert "Traceback" not in out.stderr
+
+
+def test_a_port_in_use_is_one_line_naming_the_flag() -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = subprocess.run([*vlq_command(), "api", "--host", "127.0.0.1", "--port", str(port)], cwd=REPO,
+                             capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1, out.stderr
+    assert out.stderr.startswith(f"error [config_error]: cannot listen on 127.0.0.1:{port}: ")
+    assert "vlq api --port N" in out.stderr and "Traceback" not in out.stderr

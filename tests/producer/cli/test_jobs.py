@@ -164,3 +164,29 @@ def test_an_unreachable_broker_says_to_start_redis(monkeypatch: pytest.MonkeyPat
     res = vlq("status", "job-x")
     assert res.exit_code == 1 and "error [broker_unavailable]" in res.stderr
     assert "next: start Redis" in res.stderr
+
+
+def test_workers_lists_the_live_ones_and_exits_1_when_none_serves_the_queue(settings: Settings) -> None:
+    store = JobStore.from_settings(settings)
+    none = vlq("workers")
+    assert none.exit_code == 1 and f"no live worker serves queue '{settings.broker.queue}'" in none.stderr
+    store.register_worker("w-live", {"queue": settings.broker.queue, "gpu": 0, "checkpoint": "qwen@abc", "running": 2})
+    store.register_worker("w-dead", {"queue": settings.broker.queue, "gpu": 1})
+    store.redis.hset(store.keys.workers, "w-dead", json.dumps({"queue": settings.broker.queue, "gpu": 1, "at": 0}))
+    res = vlq("workers")
+    assert res.exit_code == 0, res.output
+    assert "w-live" in res.stdout and "qwen@abc" in res.stdout and "w-dead" not in res.stdout
+    rows = [json.loads(line) for line in vlq("workers", "--all", "--json").stdout.splitlines()]
+    assert [(r["name"], r["live"], r.get("running")) for r in rows] == [("w-dead", False, None), ("w-live", True, 2)]
+    assert store.forget_workers(3600) == ["w-dead"] and list(store.workers()) == ["w-live"]
+
+
+def test_a_file_whose_content_fits_the_other_suffix_says_to_rename_it(tmp_path: Path, env) -> None:
+    lines = tmp_path / "two.json"
+    lines.write_text(json.dumps(REQUEST) + "\n" + json.dumps(REQUEST) + "\n")
+    res = vlq("submit", str(lines))
+    assert res.exit_code == 1 and "holds 2 JSON lines: name it .jsonl" in res.stderr
+    pretty = tmp_path / "one.jsonl"
+    pretty.write_text(json.dumps(REQUEST, indent=2))
+    res = vlq("submit", str(pretty))
+    assert res.exit_code == 1 and "holds one JSON object over several lines: name it .json" in res.stderr
