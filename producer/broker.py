@@ -15,6 +15,7 @@ from kombu.exceptions import OperationalError
 
 from producer.config import Settings
 from producer.errors import BrokerUnavailable
+from producer.keys import Keys
 from producer.schema import Job
 
 TASK_NAME = "vlq.run_job"
@@ -32,6 +33,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "socket_keepalive": True,
             "retry_on_timeout": True,
             "health_check_interval": 30,
+            # kombu's own keys under key_prefix too (producer.keys.Keys.broker).
+            "global_keyprefix": Keys(settings.key_prefix).broker,
         },
         "broker_connection_timeout": broker.connect_timeout_s,
         "broker_connection_retry_on_startup": True,

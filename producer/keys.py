@@ -84,6 +84,17 @@ class Keys:
         return f"{self.prefix}:workers"
 
     @property
+    def broker(self) -> str:
+        """The prefix of every key the broker (kombu) writes: its queue lists, its unacked hash and
+        index, its bindings. Without it those would be global to the Redis database, shared by
+        every deployment on it."""
+        return f"{self.prefix}:broker:"
+
+    def queue(self, name: str) -> str:
+        """List: the broker's messages waiting in queue ``name``."""
+        return f"{self.broker}{name}"
+
+    @property
     def dead_letters(self) -> str:
         """List: messages that could not be decoded into a job, with the reason."""
         return f"{self.prefix}:dead"

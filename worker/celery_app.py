@@ -86,8 +86,9 @@ class GuardedChannel(kombu_redis.Channel):
                  "reason": {"code": "malformed_job", "message": f"not a Celery message: {error}"}}
         try:
             with self.conn_or_acquire() as client:
-                client.lpush(key, json.dumps(entry))
-                client.ltrim(key, 0, 9999)
+                plain = redis.Redis(connection_pool=client.connection_pool)  # key is already prefixed
+                plain.lpush(key, json.dumps(entry))
+                plain.ltrim(key, 0, 9999)
         except Exception:  # the dead letter is a courtesy; the consumer must go on
             log.exception("could not dead-letter the entry")
 

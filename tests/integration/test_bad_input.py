@@ -88,8 +88,8 @@ def test_a_malformed_job_pushed_to_the_queue_is_dead_lettered(stack: Stack) -> N
     app.send_task(TASK_NAME, args=[json.dumps({"id": "job-raw-malformed", "request": 5})], queue=queue)
     # one with no job at all, and bytes that are not even a Celery message
     app.send_task(TASK_NAME, args=[], queue=queue)
-    stack.store.redis.lpush(queue, b"\x00garbage{")
-    stack.store.redis.lpush(queue, json.dumps({"not": "a celery message"}))
+    stack.store.redis.lpush(stack.store.keys.queue(queue), b"\x00garbage{")
+    stack.store.redis.lpush(stack.store.keys.queue(queue), json.dumps({"not": "a celery message"}))
     deadline = time.monotonic() + 60
     while (record := stack.store.get("job-raw-malformed")) is None and time.monotonic() < deadline:
         time.sleep(0.05)  # the record appears when the worker reads the message

@@ -55,7 +55,7 @@ def client(settings: Settings):
 def queued_messages(client: Client) -> list[dict]:
     """The Celery messages waiting in the client's queue, decoded."""
     out = []
-    for raw in client.store.redis.lrange(client.queue, 0, -1):
+    for raw in client.store.redis.lrange(client.store.keys.queue(client.queue), 0, -1):
         envelope = json.loads(raw)
         args, kwargs, _ = json.loads(base64.b64decode(envelope["body"]))
         out.append({"task": envelope["headers"]["task"], "args": args, "kwargs": kwargs,
@@ -112,6 +112,17 @@ def test_a_job_runs_and_its_result_is_read_back(settings: Settings, client: Clie
     assert doc["vlq"]["job_id"] == handle.id
     rec = handle.wait()
     assert rec.status is JobStatus.SUCCEEDED and rec.started_at and rec.finished_at
+
+
+def test_every_key_a_job_writes_is_under_the_key_prefix_the_brokers_too(settings: Settings, client: Client) -> None:
+    before = set(client.store.redis.keys("*"))
+    with scripted_worker(settings):
+        client.submit(request("isolated")).result(timeout=10)
+        for handle in client.submit_many([request("a"), request("b")]):
+            handle.wait(timeout=10)
+    new = set(client.store.redis.keys("*")) - before
+    assert any(k.startswith(f"{settings.key_prefix}:broker:") for k in new)  # kombu's bindings and bookkeeping
+    assert not [k for k in new if not k.startswith(settings.key_prefix + ":")]
 
 
 def test_results_in_s3_are_read_back(settings: Settings, s3_server: str) -> None:

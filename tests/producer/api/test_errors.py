@@ -75,7 +75,8 @@ def test_a_body_that_is_not_a_json_object_is_a_400(http: httpx.Client, raw: byte
          "invalid_request", None),
         ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "/data/a.jpg"}}]}]},
          "invalid_request", "messages[0].content[0].image_url.url"),
-        ({"messages": [{"role": "user", "content": [{"type": "text"}]}]}, "invalid_request", "messages[0].content[0].text"),
+        ({"messages": [{"role": "user", "content": [{"type": "text"}]}]},
+         "invalid_request", "messages[0].content[0].text"),
     ],
 )
 def test_a_bad_chat_request_is_a_400_naming_its_problem(http: httpx.Client, body: dict, code: str, param) -> None:

@@ -25,7 +25,8 @@ SEED_ANSWER = "<ref>女生</ref><box>(441,382),(733,811)</box>"
 def _request(*user_texts: str, images_per_turn: int = 1):
     messages = []
     for i, text in enumerate(user_texts):
-        content = [{"type": "image_url", "image_url": {"url": f"https://example.com/u{i}-{k}.jpg"}} for k in range(images_per_turn)]
+        content = [{"type": "image_url", "image_url": {"url": f"https://example.com/u{i}-{k}.jpg"}}
+                   for k in range(images_per_turn)]
         messages.append({"role": "user", "content": [*content, {"type": "text", "text": text}]})
         if i < len(user_texts) - 1:
             messages.append({"role": "assistant", "content": "ok"})
