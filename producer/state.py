@@ -600,9 +600,9 @@ class JobStore:
 
     def reclaim(self, job_id: str, lease_timeout_s: float, max_reclaims: int = 3) -> tuple[Job, str] | None:
         """Release a stale lease. Returns the job to re-enqueue and the queue it came from (''
-        when unknown), or None: the lease is fresh again, the job finished, it was cancelled
-        because a cancel was pending, or it had been reclaimed ``max_reclaims`` times already and
-        is now failed with :class:`WorkerLost`."""
+        when unknown), or None: the lease is fresh again, the job finished, or it was cancelled
+        because a cancel was pending. A job re-enqueued ``max_reclaims`` times already is failed
+        instead, and :class:`WorkerLost` (its error) is raised."""
         lost = WorkerLost(
             f"the workers running job {job_id} stopped heartbeating {max_reclaims + 1} times"
             " (died, killed, or out of memory): the job itself may crash them, so it is not run again."
