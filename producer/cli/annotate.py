@@ -61,6 +61,8 @@ def annotate(
             timeout_s=timeout,
             scores=scores,
         )
+        if options.transport == "file":
+            warn_if_not_readable(folder, client.settings.images.allowed_roots)
         console = Console(stderr=True)
         with Progress(
             TextColumn("[bold]annotate"),
@@ -108,6 +110,20 @@ def annotate(
                    "in it and its subfolders (hidden ones skipped)", err=True)
     if summary.failed or not summary.found:
         raise typer.Exit(1)
+
+
+def warn_if_not_readable(folder: Path, roots: list[Path]) -> None:
+    """Images go as file:// URLs, which workers read only under images.allowed_roots: when this
+    machine's settings (usually the workers' too) do not list ``folder``, say so before every
+    image fails ``image_url_forbidden``."""
+    where = folder.expanduser().resolve()
+    if any(where.is_relative_to(Path(root).expanduser().resolve()) for root in roots):
+        return
+    listed = ", ".join(map(str, roots)) or "none"
+    typer.secho(f"warning: {folder} is not under images.allowed_roots here ({listed}): if the workers' settings"
+                " do not list it either, every image fails image_url_forbidden; add it"
+                f" (VLQ_IMAGES_ALLOWED_ROOTS='[\"{where}\"]') or send the images with --inline",
+                fg=typer.colors.YELLOW, err=True)
 
 
 PLAIN_PROGRESS_S = 10.0  # how often a run whose stderr is not a terminal prints a progress line

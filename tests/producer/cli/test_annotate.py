@@ -63,6 +63,16 @@ def test_lines_written_by_a_checkpoint_no_worker_serves_now_are_done_again(tmp_p
     assert [r["checkpoint"] for r in rows] == ["scripted@000000000000", "tuned@111111111111"]
 
 
+def test_a_folder_the_workers_may_not_read_is_warned_about_before_anything_fails(tmp_path: Path, settings: Settings,
+                                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    args = ["annotate", str(tmp_path), "--prompt", "p", "--out", str(tmp_path / "o.jsonl"), "--timeout", "0.5"]
+    res = CliRunner().invoke(app, args)
+    assert "is not under images.allowed_roots here (none)" in res.stderr and "--inline" in res.stderr
+    monkeypatch.setenv("VLQ_IMAGES_ALLOWED_ROOTS", json.dumps([str(tmp_path)]))
+    assert "allowed_roots" not in CliRunner().invoke(app, args).stderr
+
+
 def test_inline_and_upload_exclude_each_other(tmp_path: Path) -> None:
     res = CliRunner().invoke(app, ["annotate", str(tmp_path), "--prompt", "p", "--inline",
                                    "--upload", "s3://b/p"])
