@@ -31,7 +31,6 @@ from prometheus_client.registry import Collector
 
 from producer.api.context import get_ctx
 from producer.errors import VlqError
-from producer.keys import Keys
 from producer.state import JobRecord
 
 log = logging.getLogger(__name__)
@@ -58,7 +57,7 @@ class _RedisCollector(Collector):
             stats = store.stats()
             with store.redis.pipeline(transaction=False) as pipe:
                 for suffix in _PRIORITY_SUFFIXES:
-                    pipe.llen(Keys(ctx.settings.key_prefix).queue(ctx.settings.broker.queue + suffix))
+                    pipe.llen(store.keys.queue(ctx.settings.broker.queue + suffix))
                 depth = sum(pipe.execute())
             workers = store.workers(ctx.settings.worker.lease_timeout_s)
             active = len(ctx.batches.active_ids())
