@@ -236,8 +236,9 @@ class Annotator:
                 if chunk:
                     summary.batch_id = summary.batch_id or new_batch_id()
                     jobs = [self._job(item, summary.batch_id) for item in chunk]
-                    self.client.submit_jobs(jobs)
+                    # pending first: an interrupt inside submit_jobs still cancels what it recorded
                     pending.update({job.id: item for job, item in zip(jobs, chunk)})
+                    self.client.submit_jobs(jobs)
                     summary.submitted += len(jobs)
                     self.on_progress(summary)
                 if not pending:

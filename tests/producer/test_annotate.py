@@ -167,3 +167,19 @@ def test_running_out_of_time_cancels_what_is_left(tmp_path: Path, settings: Sett
         annotate(client, folder, out, AnnotateOptions(prompt="p", timeout_s=0.3))  # no worker
     ids = [k.split(":")[-1] for k in client.store.redis.keys(client.keys.job("*"))]
     assert len(ids) == 3 and all(client.status(i).status is JobStatus.CANCELLED for i in ids)
+
+
+def test_an_interrupt_while_submitting_cancels_the_jobs_already_recorded(tmp_path: Path, client: Client,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = make_folder(tmp_path)
+    submit = client.submit_jobs
+
+    def interrupted(jobs):  # Ctrl-C (or SIGTERM) arrives as the jobs are being sent
+        submit(jobs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(client, "submit_jobs", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        annotate(client, folder, tmp_path / "results.jsonl", AnnotateOptions(prompt="p"))
+    ids = [k.split(":")[-1] for k in client.store.redis.keys(client.keys.job("*"))]
+    assert len(ids) == 3 and all(client.status(i).status is JobStatus.CANCELLED for i in ids)
