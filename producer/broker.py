@@ -64,10 +64,18 @@ def producer_app(settings: Settings) -> Celery:
     return app
 
 
+# Redis serves a queue's priority lists in order, 0 first (kombu's steps 0, 3, 6, 9). New jobs
+# go in at PRIORITY_NEW; a job sent ``ahead`` (re-enqueued because its worker died) at
+# PRIORITY_AHEAD, so it runs next instead of after the whole backlog.
+PRIORITY_AHEAD = 0
+PRIORITY_NEW = 3
+
+
 def send_job(
-    app: Celery, job: Job, queue: str, *, producer: Any = None, countdown: float | None = None
+    app: Celery, job: Job, queue: str, *, producer: Any = None, countdown: float | None = None, ahead: bool = False
 ) -> None:
-    """Send one task message carrying ``job`` as JSON. Raises :class:`BrokerUnavailable`."""
+    """Send one task message carrying ``job`` as JSON (``ahead``: before the jobs waiting in the
+    queue). Raises :class:`BrokerUnavailable`."""
     try:
         app.send_task(
             TASK_NAME,
@@ -76,6 +84,7 @@ def send_job(
             task_id=job.id,
             producer=producer,
             countdown=countdown,
+            priority=PRIORITY_AHEAD if ahead else PRIORITY_NEW,
             ignore_result=True,
         )
     except OperationalError as e:

@@ -91,8 +91,13 @@ class Keys:
         return f"{self.prefix}:broker:"
 
     def queue(self, name: str) -> str:
-        """List: the broker's messages waiting in queue ``name``."""
+        """List: the broker's messages of priority 0 waiting in queue ``name``."""
         return f"{self.broker}{name}"
+
+    def queue_lists(self, name: str) -> list[str]:
+        """Lists: every priority of queue ``name``, served in this order (kombu keeps priorities
+        3, 6 and 9 in lists beside the plain one; producer.broker sends new jobs at 3)."""
+        return [self.queue(name) + suffix for suffix in ("", "\x06\x163", "\x06\x166", "\x06\x169")]
 
     @property
     def dead_letters(self) -> str:

@@ -133,7 +133,7 @@ def run_worker(
     app = make_celery_app(settings)
 
     def requeue(job: Job, job_queue: str) -> None:
-        send_job(app, job, job_queue or queue_name)
+        send_job(app, job, job_queue or queue_name, ahead=True)  # its users have waited their turn already
 
     leases = LeaseKeeper(
         store,

@@ -38,8 +38,6 @@ router = APIRouter(tags=["metrics"])
 
 _LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 _TPS_BUCKETS = (1, 2, 5, 10, 20, 40, 60, 80, 100, 150, 200, 400, 800)
-# kombu keeps a Redis queue's priorities 3, 6 and 9 in lists beside the plain one.
-_PRIORITY_SUFFIXES = ("", "\x06\x163", "\x06\x166", "\x06\x169")
 
 
 class _RedisCollector(Collector):
@@ -56,8 +54,8 @@ class _RedisCollector(Collector):
         try:
             stats = store.stats()
             with store.redis.pipeline(transaction=False) as pipe:
-                for suffix in _PRIORITY_SUFFIXES:
-                    pipe.llen(store.keys.queue(ctx.settings.broker.queue + suffix))
+                for key in store.keys.queue_lists(ctx.settings.broker.queue):
+                    pipe.llen(key)
                 depth = sum(pipe.execute())
             workers = store.workers(ctx.settings.worker.lease_timeout_s)
             active = len(ctx.batches.active_ids())

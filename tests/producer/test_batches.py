@@ -125,13 +125,15 @@ def test_submission_resumes_idempotently_after_a_crash(env) -> None:
     # A process died after recording the jobs but before the batch left 'validating'.
     batches._validate_and_submit(batch.id)
     batches._move(batch.id, ("in_progress",), "validating")
-    queue = client.store.keys.queue(client.queue)
-    queue_len = client.store.redis.llen(queue)
+    def queued() -> int:
+        return sum(client.store.redis.llen(key) for key in client.store.keys.queue_lists(client.queue))
+
+    queue_len = queued()
     batch = batches.refresh(batch.id)
     assert batch.status == "in_progress"
     counts = client.batch(batch.id)
     assert counts.total == 2 and counts.queued == 2  # the same two jobs, not four
-    assert client.store.redis.llen(queue) == queue_len + 2  # still-queued ones are re-sent
+    assert queued() == queue_len + 2  # still-queued ones are re-sent
 
 
 def test_cancelling_stops_queued_requests_and_keeps_finished_ones(env) -> None:

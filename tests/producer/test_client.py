@@ -55,7 +55,8 @@ def client(settings: Settings):
 def queued_messages(client: Client) -> list[dict]:
     """The Celery messages waiting in the client's queue, decoded."""
     out = []
-    for raw in client.store.redis.lrange(client.store.keys.queue(client.queue), 0, -1):
+    redis, keys = client.store.redis, client.store.keys
+    for raw in [raw for key in keys.queue_lists(client.queue) for raw in redis.lrange(key, 0, -1)]:
         envelope = json.loads(raw)
         args, kwargs, _ = json.loads(base64.b64decode(envelope["body"]))
         out.append({"task": envelope["headers"]["task"], "args": args, "kwargs": kwargs,
@@ -123,6 +124,20 @@ def test_every_key_a_job_writes_is_under_the_key_prefix_the_brokers_too(settings
     new = set(client.store.redis.keys("*")) - before
     assert any(k.startswith(f"{settings.key_prefix}:broker:") for k in new)  # kombu's bindings and bookkeeping
     assert not [k for k in new if not k.startswith(settings.key_prefix + ":")]
+
+
+def test_a_job_sent_ahead_runs_before_the_jobs_waiting_in_the_queue(settings: Settings, client: Client) -> None:
+    from producer.broker import send_job
+
+    waiting = [client.submit(request(f"waiting {i}")).id for i in range(6)]
+    reclaimed = client.make_job(request("reclaimed"))  # as a worker re-enqueues a dead worker's job
+    client.store.create(reclaimed, client.queue)
+    send_job(client.celery, reclaimed, client.queue, ahead=True)
+    with scripted_worker(settings):
+        for job_id in [*waiting, reclaimed.id]:
+            client.wait(job_id, timeout=10)
+    started = sorted([*waiting, reclaimed.id], key=lambda job_id: client.status(job_id).started_at)
+    assert started.index(reclaimed.id) < 4  # in the worker's first 4 (its threads), not 7th
 
 
 def test_results_in_s3_are_read_back(settings: Settings, s3_server: str) -> None:
