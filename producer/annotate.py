@@ -133,11 +133,9 @@ def serving_checkpoints(client: Client) -> set[str]:
     """The checkpoints (``vlq.checkpoint`` of their results) that live workers of the client's
     queue serve now; empty when none is up or Redis cannot tell."""
     try:
-        workers = client.store.workers(client.settings.worker.lease_timeout_s)
+        return {w["checkpoint"] for w in client.serving() if w.get("checkpoint")}
     except VlqError:
         return set()
-    queue = client.settings.broker.queue
-    return {info["checkpoint"] for info in workers.values() if info.get("queue") == queue and info.get("checkpoint")}
 
 
 def read_done(out: Path) -> dict[str, dict[str, Any]]:

@@ -285,17 +285,31 @@ class Client:
         key prefix (another deployment, the demo's own) is not found here."""
         return f"in {safe_url(self.store.url) or 'Redis'} under key prefix {self.settings.key_prefix!r}"
 
+    def workers(self, *, stopped: bool = False) -> list[dict[str, Any]]:
+        """The registered workers, by name: each one's registry entry (queue, gpu, checkpoint,
+        running, ...) with ``name``, ``live`` (a heartbeat younger than ``worker.lease_timeout_s``)
+        and ``heartbeat_s_ago``; ``stopped``: also those whose heartbeat stopped."""
+        now, limit = time.time(), self.settings.worker.lease_timeout_s
+        rows = []
+        for name, info in sorted(self.store.workers().items()):
+            age = now - float(info.get("at", 0))
+            if age <= limit or stopped:
+                rows.append({"name": name, "live": age <= limit, "heartbeat_s_ago": round(age, 1), **info})
+        return rows
+
+    def serving(self) -> list[dict[str, Any]]:
+        """The live workers (:meth:`workers`) that serve this client's queue."""
+        return [w for w in self.workers() if w.get("queue") == self.settings.broker.queue]
+
     def unserved_hint(self) -> str:
         """For a job still queued: a clause saying that no live worker serves this client's
         queue, when none does ("" otherwise, or when Redis cannot tell)."""
         try:
-            workers = self.store.workers(self.settings.worker.lease_timeout_s)
+            if self.serving():
+                return ""
         except VlqError:
             return ""
-        queue = self.settings.broker.queue
-        if any(info.get("queue") == queue for info in workers.values()):
-            return ""
-        return f"; no worker is serving queue {queue!r} now: start one (vlq worker --model DIR)"
+        return f"; no worker is serving queue {self.settings.broker.queue!r} now: start one (vlq worker --model DIR)"
 
     def wait(self, job_id: str, timeout: float | None = None) -> JobRecord:
         """Poll until the job is terminal; returns its record. Raises :class:`JobNotFinished`

@@ -53,6 +53,7 @@ class Lease:
 
 
 FORGET_WORKERS_AFTER_S = 24 * 3600  # a dead worker stays listed (vlq workers --all) this long
+FORGET_EVERY_S = 600.0  # how often a worker looks for such entries (not at every heartbeat)
 
 
 class LeaseKeeper:
@@ -85,6 +86,7 @@ class LeaseKeeper:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._forgot_at = float("-inf")
 
     # -- runs register here ----------------------------------------------------------------------
 
@@ -123,8 +125,10 @@ class LeaseKeeper:
     def reclaim(self) -> list[str]:
         """Re-enqueue jobs whose lease is stale (and forget workers silent for a day). Returns
         their ids."""
-        for name in self.store.forget_workers(FORGET_WORKERS_AFTER_S):
-            log.info("forgot worker %s: no heartbeat for a day", name)
+        if time.monotonic() - self._forgot_at >= FORGET_EVERY_S:
+            self._forgot_at = time.monotonic()
+            for name in self.store.forget_workers(FORGET_WORKERS_AFTER_S):
+                log.info("forgot worker %s: no heartbeat for a day", name)
         reclaimed = []
         for job_id in self.store.stale_leases(self.lease_timeout_s):
             try:

@@ -108,6 +108,11 @@ class S3ResultStore:
             raise
         return json.loads(body)
 
+    def check(self) -> None:
+        """Raise :class:`StoreRejected` when the bucket does not exist or refuses these
+        credentials (:class:`StoreUnavailable` when S3 cannot be reached)."""
+        self._call("reach", "", lambda: self.s3.head_bucket(Bucket=self.bucket))
+
     def _call(self, what: str, key: str, fn: Any) -> Any:
         from botocore.exceptions import BotoCoreError, ClientError
 
@@ -159,9 +164,8 @@ def check_default_bucket(settings: Settings, client: Any = None) -> None:
     if settings.store.kind != "s3":
         return
     s3 = settings.store.s3
-    store = S3ResultStore(client or make_s3_client(settings), s3.bucket or "", s3.prefix)
     try:
-        store._call("reach", "", lambda: store.s3.head_bucket(Bucket=store.bucket))
+        S3ResultStore(client or make_s3_client(settings), s3.bucket or "", s3.prefix).check()
     except StoreRejected as e:
         raise ConfigError(f"store.s3.bucket {s3.bucket!r} cannot take results: {e.message}; create the bucket"
                           " or set store.s3.bucket (VLQ_STORE_S3) to one that exists") from None

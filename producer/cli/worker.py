@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Annotated
 
@@ -12,9 +11,9 @@ from rich.console import Console
 from rich.table import Table
 
 from producer.cli.app import app, fail
+from producer.client import Client
 from producer.config import Settings
 from producer.errors import VlqError
-from producer.state import JobStore
 
 
 @app.command()
@@ -50,17 +49,10 @@ def workers(
     live worker serves the queue (broker.queue), so scripts can wait for one.
     """
     try:
-        settings = Settings.load()
-        store = JobStore.from_settings(settings)
-        found = store.workers()
+        client = Client.from_settings()
+        rows = client.workers(stopped=every)
     except VlqError as e:
         fail(e)
-    now, limit = time.time(), settings.worker.lease_timeout_s
-    rows = []
-    for name, info in sorted(found.items()):
-        age = now - float(info.get("at", 0))
-        if age <= limit or every:
-            rows.append({"name": name, "live": age <= limit, "heartbeat_s_ago": round(age, 1), **info})
     if as_json:
         for row in rows:
             typer.echo(json.dumps(row))
@@ -71,7 +63,7 @@ def workers(
             table.add_row(row["name"], str(row.get("queue")), str(row.get("gpu")), str(row.get("checkpoint")),
                           str(row.get("running", 0)), beat)
         Console().print(table)
-    if not any(row["live"] and row.get("queue") == settings.broker.queue for row in rows):
-        typer.echo(f"no live worker serves queue {settings.broker.queue!r}: start one (vlq worker --model DIR)",
-                   err=True)
+    queue = client.settings.broker.queue
+    if not any(row["live"] and row.get("queue") == queue for row in rows):
+        typer.echo(f"no live worker serves queue {queue!r}: start one (vlq worker --model DIR)", err=True)
         raise typer.Exit(1)
