@@ -62,7 +62,8 @@ def default_destination(settings: Settings) -> Destination:
 class StreamEvent:
     """One item of :meth:`Client.stream`: a piece of answer text (with, when the request asked for
     logprobs, the ``choices[0].logprobs.content`` entries of the tokens it completes), or the
-    final ``done`` event carrying ``finish_reason`` and ``usage``."""
+    final ``done`` event carrying ``finish_reason`` and ``usage``. ``system_fingerprint``: the
+    answering engine's, once its worker has named it (None before, and from older workers)."""
 
     type: str  # "delta" | "done"
     text: str = ""
@@ -70,6 +71,7 @@ class StreamEvent:
     finish_reason: str | None = None
     usage: dict[str, Any] | None = None
     result: dict[str, Any] | None = field(default=None, repr=False)
+    system_fingerprint: str | None = None
 
 
 class Client:
@@ -450,6 +452,7 @@ class Client:
         idle_deadline = None if idle_timeout is None else time.monotonic() + idle_timeout
         emitted = tokens = 0  # characters of the answer, and logprob entries, yielded so far
         last = "0"
+        fingerprint = None  # the answering engine's, from its attempt's first event
         while True:
             block = 500
             for end in (deadline, idle_deadline):
@@ -477,17 +480,17 @@ class Client:
                     return
             for event_id, event in events:
                 last = event_id
+                fingerprint = event.get("system_fingerprint") or fingerprint
                 if event.get("type") == "delta":
                     new = _unseen(event.get("text", ""), int(event.get("offset", 0)), emitted)
                     entries = _unseen(event.get("logprobs") or [], int(event.get("token_offset", 0)), tokens)
                     if new or entries:
                         emitted += len(new)
                         tokens += len(entries)
-                        yield StreamEvent("delta", text=new, logprobs=entries)
+                        yield StreamEvent("delta", text=new, logprobs=entries, system_fingerprint=fingerprint)
                 elif event.get("type") == "done":
-                    yield StreamEvent(
-                        "done", finish_reason=event.get("finish_reason"), usage=event.get("usage")
-                    )
+                    yield StreamEvent("done", finish_reason=event.get("finish_reason"), usage=event.get("usage"),
+                                      system_fingerprint=fingerprint)
                     return
 
     def _stream_from_result(self, record: JobRecord, emitted: int, tokens: int) -> Iterator[StreamEvent]:
@@ -495,13 +498,15 @@ class Client:
         choice = (result.get("choices") or [{}])[0]
         content = (choice.get("message") or {}).get("content") or ""
         entries = ((choice.get("logprobs") or {}).get("content") or [])[tokens:]
+        fingerprint = result.get("system_fingerprint")
         if len(content) > emitted or entries:
-            yield StreamEvent("delta", text=content[emitted:], logprobs=entries)
+            yield StreamEvent("delta", text=content[emitted:], logprobs=entries, system_fingerprint=fingerprint)
         yield StreamEvent(
             "done",
             finish_reason=choice.get("finish_reason"),
             usage=result.get("usage"),
             result=result,
+            system_fingerprint=fingerprint,
         )
 
 

@@ -291,8 +291,10 @@ class JobRunner:
         """The engine's ``on_delta`` for a streamed job: each piece of text (and the logprob
         entries it completes) becomes a delta event, with where it starts in this attempt's answer
         (``offset`` in characters, ``token_offset`` in entries) so that readers skip what an
-        earlier attempt already gave them."""
+        earlier attempt already gave them). An attempt's first event also names the engine's
+        ``system_fingerprint``, which streamed chunks carry from the first on."""
         offset = token_offset = 0
+        fingerprint = getattr(self.engine, "system_fingerprint", None)
 
         def on_delta(text: str, logprobs: list[dict[str, Any]]) -> None:
             nonlocal offset, token_offset
@@ -301,6 +303,8 @@ class JobRunner:
             event = {"type": "delta", "text": text, "offset": offset, "attempt": attempt}
             if logprobs:
                 event.update(logprobs=logprobs, token_offset=token_offset)
+            if offset == 0 and token_offset == 0 and fingerprint:
+                event["system_fingerprint"] = fingerprint
             self.events.emit(job_id, event)
             offset += len(text)
             token_offset += len(logprobs)

@@ -23,6 +23,7 @@ from producer import __version__
 from producer.api import batches, chat, errors, files, health, jobs, metrics, models
 from producer.api.auth import GuardMiddleware
 from producer.api.context import ApiContext
+from producer.api.request_id import RequestIdMiddleware
 from producer.batches import Batches
 from producer.client import Client
 from producer.config import Settings
@@ -84,6 +85,7 @@ def create_app(settings: Settings, client: Client | None = None) -> FastAPI:
     errors.install(app)
     app.add_middleware(GuardMiddleware, tokens=settings.api.auth_tokens,
                        max_body_bytes=settings.api.max_body_bytes)
+    app.add_middleware(RequestIdMiddleware)  # added last: outermost, so refusals carry the id too
     for module in (chat, jobs, files, batches, models, health, metrics):
         app.include_router(module.router)
     return app

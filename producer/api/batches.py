@@ -96,6 +96,7 @@ async def create_batch(request: Request) -> dict[str, Any]:
         body.get("metadata"),
     )
     ctx.refresher.kick(batch.id)
+    log.info("batch %s: created from file %s (request %s)", batch.id, body["input_file_id"], request.state.request_id)
     return _dump(batch)
 
 

@@ -6,8 +6,8 @@ or length; ``usage``) plus ``boxes``, the parsed grounding. Every response carri
 the ``x-vlq-job-id`` header. A client that disconnects while waiting cancels its job.
 
 With ``"stream": true`` the answer arrives as server-sent ``chat.completion.chunk`` events while
-the worker produces tokens (relayed through the job's Redis stream): a first chunk with the
-assistant role, content chunks, a last chunk with ``finish_reason`` (and ``boxes``; with
+the worker produces tokens (relayed through the job's Redis stream), each naming the answering
+engine's ``system_fingerprint``: a first chunk with the assistant role, content chunks, a last chunk with ``finish_reason`` (and ``boxes``; with
 ``logprobs`` asked, every answer token's entry) that also carries ``usage``, then ``data:
 [DONE]``. With ``stream_options.include_usage`` the usage comes instead in one more chunk with
 empty ``choices``, as OpenAI sends it. A job that fails before its first token answers with a
@@ -46,6 +46,7 @@ async def chat_completions(request: Request) -> Response:
     created = int(time.time())
     handle = await ctx.run(ctx.client.submit, body)
     ctx.metrics.submitted("chat.completions")
+    log.info("job %s: submitted (request %s)", handle.id, request.state.request_id)
     headers = {"x-vlq-job-id": handle.id}
     timeout = ctx.settings.api.wait_timeout_s
     if chat.stream:
@@ -98,6 +99,7 @@ async def _stream(
         return _job_error(e, headers)
     model = chat.model or ctx.settings.api.served_model
     include_usage = bool((chat.stream_options or {}).get("include_usage"))
+    fingerprint = first.system_fingerprint if first is not None else None  # every chunk carries it
 
     def chunk(delta: dict[str, Any], finish_reason: str | None = None, logprobs: list[dict[str, Any]] | None = None,
               **extra: Any) -> dict[str, Any]:
@@ -106,6 +108,7 @@ async def _stream(
             "object": "chat.completion.chunk",
             "created": created,
             "model": model,
+            "system_fingerprint": fingerprint,
             "choices": [{"index": 0, "delta": delta,
                          "logprobs": {"content": logprobs, "refusal": None} if logprobs else None,
                          "finish_reason": finish_reason}],
@@ -116,21 +119,23 @@ async def _stream(
         return out
 
     async def body() -> AsyncIterator[str]:
+        nonlocal fingerprint
         ended = False  # the job reached an end (done or failed): nothing to cancel
         sent = 0  # logprob entries sent so far
         try:
             yield _sse(chunk({"role": "assistant", "content": ""}))
             event = first
             while event is not None:
+                fingerprint = event.system_fingerprint or fingerprint
                 if event.type == "delta" and (event.text or event.logprobs):
                     yield _sse(chunk({"content": event.text}, logprobs=event.logprobs))
                     sent += len(event.logprobs)
                 elif event.type == "done":
                     ended = True
                     document = event.result or await _result(ctx, job_id)
+                    fingerprint = (document or {}).get("system_fingerprint") or fingerprint
                     last = chunk({}, event.finish_reason)
                     if document is not None:
-                        last["system_fingerprint"] = document.get("system_fingerprint")
                         last["boxes"] = document.get("boxes", [])
                         rest = ((_logprobs_of(document) or {}).get("content") or [])[sent:]
                         last["choices"][0]["logprobs"] = {"content": rest, "refusal": None} if rest else None

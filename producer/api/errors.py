@@ -16,6 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from producer.api.request_id import current_request_id
 from producer.errors import VlqError
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ def vlq_error_body(error: VlqError) -> dict[str, Any]:
 def vlq_error_response(error: VlqError) -> JSONResponse:
     status = status_of(error)
     if status >= 500:
-        log.warning("%s: %s", error.code, error.message)
+        log.warning("%s: %s (request %s)", error.code, error.message, current_request_id())
     return JSONResponse(vlq_error_body(error), status_code=status)
 
 
@@ -118,5 +119,8 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unexpected error on %s %s", request.method, request.url.path)
-        return error_response(500, "internal error; the server log has the details", "internal_error")
+        # Served outside the other middleware: the request id comes from the request's state.
+        request_id = getattr(request.state, "request_id", None)
+        log.exception("unexpected error on %s %s (request %s)", request.method, request.url.path, request_id)
+        return error_response(500, f"internal error; the server log has the details (request {request_id})",
+                              "internal_error", headers={"x-request-id": request_id} if request_id else None)

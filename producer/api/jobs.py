@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from fastapi import APIRouter, Query, Request
@@ -24,6 +25,7 @@ from producer.errors import BadInput, InvalidRequest, JobNotFinished, JobNotFoun
 from producer.schema import Destination
 from producer.state import BatchCounts, JobRecord
 
+log = logging.getLogger(__name__)
 router = APIRouter(tags=["jobs"])
 
 MAX_BATCH_REQUESTS = 50_000
@@ -99,6 +101,7 @@ async def create_job(request: Request) -> JSONResponse:
         job_id=env.id,
     )
     ctx.metrics.submitted("jobs")
+    log.info("job %s: submitted (request %s)", handle.id, request.state.request_id)
     record = await ctx.run(ctx.client.status, handle.id)
     return JSONResponse(job_view(record), status_code=202)
 
@@ -157,6 +160,7 @@ async def create_job_batch(request: Request) -> JSONResponse:
     )
     ctx.metrics.submitted("job_batches", len(handles))
     batch_id = handles[0].batch_id
+    log.info("batch %s: %d jobs submitted (request %s)", batch_id, len(handles), request.state.request_id)
     counts = await ctx.run(ctx.client.batch, batch_id)
     return JSONResponse(batch_view(counts, [h.id for h in handles]), status_code=202)
 

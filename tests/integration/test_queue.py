@@ -82,6 +82,7 @@ def test_a_streaming_job_streams_the_same_text_it_stores(stack: Stack) -> None:
     doc = handle.result(timeout=5)
     assert "".join(e.text for e in events if e.type == "delta") == doc["choices"][0]["message"]["content"]
     assert events[-1].type == "done" and events[-1].usage == doc["usage"]
+    assert {e.system_fingerprint for e in events} == {doc["system_fingerprint"]}  # from the first piece on
 
 
 def test_a_job_cancelled_while_queued_never_runs(stack: Stack) -> None:

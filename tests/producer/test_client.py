@@ -289,6 +289,20 @@ def test_a_restarted_job_does_not_repeat_streamed_logprob_entries(client: Client
     assert events[-1].type == "done"
 
 
+def test_stream_events_name_the_fingerprint_of_the_attempt_that_answers(client: Client) -> None:
+    store, job_id = client.store, "job-fingerprints"
+    client.submit(request(), job_id=job_id)
+    store.append_events(job_id, [
+        {"type": "delta", "text": "Hel", "offset": 0, "attempt": 1, "system_fingerprint": "vlq-a"},
+        {"type": "delta", "text": "Hello", "offset": 0, "attempt": 2, "system_fingerprint": "vlq-b"},
+        {"type": "delta", "text": " you", "offset": 5, "attempt": 2},
+        {"type": "done", "finish_reason": "stop", "usage": {}, "attempt": 2},
+    ])
+    events = list(client.stream(job_id, timeout=5))
+    assert [(e.text, e.system_fingerprint) for e in events] == [
+        ("Hel", "vlq-a"), ("lo", "vlq-b"), (" you", "vlq-b"), ("", "vlq-b")]
+
+
 def test_a_stream_idle_timeout_counts_from_the_last_event_not_from_the_start(client: Client) -> None:
     store, job_id = client.store, "job-slow-stream"
     client.submit(request(), job_id=job_id)

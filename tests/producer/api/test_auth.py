@@ -36,6 +36,7 @@ def test_a_request_without_a_valid_token_is_a_401(guarded: str, headers: dict) -
             response = http.request(method, path, headers=headers)
             assert_openai_error(response, 401, "invalid_api_key")
             assert response.headers["www-authenticate"] == "Bearer"
+            assert response.headers["x-request-id"].startswith("req_")  # refusals can be quoted too
 
 
 def test_every_configured_token_is_accepted(guarded: str) -> None:

@@ -146,6 +146,15 @@ def test_include_usage_sends_usage_in_a_last_chunk_without_choices(api: Api) -> 
     assert all(c.usage is None for c in chunks[:-1])
 
 
+def test_every_streamed_chunk_names_the_engine_fingerprint_as_the_whole_answer_does(api: Api) -> None:
+    client = api.openai()
+    body = one_image(api, max_tokens=4, seed=5)
+    whole = client.chat.completions.create(**body)
+    assert whole.system_fingerprint.startswith("vlq-")
+    chunks = list(client.chat.completions.create(**body, stream=True, stream_options={"include_usage": True}))
+    assert len(chunks) > 3 and {c.system_fingerprint for c in chunks} == {whole.system_fingerprint}
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_an_image_outside_the_allowed_roots_is_a_400_in_openai_shape(api: Api, stream: bool) -> None:
     body = {"model": "QwenVL", "max_tokens": 4, "stream": stream, "messages": [{"role": "user", "content": [
