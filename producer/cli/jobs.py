@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import sys
+import time
 from pathlib import Path
 from typing import Annotated, Any, NamedTuple
 
 import typer
 
+from producer.cli import show
 from producer.cli.app import app, fail
 from producer.client import Client, new_batch_id
 from producer.errors import InvalidRequest, JobNotFinished, VlqError
@@ -186,15 +189,28 @@ def _submit_args(item: dict[str, Any] | Job) -> tuple[Any, dict[str, Any]]:
 def status(
     job_id: Annotated[str, typer.Argument(help="a job id (or a batch id with --batch)")],
     batch: Annotated[bool, typer.Option("--batch", help="JOB_ID is a batch id: print its counts")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON (Unix times), also on a terminal")] = False,
 ) -> None:
-    """Print a job's record (status, timestamps, attempts, error) or a batch's counts as JSON."""
+    """Print a job's record (status, times, attempts, error) or a batch's counts.
+
+    On a terminal: readable lines, times in the local zone. Otherwise, or with --json, one JSON
+    object (times as Unix seconds), for scripts.
+    """
+    readable = not as_json and sys.stdout.isatty()
     try:
         c = client()
         if batch:
             counts = c.batch(job_id)
-            _print_json({**counts.model_dump(), "finished": counts.finished, "done": counts.done})
+            if readable:
+                typer.echo("\n".join(show.batch_lines(counts)))
+            else:
+                _print_json({**counts.model_dump(), "finished": counts.finished, "done": counts.done})
         else:
-            _print_json(c.status(job_id).public())
+            record = c.status(job_id)
+            if readable:
+                typer.echo("\n".join(show.job_lines(record, time.time())))
+            else:
+                _print_json(record.public())
     except VlqError as e:
         fail(e)
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import pty
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -10,8 +13,10 @@ from typer.testing import CliRunner
 
 from producer.cli import app
 from producer.cli.jobs import MAX_LISTED
+from producer.client import Client
 from producer.config import Settings
 from producer.state import JobStore
+from tests.integration.conftest import vlq_command
 from tests.worker.scripted_worker import scripted_worker
 
 REQUEST = {"messages": [{"role": "user", "content": [
@@ -52,6 +57,39 @@ def test_submit_wait_prints_the_result(tmp_path: Path, settings: Settings) -> No
     status = json.loads(vlq("status", job_id).stdout)
     assert status["status"] == "succeeded" and status["attempts"] == 1 and "job_json" not in status
     assert json.loads(vlq("result", job_id).stdout)["vlq"]["job_id"] == job_id
+
+
+def on_a_terminal(*args: str, env: dict[str, str]) -> str:
+    """What `vlq ARGS` prints with a pseudo-terminal as its stdout."""
+    main, child = pty.openpty()
+    try:
+        subprocess.run([*vlq_command(), *args], stdout=child, stderr=subprocess.PIPE, env={**os.environ, **env},
+                       timeout=60, check=True)
+    finally:
+        os.close(child)
+    out = b""
+    while True:
+        try:
+            piece = os.read(main, 65536)
+        except OSError:  # the terminal closed: everything is read
+            break
+        if not piece:
+            break
+        out += piece
+    os.close(main)
+    return out.decode().replace("\r\n", "\n")
+
+
+def test_status_is_readable_on_a_terminal_and_json_in_a_pipe_or_with_json(settings: Settings,
+                                                                        env: dict[str, str]) -> None:
+    with Client(settings) as c:
+        job_id = c.submit(REQUEST).id
+    shown = on_a_terminal("status", job_id, env=env)
+    assert shown.splitlines()[0] == f"{job_id}  queued" and " ago)" in shown.splitlines()[1]
+    assert json.loads(on_a_terminal("status", job_id, "--json", env=env))["status"] == "queued"
+    piped = subprocess.run([*vlq_command(), "status", job_id], capture_output=True, text=True,
+                           env={**os.environ, **env}, timeout=60)
+    assert json.loads(piped.stdout)["id"] == job_id
 
 
 def test_a_jsonl_file_is_one_batch_and_openai_batch_lines_keep_their_custom_id(
