@@ -23,6 +23,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -175,18 +176,51 @@ class ChatRequest(BaseModel):
     stream_options: dict[str, Any] | None = None
     n: int = 1
     tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None  # the older spelling of tools
+    function_call: Any = None
+    modalities: list[str] | None = None
+    audio: dict[str, Any] | None = None
     user: str | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     response_format: dict[str, Any] | None = None
     logit_bias: dict[str, Any] | None = None
 
+    @field_validator("stream", "n", mode="before")
+    @classmethod
+    def _null_is_the_default(cls, v: Any, info: ValidationInfo) -> Any:
+        # OpenAI's schema lets clients send null for these; some send every default that way.
+        return cls.model_fields[info.field_name].default if v is None else v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_tool_calls(cls, data: Any) -> Any:
+        # Before the fields: an assistant message with tool_calls has content null, which would
+        # otherwise be reported as a wrong content type.
+        messages = data.get("messages") if isinstance(data, dict) else None
+        for i, message in enumerate(messages if isinstance(messages, list) else ()):
+            for field in ("tool_calls", "function_call"):
+                if isinstance(message, dict) and message.get(field):
+                    _refuse(f"messages[{i}].{field}", f"messages[{i}] holds {field}, but tools (function calling)"
+                            " are not supported by Qwen-VL-Chat: send the conversation as text")
+        return data
+
     @model_validator(mode="after")
     def _supported(self) -> ChatRequest:
         if self.n != 1:
             _refuse("n", "n must be 1: vlq returns one choice per request")
-        if self.tools:
-            _refuse("tools", "tools (function calling) are not supported by Qwen-VL-Chat")
+        if self.tools or self.functions:
+            _refuse("tools" if self.tools else "functions", "tools (function calling) are not supported by Qwen-VL-Chat")
+        for name in ("tool_choice", "function_call"):
+            if getattr(self, name) not in (None, "none"):
+                _refuse(name, f"{name} needs tools, which Qwen-VL-Chat does not support: leave it out")
+        if self.modalities and set(self.modalities) != {"text"}:
+            _refuse("modalities", 'vlq answers in text only: leave modalities out, or send ["text"]')
+        if self.audio:
+            _refuse("audio", "audio output is not supported: vlq answers in text only")
+        if self.stream_options is not None and not self.stream:
+            _refuse("stream_options", "stream_options is only allowed with stream: true")
         if self.logit_bias:
             _refuse("logit_bias", "logit_bias is not supported: leave it out, or steer the answer in the prompt")
         if self.top_logprobs and not self.logprobs:

@@ -77,6 +77,14 @@ def test_a_body_that_is_not_a_json_object_is_a_400(http: httpx.Client, raw: byte
          "invalid_request", "messages[0].content[0].image_url.url"),
         ({"messages": [{"role": "user", "content": [{"type": "text"}]}]},
          "invalid_request", "messages[0].content[0].text"),
+        (chat(tool_choice="required"), "invalid_request", "tool_choice"),
+        (chat(functions=[{"name": "f"}]), "invalid_request", "functions"),
+        (chat(modalities=["text", "audio"]), "invalid_request", "modalities"),
+        (chat(audio={"voice": "alloy", "format": "wav"}), "invalid_request", "audio"),
+        (chat(stream_options={"include_usage": True}), "invalid_request", "stream_options"),
+        ({"messages": [{"role": "user", "content": "hi"},
+                       {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function"}]},
+                       {"role": "user", "content": "and?"}]}, "invalid_request", "messages[1].tool_calls"),
     ],
 )
 def test_a_bad_chat_request_is_a_400_naming_its_problem(http: httpx.Client, body: dict, code: str, param) -> None:
