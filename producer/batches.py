@@ -141,7 +141,8 @@ class RequestCounts(BaseModel):
 
 
 class BatchObject(BaseModel):
-    """OpenAI's ``batch`` object, as ``GET /v1/batches/{id}`` returns it."""
+    """OpenAI's ``batch`` object, as ``GET /v1/batches/{id}`` returns it. ``model`` is None until
+    the input file is validated, then the first request's (``api.served_model`` if none names one)."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -249,8 +250,7 @@ class Batches:
             "created_at": now,
             "expires_at": now + COMPLETION_WINDOWS[completion_window],
             "metadata": json.dumps(metadata) if metadata is not None else "",
-            "model": self.served_model,
-        }
+        }  # no model yet: the requests name it, and they are read when the batch is validated
         with redis_errors(self.url):
             pipe = self.redis.pipeline(transaction=True)
             pipe.hset(self.keys.openai_batch(batch_id), mapping=fields)

@@ -64,8 +64,9 @@ def test_a_batch_runs_every_line_as_a_job_and_writes_both_files(env) -> None:
     client, files, batches = env
     batch = batches.create(upload(files, [line("a"), line("b"), line("c")]), "/v1/chat/completions")
     assert batch.status == "validating" and batch.request_counts.total == 0
+    assert batch.model is None  # not read yet: it comes from the requests
     batch = batches.refresh(batch.id)
-    assert batch.status == "in_progress" and batch.request_counts.total == 3
+    assert batch.status == "in_progress" and batch.request_counts.total == 3 and batch.model == "m"
     ids = client.batch_jobs(batch.id)
     assert ids == [f"{batch.id}-1", f"{batch.id}-2", f"{batch.id}-3"]
     answer(client, ids[2])
