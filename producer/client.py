@@ -78,11 +78,14 @@ class Client:
     """Submit jobs and follow them. Thread-safe; build once and share.
 
     ``settings`` are the validated :class:`producer.config.Settings` (Redis URL, queue, key prefix,
-    default result store).
+    default result store). ``name_store``: not-found errors say which Redis and key prefix were
+    searched (for the operator at a CLI); the HTTP API turns it off, as its callers have no use
+    for the deployment's hosts.
     """
 
-    def __init__(self, settings: Settings, *, store: JobStore | None = None) -> None:
+    def __init__(self, settings: Settings, *, store: JobStore | None = None, name_store: bool = True) -> None:
         self.settings = settings
+        self.name_store = name_store
         self.keys = Keys(settings.key_prefix)
         self.store = store or JobStore.from_settings(settings)
         self.queue = settings.broker.queue
@@ -279,13 +282,17 @@ class Client:
         """The job's record (status, timestamps, attempts, error). Raises :class:`JobNotFound`."""
         record = self.store.get(job_id)
         if record is None:
-            raise JobNotFound(f"no job {job_id!r} {self._where()} (never submitted there, or its record expired)")
+            raise JobNotFound(self._not_found(f"job {job_id!r}"))
         return record
 
-    def _where(self) -> str:
-        """Where ids are looked up, for not-found messages: a job submitted with another Redis or
-        key prefix (another deployment, the demo's own) is not found here."""
-        return f"in {safe_url(self.store.url) or 'Redis'} under key prefix {self.settings.key_prefix!r}"
+    def _not_found(self, what: str, gone: str = "its record expired") -> str:
+        """A not-found message for ``what`` ("job 'job-…'"), naming where ids are looked up when
+        :attr:`name_store`: a job submitted with another Redis or key prefix (another deployment,
+        the demo's own) is not found here."""
+        if not self.name_store:
+            return f"no {what} (never submitted, or {gone})"
+        where = f"{safe_url(self.store.url) or 'Redis'} under key prefix {self.settings.key_prefix!r}"
+        return f"no {what} in {where} (never submitted there, or {gone})"
 
     def workers(self, *, stopped: bool = False) -> list[dict[str, Any]]:
         """The registered workers, by name: each one's registry entry (queue, gpu, checkpoint,
@@ -422,7 +429,7 @@ class Client:
         finished job keeps its status, which is returned."""
         outcome = self.store.cancel(job_id)
         if outcome == "missing":
-            raise JobNotFound(f"no job {job_id!r} {self._where()} (never submitted there, or its record expired)")
+            raise JobNotFound(self._not_found(f"job {job_id!r}"))
         return outcome
 
     def batch(self, batch_id: str) -> BatchCounts:
@@ -430,7 +437,7 @@ class Client:
         counts = self.store.batch(batch_id)
         if counts.total == 0:
             hint = "; that is a job id: leave --batch out" if batch_id.startswith("job-") else ""
-            raise JobNotFound(f"no batch {batch_id!r} {self._where()} (never submitted there, or it expired){hint}")
+            raise JobNotFound(self._not_found(f"batch {batch_id!r}", "it expired") + hint)
         return counts
 
     def batch_jobs(self, batch_id: str) -> list[str]:

@@ -37,7 +37,7 @@ def create_app(settings: Settings, client: Client | None = None) -> FastAPI:
     """An app for ``settings``. ``client`` defaults to one built from the same settings (and is
     then closed with the app); pass your own to share it."""
     own_client = client is None
-    client = client or Client(settings)
+    client = client or Client(settings, name_store=False)  # API callers need not learn the Redis host
     file_store = FileStore.from_settings(settings)
     preflight = Preflight(settings)
 
