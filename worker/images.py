@@ -20,8 +20,8 @@ frame of an animation, alpha dropped, and *no* EXIF rotation (the reference mode
 stored pixel grid, so vlq does too). Images above ``max_pixels`` are refused from their header,
 before any pixel is decoded.
 
-Errors (all coded, from :mod:`producer.errors`): a 4xx answer or missing file/object is
-:class:`ImageFetchError`; timeouts and stalls :class:`ImageFetchTimeout`; 5xx, 429, refused or
+Errors (all coded, from :mod:`producer.errors`): a 4xx answer, a missing file/object or a host
+name that DNS says does not exist is :class:`ImageFetchError`; timeouts and stalls :class:`ImageFetchTimeout`; 5xx, 429, refused or
 cut-off connections :class:`ImageFetchUnavailable` (both transient: the job is retried);
 :class:`ImageTooLarge` for bytes or pixels; :class:`ImageDecodeError` for anything PIL cannot
 read; :class:`ImageURLForbidden` for a scheme, path or host that is not allowed. This module
@@ -212,6 +212,11 @@ class ImageLoader:
         except httpx.TooManyRedirects as e:
             raise ImageFetchError(f"too many redirects fetching {_short(url)}", url=_short(url)) from e
         except httpx.TransportError as e:  # refused, reset, DNS, cut off mid-body
+            host = _unknown_host(e)
+            if host is not None:  # asking again will not make the name exist
+                raise ImageFetchError(
+                    f"cannot fetch {_short(url)}: the host name {host!r} does not exist (DNS has no such"
+                    " name): check the URL", url=_short(url), host=host) from e
             raise ImageFetchUnavailable(
                 f"could not fetch {_short(url)}: {type(e).__name__}: {e}",
                 url=_short(url),
@@ -539,6 +544,23 @@ def _too_large(url: str, size: str, pixels: int | None, max_pixels: int) -> Imag
         f"the image at {_short(url)} is {size} pixels; at most {max_pixels:,} are accepted "
         "(images.max_pixels): send a smaller image (the model sees every image at 448x448)",
         url=_short(url), pixels=pixels, max_pixels=max_pixels)
+
+
+_NO_SUCH_NAME = {socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME)}
+
+
+def _unknown_host(error: BaseException) -> str | None:
+    """The host of a fetch that failed because DNS says its name does not exist (not for a
+    resolver that could not answer, ``EAI_AGAIN``, which may pass), else None."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, socket.gaierror) and seen.errno in _NO_SUCH_NAME:
+            try:
+                return error.request.url.host  # the hop that failed: a redirect may lead elsewhere
+            except (AttributeError, RuntimeError):  # an error raised without its request
+                return "?"
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def _check_http_status(response: httpx.Response, url: str) -> None:

@@ -9,6 +9,7 @@ import hashlib
 import io
 import ipaddress
 import os
+import socket
 import struct
 import threading
 import time
@@ -179,6 +180,30 @@ def test_a_refused_connection_is_transient(loader: ImageLoader) -> None:
     with pytest.raises(ImageFetchUnavailable, match="could not fetch .*ConnectError") as err:
         loader.load(f"http://127.0.0.1:{free_port()}/img.png")
     assert err.value.retryable
+
+
+@pytest.mark.parametrize("block_private_networks", [True, False])  # the guard resolves names itself
+def test_a_host_name_dns_says_does_not_exist_fails_at_once_and_one_it_could_not_look_up_is_transient(
+    monkeypatch: pytest.MonkeyPatch, block_private_networks: bool
+) -> None:
+    answers = {"gone.example": socket.EAI_NONAME, "flaky.example": socket.EAI_AGAIN}
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host, *args, **kwargs):
+        if host in answers:
+            raise socket.gaierror(answers[host], "scripted answer")
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    settings = ImageSettings(block_private_networks=block_private_networks, fetch_timeout_s=TIMEOUT_S)
+    with ImageLoader(settings) as loader:
+        with pytest.raises(ImageFetchError) as gone:
+            loader.load("https://gone.example/photo.jpg")
+        with pytest.raises(ImageFetchUnavailable) as flaky:
+            loader.load("https://flaky.example/photo.jpg")
+    assert gone.value.code == "image_fetch_failed" and not gone.value.retryable
+    assert "'gone.example' does not exist" in gone.value.message and "check the URL" in gone.value.message
+    assert flaky.value.retryable
 
 
 @pytest.mark.parametrize("path", ["/stall-headers", "/stall-body", "/drip"])
