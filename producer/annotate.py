@@ -9,14 +9,17 @@
   be submitted comes, so the first jobs start at once however large the folder.
 - Results are appended to the output file as they arrive, one line per image:
   ``{"path", "job_id", "status", "answer", "boxes", "image_size", "error", "fingerprint", "prompt",
-  "model"}``; ``image_size`` is ``[width, height]`` as the worker decoded the image (None for a
-  failed job). ``vlq export`` turns the file into COCO or Label Studio input (producer.export).
+  "model", "checkpoint"}`` (a succeeded one also ``finish_reason``, ``"length"`` when the answer
+  was cut off at ``max_tokens``, and ``usage``); ``image_size`` is ``[width, height]`` as the
+  worker decoded the image (None for a failed job). ``vlq export`` turns the file into COCO or Label Studio input (producer.export).
 - With ``scores`` the jobs ask for logprobs: each box carries a ``score`` (how sure the model was
   of the tokens that wrote it, in (0, 1]) and each line an answer ``score`` likewise.
 - Resuming: an image's *fingerprint* is the sha256 of its bytes, the prompt, the model name and
   the sampling options. A later run with the same output file skips every image whose
   fingerprint already has a ``succeeded`` line; failed ones are tried again (their new line is
-  appended; the last line for a path is the current one).
+  appended; the last line for a path is the current one). A done image found at a new path (a
+  copy, or a file moved since) is not asked again: its line is copied to the new path, with
+  ``copied_from`` naming the old one.
 
 How images reach the worker (``transport``):
 
@@ -69,6 +72,8 @@ class AnnotateOptions:
     def __post_init__(self) -> None:
         if not self.prompt.strip():
             raise InvalidRequest("the prompt is empty: pass --prompt TEXT")
+        if self.max_in_flight < 1:
+            raise InvalidRequest(f"--max-in-flight is {self.max_in_flight}: at least 1 job must be queued at once")
         if self.transport == "s3" and not (self.upload_to or "").startswith("s3://"):
             raise InvalidRequest("transport s3 needs an upload location: --upload s3://bucket/prefix")
 
@@ -89,6 +94,7 @@ class AnnotateSummary:
     failed: int = 0
     cancelled: int = 0
     redone: int = 0  # done before by a checkpoint the live workers no longer serve
+    copied: int = 0  # of the skipped: new paths of images already done (a copy or a move), their lines copied
     batch_id: str | None = None
     out: Path | None = None
     failures: dict[str, int] = field(default_factory=dict)  # error code -> count
@@ -103,6 +109,13 @@ def check_folder(folder: Path) -> Path:
         raise InvalidRequest(f"{folder} is a file, not a folder: annotate takes a folder of images "
                              "(for one image, use vlq submit)")
     raise InvalidRequest(f"there is no folder {folder}: check the path")
+
+
+def check_out(out: Path) -> Path:
+    """``out`` if a results file can go there, else InvalidRequest saying why (before any job is sent)."""
+    if out.is_dir():
+        raise InvalidRequest(f"--out {out} is a folder: name a file in it, such as {out / 'results.jsonl'}")
+    return out
 
 
 def find_images(folder: Path) -> list[Path]:
@@ -140,9 +153,15 @@ def serving_checkpoints(client: Client) -> set[str]:
 
 def read_done(out: Path) -> dict[str, dict[str, Any]]:
     """Fingerprint -> line, for the lines of ``out`` that succeeded (unreadable lines are ignored)."""
+    return _read_done(out)[0]
+
+
+def _read_done(out: Path) -> tuple[dict[str, dict[str, Any]], set[tuple[str, str]]]:
+    """:func:`read_done`, and the (fingerprint, path) pairs that have a succeeded line."""
     done: dict[str, dict[str, Any]] = {}
+    paths: set[tuple[str, str]] = set()
     if not out.is_file():
-        return done
+        return done, paths
     with out.open(encoding="utf-8") as f:
         for line in f:
             try:
@@ -151,7 +170,8 @@ def read_done(out: Path) -> dict[str, dict[str, Any]]:
                 continue
             if isinstance(row, dict) and row.get("status") == "succeeded" and row.get("fingerprint"):
                 done[row["fingerprint"]] = row
-    return done
+                paths.add((row["fingerprint"], str(row.get("path"))))
+    return done, paths
 
 
 @dataclass(frozen=True)
@@ -172,7 +192,10 @@ class _LazyFile:
     def write(self, text: str) -> None:
         if self._f is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            torn = self.path.is_file() and self.path.stat().st_size > 0 and _last_byte(self.path) != b"\n"
             self._f = self.path.open("a", encoding="utf-8")
+            if torn:  # an earlier run was cut off mid-line: the new lines start on their own
+                self._f.write("\n")
         self._f.write(text)
 
     def flush(self) -> None:
@@ -182,6 +205,12 @@ class _LazyFile:
     def close(self) -> None:
         if self._f is not None:
             self._f.close()
+
+
+def _last_byte(path: Path) -> bytes:
+    with path.open("rb") as f:
+        f.seek(-1, 2)
+        return f.read(1)
 
 
 class Annotator:
@@ -198,34 +227,44 @@ class Annotator:
         self.on_progress = on_progress or (lambda summary: None)
         self._s3 = None
 
-    def _todo(self, folder: Path, paths: list[Path], out: Path, summary: AnnotateSummary) -> Iterator[_Item]:
+    def _todo(self, folder: Path, paths: list[Path], out: Path, sink: _LazyFile,
+              summary: AnnotateSummary) -> Iterator[_Item]:
         """The images still to do, one at a time: each is read and hashed only when the run is
-        ready to submit it, so a large folder starts at once; done ones count as skipped."""
-        done = read_done(out)
+        ready to submit it, so a large folder starts at once; done ones count as skipped. A done
+        image found at a new path (a copy, or a file moved since) gets a copy of its line there,
+        so that every path of the folder has one."""
+        done, done_paths = _read_done(out)
         # The request's model name does not say which weights answer: a line written by a
         # checkpoint that no live worker serves now is done again, not mixed in.
         serving = serving_checkpoints(self.client)
         for path in paths:
             sha = hashlib.sha256(path.read_bytes()).hexdigest()
             fp = fingerprint(sha, self.options)
+            rel = path.relative_to(folder).as_posix()
             if fp in done and serving and done[fp].get("checkpoint") not in serving | {None}:
                 summary.redone += 1
             elif fp in done:
+                if (fp, rel) not in done_paths:
+                    sink.write(json.dumps({**done[fp], "path": rel, "copied_from": done[fp].get("path")},
+                                          ensure_ascii=False) + "\n")
+                    sink.flush()
+                    done_paths.add((fp, rel))
+                    summary.copied += 1
                 summary.skipped += 1
                 self.on_progress(summary)
                 continue
-            yield _Item(path, path.relative_to(folder).as_posix(), sha, fp)
+            yield _Item(path, rel, sha, fp)
 
     def run(self, folder: Path, out: Path) -> AnnotateSummary:
-        folder, out = Path(folder), Path(out)
+        folder, out = Path(folder), check_out(Path(out))
         paths = find_images(folder)
         summary = AnnotateSummary(found=len(paths), out=out)
         self.on_progress(summary)
-        todo = self._todo(folder, paths, out, summary)
+        sink = _LazyFile(out)  # created with its first line: a run that writes nothing leaves no file
+        todo = self._todo(folder, paths, out, sink, summary)
         deadline = None if self.options.timeout_s is None else time.monotonic() + self.options.timeout_s
         pending: dict[str, _Item] = {}
         more = True
-        sink = _LazyFile(out)  # created with its first line: a run that writes nothing leaves no file
         try:
             while more or pending:
                 room = self.options.max_in_flight - len(pending)
@@ -316,7 +355,8 @@ class Annotator:
         except Exception as e:
             from producer.errors import StoreUnavailable
 
-            raise StoreUnavailable(f"cannot upload {item.rel} to s3://{bucket}/{key}: {e}") from e
+            raise StoreUnavailable(f"cannot upload {item.rel} to s3://{bucket}/{key}: {e}; --upload needs an"
+                                   f" existing bucket {bucket!r} the credentials may write to") from e
         return f"s3://{bucket}/{key}"
 
     def _write(self, sink: Any, item: _Item, record: JobRecord, summary: AnnotateSummary) -> None:
@@ -338,6 +378,7 @@ class Annotator:
                 doc = self.client.result_of(record)
                 choice = (doc.get("choices") or [{}])[0]
                 row["answer"] = (choice.get("message") or {}).get("content")
+                row["finish_reason"] = choice.get("finish_reason")  # "length": cut off, boxes may be missing
                 row["boxes"] = doc.get("boxes") or []
                 if self.options.scores:
                     row["score"] = answer_score(choice.get("logprobs"))

@@ -7,16 +7,28 @@ The input is the JSONL that ``vlq annotate`` appends to (one line per image and 
 line for a path is the current one, as for annotate's resuming). Every image of the file is
 exported, sorted by path:
 
-- **COCO** (``images``, ``annotations``, ``categories``): ``images[].file_name`` is the path
-  relative to the annotated folder, ``width``/``height`` the image's pixels (``null`` when the
-  worker never read the image, i.e. for failed jobs). Each box becomes one annotation with
-  ``bbox = [x, y, w, h]`` in pixels, ``area``, ``iscrowd: 0``, its ``phrase`` and the category of
-  that phrase (a box without phrase gets the category ``object``); categories are numbered from
-  1 in the order their phrases first appear.
+- **COCO** (``info``, ``licenses``, ``images``, ``annotations``, ``categories``):
+  ``images[].file_name`` is the path relative to the annotated folder, ``width``/``height`` the
+  image's pixels. Images whose size is unknown (failed jobs: the worker never read them) are
+  left out, as COCO wants every image sized; the summary counts them. Each box becomes one
+  annotation with ``bbox = [x, y, w, h]`` in pixels, ``area``, ``iscrowd: 0``, its ``phrase``
+  and the category of that phrase (a box without phrase gets the category ``object``);
+  categories are numbered from 1 in the order their phrases first appear.
 - **Label Studio**: one task per image, ``{"data": {"image": PREFIX + path}, "predictions":
   [{"model_version", "result": [...]}]}`` with ``rectanglelabels`` (``polygonlabels`` for
   ``<quad>`` regions) in percent of the image, for a labeling config whose ``<Image
-  name="image" value="$image"/>`` is labelled by ``<RectangleLabels name="label" ...>``.
+  name="image" value="$image"/>`` is labelled by ``<RectangleLabels name="label" ...>``. Behind
+  a URL prefix (``http(s)://``, or a path such as ``/data/local-files/?d=``) the image path is
+  percent-encoded (``#``, ``&``, ``+``, ``%``, spaces, non-ASCII), ``/`` kept; behind any other
+  prefix (``s3://bucket/``, or none) it is appended as it is.
+
+Boxes are in the image's stored pixel grid, as the model saw it: vlq, like the reference model,
+ignores a JPEG's EXIF orientation. A phone photo stored sideways with an orientation tag is
+shown upright by browsers and Label Studio, so its boxes land rotated there; rotate such files
+(``exiftran -ai``, ``mogrify -auto-orient``) before annotating.
+
+A line that is not JSON (a run cut off mid-write) is skipped and counted; a file with no
+readable line at all is refused.
 
 Boxes carry their ``score`` when the results came from ``vlq annotate --scores``; ``min_score``
 then leaves out the boxes scored under it. Images whose job succeeded without boxes are exported
@@ -32,6 +44,7 @@ import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import quote
 
 from producer.errors import InvalidRequest
 from worker.engine.grounding import (
@@ -78,47 +91,68 @@ class ExportSummary:
     boxes_below_min_score: int = 0
     min_score: float | None = None
     failures: dict[str, int] = field(default_factory=dict)
+    images_without_size: int = 0  # COCO: left out (failed jobs), as COCO images need width and height
+    unreadable_lines: list[int] = field(default_factory=list)  # skipped: not JSON (a run cut off mid-write)
 
     def line(self) -> str:
         """One human line, e.g. ``3 images: 1 with boxes (2 boxes), 1 without, 1 failed (image_decode_failed x1)``."""
-        text = (f"{self.images} images: {self.with_boxes} with boxes ({self.boxes} boxes),"
+        text = (f"{_n(self.images, 'image')}: {self.with_boxes} with boxes ({_n(self.boxes, 'box')}),"
                 f" {self.without_boxes} without, {self.failed} failed")
         if self.failures:
             text += " (" + ", ".join(f"{code} x{n}" for code, n in sorted(self.failures.items())) + ")"
         if self.boxes_below_min_score:
-            text += f"; {self.boxes_below_min_score} boxes scored under {self.min_score} left out"
+            text += f"; {_n(self.boxes_below_min_score, 'box')} scored under {self.min_score} left out"
         if self.boxes_without_size:
-            text += (f"; {self.boxes_without_size} boxes left out: their image size is unknown"
+            text += (f"; {_n(self.boxes_without_size, 'box')} left out: the image size is unknown"
                      " (annotate again to record it)")
+        if self.images_without_size:
+            text += f"; {_n(self.images_without_size, 'failed image')} left out of the COCO images (no size)"
+        if self.unreadable_lines:
+            shown = ", ".join(map(str, self.unreadable_lines[:5])) + (", ..." if len(self.unreadable_lines) > 5 else "")
+            text += (f"; {_n(len(self.unreadable_lines), 'line')} that {'is' if len(self.unreadable_lines) == 1 else 'are'}"
+                     f" not JSON skipped (line {shown}: a run cut off?)")
         return text
+
+
+def _n(count: int, noun: str) -> str:
+    """``1 box``, ``2 boxes``, ``0 images``."""
+    plural = noun + ("es" if noun.endswith(("x", "s")) else "s")
+    return f"{count} {noun if count == 1 else plural}"
 
 
 # -- reading -------------------------------------------------------------------------------------
 
 
-def read_results(path: Path) -> list[ResultLine]:
+def read_results(path: Path, unreadable: list[int] | None = None) -> list[ResultLine]:
     """The current line of every image in an annotate results file, sorted by path.
 
-    Raises :class:`InvalidRequest` naming the line for anything that is not an annotate result.
+    Lines that are not JSON (a run cut off mid-write) are skipped, their numbers added to
+    ``unreadable``; a file with no JSON line at all, or a JSON line that is not an annotate
+    result, raises :class:`InvalidRequest` naming the line.
     """
     path = Path(path)
     if not path.is_file():
         raise InvalidRequest(f"{path} is not a file: pass the --out file of vlq annotate")
     current: dict[str, ResultLine] = {}
-    with path.open(encoding="utf-8") as f:
+    skipped: list[tuple[int, Exception]] = []
+    with path.open(encoding="utf-8", errors="replace") as f:
         for line_no, raw in enumerate(f, 1):
             if not raw.strip():
                 continue
             try:
                 row = json.loads(raw)
             except (ValueError, RecursionError) as e:
-                raise InvalidRequest(
-                    f"{path} line {line_no} is not JSON ({e}): is this a vlq annotate results file?"
-                ) from None
+                skipped.append((line_no, e))
+                continue
             line = parse_result_line(row, line_no=line_no, source=path)
             current[line.path] = line  # a later run's line replaces an earlier one
+    if not current and skipped:
+        line_no, e = skipped[0]
+        raise InvalidRequest(f"{path} line {line_no} is not JSON ({e}): is this a vlq annotate results file?")
     if not current:
         raise InvalidRequest(f"{path} holds no results: run vlq annotate FOLDER --out {path} first")
+    if unreadable is not None:
+        unreadable += [line_no for line_no, _ in skipped]
     return [current[p] for p in sorted(current)]
 
 
@@ -178,9 +212,14 @@ def to_coco(lines: list[ResultLine], summary: ExportSummary | None = None) -> di
     summary = summary if summary is not None else ExportSummary()
     images, annotations = [], []
     categories: dict[str, int] = {}
-    for image_id, line in enumerate(lines, 1):
+    for line in lines:
         _count(line, summary)
-        width, height = line.image_size or (None, None)
+        if line.image_size is None:  # a failed job: the worker never read the image
+            summary.images_without_size += 1
+            summary.boxes_without_size += len(line.boxes)
+            continue
+        image_id = len(images) + 1
+        width, height = line.image_size
         images.append({"id": image_id, "file_name": line.path, "width": width, "height": height})
         sized = [b for b in line.boxes if b.image_size is not None]
         summary.boxes_without_size += len(line.boxes) - len(sized)
@@ -189,7 +228,9 @@ def to_coco(lines: list[ResultLine], summary: ExportSummary | None = None) -> di
             ann["phrase"] = box.phrase
         annotations += anns
     summary.categories = len(categories)
-    return {"images": images, "annotations": annotations, "categories": coco_categories(categories)}
+    info = {"description": "vlq annotate results", "contributor": "vlq"}
+    return {"info": info, "licenses": [], "images": images, "annotations": annotations,
+            "categories": coco_categories(categories)}
 
 
 def to_label_studio(
@@ -211,9 +252,18 @@ def to_label_studio(
                 line.boxes, model_version=line.model or DEFAULT_MODEL_VERSION,
                 from_name=from_name, to_name=to_name,
             ))
-        tasks.append({"data": {to_name: image_prefix + line.path}, "predictions": predictions})
+        tasks.append({"data": {to_name: image_url(image_prefix, line.path)}, "predictions": predictions})
     summary.categories = len({b.phrase or DEFAULT_LABEL for line in lines if line.succeeded for b in line.boxes})
     return tasks
+
+
+def image_url(prefix: str, path: str) -> str:
+    """``prefix + path``, the path percent-encoded (``/`` kept) behind a URL prefix (``http(s)://``
+    or one starting with ``/``), where ``#``, ``&``, ``+`` or ``%`` in a file name would otherwise
+    point somewhere else; as it is behind any other prefix (``s3://bucket/``) or none."""
+    if prefix.startswith(("http://", "https://", "/")):
+        return prefix + quote(path, safe="/")
+    return prefix + path
 
 
 def keep_confident(lines: list[ResultLine], min_score: float, summary: ExportSummary) -> list[ResultLine]:
@@ -269,8 +319,11 @@ def export(
     """
     if fmt not in FORMATS:
         raise InvalidRequest(f"unknown export format {fmt!r}: use one of {', '.join(FORMATS)}")
-    lines = read_results(results)
+    if out is not None and Path(out).is_dir():
+        name = "instances.json" if fmt == "coco" else "tasks.json"
+        raise InvalidRequest(f"--out {out} is a folder: name a file in it, such as {Path(out) / name}")
     summary = ExportSummary()
+    lines = read_results(results, summary.unreadable_lines)
     if min_score is not None:
         lines = keep_confident(lines, min_score, summary)
     if fmt == "coco":
@@ -302,6 +355,7 @@ __all__ = [
     "Format",
     "ResultLine",
     "export",
+    "image_url",
     "parse_result_line",
     "read_results",
     "to_coco",

@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from producer.annotate import IMAGE_EXTENSIONS, AnnotateOptions, AnnotateSummary, check_folder
+from producer.annotate import IMAGE_EXTENSIONS, AnnotateOptions, AnnotateSummary, check_folder, check_out
 from producer.annotate import annotate as run_annotate
 from producer.cli.app import app, fail
 from producer.cli.jobs import warn_if_unserved
@@ -27,13 +27,14 @@ def annotate(
     prompt: Annotated[str, typer.Option("--prompt", help="what to ask about every image")],
     out: Annotated[Path, typer.Option("--out", help="JSONL results, appended; reruns skip done images")] = Path("results.jsonl"),
     model: Annotated[str | None, typer.Option(help="model name in each request (default: api.served_model)")] = None,
-    max_tokens: Annotated[int | None, typer.Option(help="answer length limit")] = None,
-    temperature: Annotated[float | None, typer.Option(help="0 = greedy")] = None,
+    max_tokens: Annotated[int | None, typer.Option(help="answer length limit", min=1)] = None,
+    temperature: Annotated[float | None, typer.Option(help="0 = greedy", min=0.0, max=2.0)] = None,
     seed: Annotated[int | None, typer.Option(help="sampling seed")] = None,
     inline: Annotated[bool, typer.Option("--inline", help="send image bytes inside the jobs (data: URIs)")] = False,
     upload: Annotated[str | None, typer.Option("--upload", help="upload images to s3://bucket/prefix and send s3:// URLs")] = None,
-    max_in_flight: Annotated[int, typer.Option(help="jobs queued at once")] = 256,
-    timeout: Annotated[float | None, typer.Option(help="give up (and cancel what is left) after N seconds")] = None,
+    max_in_flight: Annotated[int, typer.Option(help="jobs queued at once", min=1)] = 256,
+    timeout: Annotated[float | None, typer.Option(
+        help="give up (and cancel what is left) after N seconds", min=0.0)] = None,
     scores: Annotated[bool, typer.Option(
         "--scores", help="score each box and answer (0..1) from the model's logprobs")] = False,
 ) -> None:
@@ -48,6 +49,7 @@ def annotate(
         fail(InvalidRequest("--inline and --upload exclude each other: choose one"))
     try:
         check_folder(folder)
+        check_out(out)
         client = Client.from_settings()
         options = AnnotateOptions(
             prompt=prompt,
@@ -92,10 +94,14 @@ def annotate(
     except VlqError as e:
         fail(e)
     except KeyboardInterrupt:
-        typer.echo(f"interrupted: the unfinished jobs were cancelled; results so far are in {out}; run the"
-                   " same command again to resume", err=True)
+        so_far = f"results so far are in {out}" if out.is_file() else "no results were written yet"
+        typer.echo(f"interrupted: the unfinished jobs were cancelled; {so_far}; run the same command again"
+                   " to resume", err=True)
         raise typer.Exit(130) from None
     failures = ", ".join(f"{code} x{n}" for code, n in sorted(summary.failures.items()))
+    if summary.copied:
+        typer.echo(f"{summary.copied} images already done at another path (copies, or moved files) got a copy"
+                   " of their line", err=True)
     if summary.redone:
         typer.echo(f"{summary.redone} images done before by another checkpoint than the workers serve now"
                    " are done again; their new lines follow the old ones", err=True)

@@ -30,7 +30,8 @@ NEXT_STEP: dict[str, str] = {
     "config_error": "fix the flag or setting it names (settings: conf/*.yaml or VLQ_* variables)",
     "checkpoint_error": "check the model folder (make one with: python -m engine_build.tiny_model --out DIR)",
     "not_found": "check the id, and that VLQ_BROKER_URL and VLQ_KEY_PREFIX are those it was submitted with",
-    "store_unavailable": "check the result store (Redis, or the S3 endpoint and credentials)",
+    "store_unavailable": ("check the store it names: Redis, or S3 (endpoint_url, credentials and bucket:"
+                          " conf/store.yaml, or VLQ_STORE_S3='{\"endpoint_url\": \"http://host:port\"}')"),
     "store_rejected": "check that the S3 bucket exists and the credentials may write to it",
     "duplicate_job": "leave the id out to get a fresh one, or follow the existing job (vlq status ID)",
 }

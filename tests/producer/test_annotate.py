@@ -128,6 +128,48 @@ def test_the_run_counts_the_folder_first_and_reads_each_image_only_when_it_submi
     assert progress[0] == (3, 0, 0, 0) and [p[1] for p in progress] == [0, 1, 2, 3]  # skips count one by one
 
 
+def test_a_done_image_copied_or_moved_to_a_new_path_gets_its_line_there_without_a_new_job(
+    tmp_path: Path, settings: Settings, client: Client
+) -> None:
+    folder, out = make_folder(tmp_path), tmp_path / "results.jsonl"
+    options = AnnotateOptions(prompt="p")
+    with scripted_worker(settings) as w:
+        annotate(client, folder, out, options)
+        (folder / "sub" / "copy-of-a.jpg").write_bytes((folder / "a.jpg").read_bytes())
+        (folder / "sub" / "deeper" / "c.webp").rename(folder / "c-moved.webp")
+        second = annotate(client, folder, out, options)
+        third = annotate(client, folder, out, options)
+        assert len(w.engine.submitted) == 3  # the first run's only
+    assert (second.found, second.skipped, second.copied, second.submitted) == (4, 4, 2, 0)
+    assert (third.skipped, third.copied) == (4, 0)  # the copies have their lines now
+    lines = {r["path"]: r for r in rows(out)}
+    assert set(lines) == {"a.jpg", "sub/b.PNG", "sub/deeper/c.webp", "sub/copy-of-a.jpg", "c-moved.webp"}
+    assert lines["sub/copy-of-a.jpg"]["copied_from"] == "a.jpg"
+    assert lines["c-moved.webp"]["copied_from"] == "sub/deeper/c.webp"
+    assert lines["sub/copy-of-a.jpg"]["job_id"] == lines["a.jpg"]["job_id"]
+    assert lines["sub/copy-of-a.jpg"]["finish_reason"] == "stop"
+
+
+def test_a_results_file_cut_off_mid_line_gets_its_next_lines_whole(
+    tmp_path: Path, settings: Settings, client: Client
+) -> None:
+    folder, out = make_folder(tmp_path), tmp_path / "results.jsonl"
+    out.write_text('{"path": "old.jpg", "status": "succ')  # a run that died mid-write
+    with scripted_worker(settings):
+        summary = annotate(client, folder, out, AnnotateOptions(prompt="p"))
+    assert summary.succeeded == 3
+    torn, *whole = out.read_text().splitlines()
+    assert torn == '{"path": "old.jpg", "status": "succ' and [json.loads(x)["status"] for x in whole] == ["succeeded"] * 3
+
+
+def test_a_folder_as_out_or_no_room_in_flight_is_refused_before_any_job(tmp_path: Path, client: Client) -> None:
+    folder = make_folder(tmp_path)
+    with pytest.raises(InvalidRequest, match="is a folder: name a file in it"):
+        annotate(client, folder, tmp_path, AnnotateOptions(prompt="p"))
+    with pytest.raises(InvalidRequest, match="at least 1"):
+        AnnotateOptions(prompt="p", max_in_flight=0)
+
+
 def test_failed_images_are_retried_on_the_next_run(tmp_path: Path, settings: Settings, client: Client) -> None:
     folder, out = make_folder(tmp_path), tmp_path / "results.jsonl"
     options = AnnotateOptions(prompt="p")

@@ -52,28 +52,32 @@ def test_the_last_line_of_each_path_counts_and_images_come_sorted_by_path(result
     assert lines[2].image_size == (640, 480) and [b.phrase for b in lines[2].boxes] == ["the cat", "the dog"]
 
 
-def test_coco_has_every_image_pixel_boxes_and_categories_from_the_phrases(results: Path) -> None:
+def test_coco_has_every_sized_image_pixel_boxes_and_categories_from_the_phrases(results: Path) -> None:
     summary = ExportSummary()
-    assert to_coco(read_results(results), summary) == {
-        "images": [
+    coco = to_coco(read_results(results), summary)
+    assert coco.pop("info")["description"] == "vlq annotate results"  # pycocotools' COCO.info() reads it
+    assert coco == {
+        "licenses": [],
+        "images": [  # the failed b.png is left out: COCO wants every image's width and height
             {"id": 1, "file_name": "a.jpg", "width": 100, "height": 50},
-            {"id": 2, "file_name": "b.png", "width": None, "height": None},
-            {"id": 3, "file_name": "sub/cat.jpg", "width": 640, "height": 480},
-            {"id": 4, "file_name": "z.png", "width": 200, "height": 100},
+            {"id": 2, "file_name": "sub/cat.jpg", "width": 640, "height": 480},
+            {"id": 3, "file_name": "z.png", "width": 200, "height": 100},
         ],
         "annotations": [
-            {"id": 1, "image_id": 3, "category_id": 1, "bbox": [64, 96, 256, 264], "area": 67584,
+            {"id": 1, "image_id": 2, "category_id": 1, "bbox": [64, 96, 256, 264], "area": 67584,
              "iscrowd": 0, "phrase": "the cat"},
-            {"id": 2, "image_id": 3, "category_id": 2, "bbox": [0, 0, 640, 480], "area": 307200,
+            {"id": 2, "image_id": 2, "category_id": 2, "bbox": [0, 0, 640, 480], "area": 307200,
              "iscrowd": 0, "phrase": "the dog"},
-            {"id": 3, "image_id": 4, "category_id": 1, "bbox": [18, 10, 162, 80], "area": 12960,
+            {"id": 3, "image_id": 3, "category_id": 1, "bbox": [18, 10, 162, 80], "area": 12960,
              "iscrowd": 0, "segmentation": [[20, 10, 180, 12, 176, 90, 18, 88]], "phrase": "the cat"},
         ],
-        "categories": [{"id": 1, "name": "the cat"}, {"id": 2, "name": "the dog"}],
+        "categories": [{"id": 1, "name": "the cat", "supercategory": "object"},
+                       {"id": 2, "name": "the dog", "supercategory": "object"}],
     }
     assert summary == ExportSummary(images=4, with_boxes=2, without_boxes=1, failed=1, boxes=3, categories=2,
-                                    failures={"image_decode_failed": 1})
-    assert summary.line() == ("4 images: 2 with boxes (3 boxes), 1 without, 1 failed (image_decode_failed x1)")
+                                    failures={"image_decode_failed": 1}, images_without_size=1)
+    assert summary.line() == ("4 images: 2 with boxes (3 boxes), 1 without, 1 failed (image_decode_failed x1);"
+                              " 1 failed image left out of the COCO images (no size)")
 
 
 def test_label_studio_has_one_task_per_image_with_percent_rectangles(results: Path) -> None:
@@ -121,8 +125,8 @@ def test_boxes_of_unknown_size_are_left_out_of_coco_but_not_of_label_studio(tmp_
     lines = read_results(write_lines(tmp_path / "r.jsonl", [bare]))
     summary = ExportSummary()
     coco = to_coco(lines, summary)
-    assert coco["annotations"] == [] and coco["images"][0]["width"] is None
-    assert summary.boxes_without_size == 1 and "1 boxes left out" in summary.line()
+    assert coco["annotations"] == [] and coco["images"] == []
+    assert summary.boxes_without_size == 1 and "1 box left out" in summary.line()
     [result] = to_label_studio(lines)[0]["predictions"][0]["result"]
     assert result["value"] == {"x": 0.0, "y": 50.0, "width": 25.0, "height": 50.0, "rotation": 0,
                                "rectanglelabels": ["object"]}
@@ -140,7 +144,7 @@ def test_export_writes_the_document_and_leaves_no_temporary_file(results: Path, 
     ("text", "message"),
     [
         ("", "holds no results"),
-        ('{"path": "a.jpg", "status": "succeeded"}\nnot json\n', "line 2 is not JSON"),
+        ("not json\n{also not\n", "line 1 is not JSON"),
         ('{"status": "succeeded"}\n', 'line 1 has no "path"'),
         ('{"path": "a.jpg", "image_size": [0, 5]}\n', "image_size"),
         ('{"path": "a.jpg", "boxes": [{"phrase": "x"}]}\n', "box 1 is not a grounding box"),
@@ -153,6 +157,33 @@ def test_a_file_that_is_not_annotate_results_is_refused_naming_the_line(tmp_path
     path.write_text(text, encoding="utf-8")
     with pytest.raises(InvalidRequest, match=message):
         read_results(path)
+
+
+def test_lines_cut_off_mid_write_are_skipped_and_counted(tmp_path: Path) -> None:
+    path = tmp_path / "r.jsonl"
+    text = "".join(json.dumps(x) + "\n" for x in LINES[:2]) + '{"path": "c.jpg", "stat' + json.dumps(LINES[4]) + "\n"
+    path.write_text(text, encoding="utf-8")
+    doc, summary = export(path, None, "labelstudio")
+    assert [t["data"]["image"] for t in doc] == ["sub/cat.jpg", "z.png"] and summary.unreadable_lines == [3]
+    assert "1 line that is not JSON skipped (line 3: a run cut off?)" in summary.line()
+
+
+@pytest.mark.parametrize("prefix, path, url", [
+    ("/data/local-files/?d=photos/", "a#b & c+d 100%.png", "/data/local-files/?d=photos/a%23b%20%26%20c%2Bd%20100%25.png"),
+    ("https://archive.example.com/photos/", "sub/café.jpg", "https://archive.example.com/photos/sub/caf%C3%A9.jpg"),
+    ("s3://bucket/photos/", "a#b.png", "s3://bucket/photos/a#b.png"),
+    ("", "sub/a b.png", "sub/a b.png"),
+])
+def test_label_studio_urls_encode_the_path_behind_a_url_prefix(tmp_path: Path, prefix: str, path: str,
+                                                                url: str) -> None:
+    line = {**LINES[4], "path": path}
+    [task] = to_label_studio(read_results(write_lines(tmp_path / "r.jsonl", [line])), image_prefix=prefix)
+    assert task["data"]["image"] == url
+
+
+def test_a_folder_as_out_is_refused_before_anything_is_read(results: Path, tmp_path: Path) -> None:
+    with pytest.raises(InvalidRequest, match="is a folder: name a file in it, such as .*instances.json"):
+        export(results, tmp_path, "coco")
 
 
 def test_a_missing_results_file_or_unknown_format_is_refused(results: Path, tmp_path: Path) -> None:
@@ -177,7 +208,7 @@ def test_min_score_leaves_out_the_unsure_boxes_and_scores_travel_into_both_forma
     results = write_lines(tmp_path / "scored.jsonl", scored)
     doc, summary = export(results, None, "coco", min_score=0.5)
     assert [(a["phrase"], a["score"]) for a in doc["annotations"]] == [("the cat", 0.91)]
-    assert summary.boxes_below_min_score == 1 and "1 boxes scored under 0.5 left out" in summary.line()
+    assert summary.boxes_below_min_score == 1 and "1 box scored under 0.5 left out" in summary.line()
     tasks, _ = export(results, None, "labelstudio")
     prediction = tasks[0]["predictions"][0]
     assert [r["score"] for r in prediction["result"]] == [0.91, 0.42] and prediction["score"] == pytest.approx(0.665)

@@ -277,7 +277,8 @@ def coco_annotations(
 
 def coco_categories(categories: dict[str, int]) -> list[dict[str, Any]]:
     """COCO ``categories`` list from the phrase -> id map :func:`coco_annotations` filled."""
-    return [{"id": i, "name": name} for name, i in sorted(categories.items(), key=lambda kv: kv[1])]
+    return [{"id": i, "name": name, "supercategory": "object"}
+            for name, i in sorted(categories.items(), key=lambda kv: kv[1])]
 
 
 def label_studio_prediction(

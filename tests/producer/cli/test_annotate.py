@@ -88,6 +88,19 @@ def test_a_missing_folder_or_a_file_is_refused_before_any_progress_shows(tmp_pat
     assert a_file.exit_code == 1 and "is a file, not a folder" in a_file.stderr and "vlq submit" in a_file.stderr
 
 
+@pytest.mark.parametrize("flags", [["--max-in-flight", "0"], ["--max-tokens", "0"], ["--temperature", "-1"],
+                                   ["--timeout", "-5"]])
+def test_out_of_range_numbers_are_refused_naming_the_flag_before_anything_runs(tmp_path: Path, flags) -> None:
+    res = CliRunner().invoke(app, ["annotate", str(tmp_path), "--prompt", "p", *flags])
+    assert res.exit_code == 2 and flags[0] in res.output and "annotate ━" not in res.output
+
+
+def test_a_folder_given_as_out_is_refused_before_any_job_is_sent(tmp_path: Path) -> None:
+    Image.new("RGB", (4, 4)).save(tmp_path / "one.png")
+    res = CliRunner().invoke(app, ["annotate", str(tmp_path), "--prompt", "p", "--out", str(tmp_path)])
+    assert res.exit_code == 1 and "is a folder: name a file in it" in res.stderr and "annotate ━" not in res.stderr
+
+
 def test_a_folder_without_images_says_what_annotate_looks_for(tmp_path: Path, settings: Settings) -> None:
     (tmp_path / "notes.txt").write_text("no pictures here")
     res = CliRunner().invoke(app, ["annotate", str(tmp_path), "--prompt", "p", "--out", str(tmp_path / "o.jsonl")])

@@ -20,7 +20,7 @@ def test_export_writes_coco_and_reports_failed_images_on_stderr(tmp_path: Path) 
     assert json.loads(out.read_text(encoding="utf-8")) == to_coco(read_results(results))
     assert res.stdout == ""
     assert res.stderr.strip() == (f"4 images: 2 with boxes (3 boxes), 1 without, 1 failed (image_decode_failed x1);"
-                                  f" coco written to {out}")
+                                  f" 1 failed image left out of the COCO images (no size); coco written to {out}")
 
 
 def test_export_writes_label_studio_tasks_to_stdout(tmp_path: Path) -> None:

@@ -165,7 +165,7 @@ def test_coco_annotations_use_xywh_pixels_and_phrase_categories() -> None:
     assert [a["id"] for a in anns] == [10, 11, 12]
     assert anns[0] == {"id": 10, "image_id": 42, "category_id": 8, "bbox": [20, 10, 80, 40], "area": 3200, "iscrowd": 0}
     assert anns[1]["category_id"] == 8 and anns[2]["category_id"] == 9 and anns[2]["segmentation"] == [[0, 0, 20, 0, 20, 10, 0, 10]]
-    assert coco_categories(categories)[0] == {"id": 7, "name": "cat"}
+    assert coco_categories(categories)[0] == {"id": 7, "name": "cat", "supercategory": "object"}
 
 
 def test_coco_skips_boxes_without_an_image_size() -> None:
