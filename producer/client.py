@@ -282,7 +282,9 @@ class Client:
         """The job's record (status, timestamps, attempts, error). Raises :class:`JobNotFound`."""
         record = self.store.get(job_id)
         if record is None:
-            raise JobNotFound(self._not_found(f"job {job_id!r}"))
+            hint = ("; that looks like a batch id: vlq status ID --batch (GET /v1/job_batches/ID)"
+                    if job_id.startswith("batch") else "")
+            raise JobNotFound(self._not_found(f"job {job_id!r}") + hint)
         return record
 
     def _not_found(self, what: str, gone: str = "its record expired") -> str:
@@ -360,7 +362,8 @@ class Client:
                 delay = _POLL_MIN_S
                 continue
             if deadline is not None and time.monotonic() >= deadline:
-                raise JobNotFinished(f"{len(pending)} jobs still unfinished after {timeout:g}s"
+                jobs = f"{len(pending)} job" + ("" if len(pending) == 1 else "s")
+                raise JobNotFinished(f"{jobs} still unfinished after {timeout:g}s"
                                      + (self.unserved_hint() if JobStatus.QUEUED in statuses else ""))
             time.sleep(delay)
             delay = min(delay * 1.5, _POLL_MAX_S)

@@ -62,6 +62,9 @@ def worker_settings(
         engine = engine.model_copy(update={"model_dir": Path(model_dir)})
     if gpu is not None and engine.device == "auto":
         engine = engine.model_copy(update={"device": "cuda"})
+    elif gpu is not None and engine.device == "cpu":
+        raise ConfigError(f"--gpu {gpu} asks for a GPU but engine.device is cpu: leave one of them out"
+                          " (VLQ_ENGINE_DEVICE=auto, or no --gpu)")
     if engine.model_dir is None:
         raise ConfigError("no model folder: pass --model DIR or set engine.model_dir")
     if Path(engine.model_dir).is_file():

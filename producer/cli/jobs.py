@@ -122,7 +122,7 @@ def _print_json(data: Any) -> None:
 def submit(
     file: Annotated[Path, typer.Argument(help="a .json request or a .jsonl file of requests")],
     wait: Annotated[bool, typer.Option("--wait", help="wait and print each result")] = False,
-    timeout: Annotated[float | None, typer.Option(help="seconds to wait with --wait")] = None,
+    timeout: Annotated[float | None, typer.Option(help="seconds to wait with --wait", min=0.0)] = None,
 ) -> None:
     """Submit chat requests (OpenAI chat.completions bodies) as jobs; prints their ids.
 
@@ -148,7 +148,7 @@ def submit(
             found.check(file)
             c.submit_jobs(jobs)
             ids = [job.id for job in jobs]
-            typer.echo(f"batch {batch_id}: {len(jobs)} jobs (counts: vlq status {batch_id} --batch; "
+            typer.echo(f"batch {batch_id}: {show.counted(len(jobs), 'job')} (counts: vlq status {batch_id} --batch; "
                        f"results: vlq result {batch_id} --batch --wait)", err=True)
         for job_id in ids:
             typer.echo(job_id)
@@ -174,8 +174,19 @@ def _print_outcome(c: Client, record: JobRecord) -> bool:
         _print_json(c.result_of(record))
         return False
     except VlqError as e:
-        _print_json({"id": record.id, "status": record.status.value, "error": {"code": e.code, "message": e.message}})
+        line: dict[str, Any] = {"id": record.id}
+        custom_id = _custom_id(record)
+        if custom_id is not None:  # an OpenAI Batch line's: what its caller joins on
+            line["custom_id"] = custom_id
+        _print_json({**line, "status": record.status.value, "error": {"code": e.code, "message": e.message}})
         return True
+
+
+def _custom_id(record: JobRecord) -> str | None:
+    try:
+        return record.job().metadata.get("custom_id")
+    except VlqError:  # no stored message (a vanished record)
+        return None
 
 
 def _submit_args(item: dict[str, Any] | Job) -> tuple[Any, dict[str, Any]]:
@@ -219,7 +230,7 @@ def status(
 def result(
     job_id: Annotated[str, typer.Argument(help="a job id (or a batch id with --batch)")],
     wait: Annotated[bool, typer.Option("--wait", help="wait until the job (every job of the batch) finishes")] = False,
-    timeout: Annotated[float | None, typer.Option(help="seconds to wait with --wait")] = None,
+    timeout: Annotated[float | None, typer.Option(help="seconds to wait with --wait", min=0.0)] = None,
     batch: Annotated[bool, typer.Option("--batch", help="JOB_ID is a batch id: one JSON line per job")] = False,
 ) -> None:
     """Print a job's result (OpenAI chat.completion + boxes) as JSON; a failed job prints its error.
@@ -246,7 +257,8 @@ def result(
                 failed += _print_outcome(c, record)
         except JobNotFinished:
             left = len(ids) - printed
-            typer.echo(f"{left} of {len(ids)} jobs are not finished yet: vlq result {job_id} --batch --wait",
+            typer.echo(f"{left} of {show.counted(len(ids), 'job')} {'is' if left == 1 else 'are'} not finished yet:"
+                       f" vlq result {job_id} --batch --wait",
                        err=True)
             raise typer.Exit(1) from None
         if failed:

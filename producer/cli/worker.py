@@ -56,11 +56,12 @@ def workers(
     if as_json:
         for row in rows:
             typer.echo(json.dumps(row))
-    else:
+    elif rows:
         table = Table("worker", "queue", "gpu", "checkpoint", "running", "heartbeat", box=None)
         for row in rows:
             beat = f"{row['heartbeat_s_ago']:g}s ago" + ("" if row["live"] else " (stopped)")
-            table.add_row(row["name"], str(row.get("queue")), str(row.get("gpu")), str(row.get("checkpoint")),
+            gpu = "cpu" if row.get("gpu") is None else str(row["gpu"])
+            table.add_row(row["name"], str(row.get("queue")), gpu, str(row.get("checkpoint")),
                           str(row.get("running", 0)), beat)
         Console().print(table)
     queue = client.settings.broker.queue

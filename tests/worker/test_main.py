@@ -45,7 +45,8 @@ def test_a_missing_model_folder_is_a_clear_config_error(tmp_path: Path) -> None:
 def test_a_gpu_asked_for_is_never_quietly_the_cpu(tmp_path: Path) -> None:
     assert worker_settings(Settings.load(), model_dir=tmp_path, gpu=0).engine.device == "cuda"
     assert worker_settings(Settings.load(), model_dir=tmp_path).engine.device == "auto"
-    assert worker_settings(Settings.load(engine={"device": "cpu"}), model_dir=tmp_path, gpu=0).engine.device == "cpu"
+    with pytest.raises(ConfigError, match="--gpu 0 asks for a GPU but engine.device is cpu"):
+        worker_settings(Settings.load(engine={"device": "cpu"}), model_dir=tmp_path, gpu=0)
 
 
 def test_node_names_are_unique_per_start() -> None:

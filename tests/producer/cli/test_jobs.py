@@ -121,7 +121,8 @@ def test_a_batch_submitted_without_waiting_is_collected_later_in_submission_orde
     path = tmp_path / "many.jsonl"
     three_images = {"messages": [{"role": "user", "content": [
         *REQUEST["messages"][0]["content"][:1] * 3, {"type": "text", "text": "too many for this engine"}]}]}
-    path.write_text("\n".join(json.dumps(x) for x in [REQUEST, three_images, REQUEST]) + "\n")
+    as_batch_line = {"custom_id": "row-2", "method": "POST", "url": "/v1/chat/completions", "body": three_images}
+    path.write_text("\n".join(json.dumps(x) for x in [REQUEST, as_batch_line, REQUEST]) + "\n")
     res = vlq("submit", str(path))
     ids = res.stdout.split()
     batch_id = res.stderr.split()[1].rstrip(":")
@@ -134,8 +135,8 @@ def test_a_batch_submitted_without_waiting_is_collected_later_in_submission_orde
     lines = [json.loads(x) for x in late.stdout.splitlines()]
     assert sorted(map(job_of, lines)) == sorted(ids)
     failed = [d for d in lines if "error" in d]
-    assert failed == [{"id": ids[1], "status": "failed", "error": {"code": "too_many_images",
-                                                                    "message": "at most 2 images"}}]
+    assert failed == [{"id": ids[1], "custom_id": "row-2", "status": "failed",  # what its caller joins on
+                       "error": {"code": "too_many_images", "message": "at most 2 images"}}]
     again = vlq("result", batch_id, "--batch")  # all finished: in submission order, no waiting
     assert [job_of(json.loads(x)) for x in again.stdout.splitlines()] == ids
     assert again.exit_code == 1 and again.stderr == ""
@@ -192,6 +193,8 @@ def test_unknown_ids_print_one_line_and_the_next_step(env) -> None:
     assert hint == "  next: check the id, and that VLQ_BROKER_URL and VLQ_KEY_PREFIX are those it was submitted with"
     res = vlq("result", "job-nope", "--batch")
     assert res.exit_code == 1 and "that is a job id: leave --batch out" in res.stderr
+    res = vlq("status", "batch-nope")
+    assert res.exit_code == 1 and "that looks like a batch id: vlq status ID --batch" in res.stderr
 
 
 def test_an_unreachable_broker_says_to_start_redis(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -208,15 +211,19 @@ def test_workers_lists_the_live_ones_and_exits_1_when_none_serves_the_queue(sett
     store = JobStore.from_settings(settings)
     none = vlq("workers")
     assert none.exit_code == 1 and f"no live worker serves queue '{settings.broker.queue}'" in none.stderr
+    assert none.stdout == ""  # no empty table
     store.register_worker("w-live", {"queue": settings.broker.queue, "gpu": 0, "checkpoint": "qwen@abc", "running": 2})
+    store.register_worker("w-cpu", {"queue": settings.broker.queue, "gpu": None})
     store.register_worker("w-dead", {"queue": settings.broker.queue, "gpu": 1})
     store.redis.hset(store.keys.workers, "w-dead", json.dumps({"queue": settings.broker.queue, "gpu": 1, "at": 0}))
     res = vlq("workers")
     assert res.exit_code == 0, res.output
     assert "w-live" in res.stdout and "qwen@abc" in res.stdout and "w-dead" not in res.stdout
+    assert [line.split()[2] for line in res.stdout.splitlines() if line.strip().startswith("w-cpu")] == ["cpu"], res.stdout
     rows = [json.loads(line) for line in vlq("workers", "--all", "--json").stdout.splitlines()]
-    assert [(r["name"], r["live"], r.get("running")) for r in rows] == [("w-dead", False, None), ("w-live", True, 2)]
-    assert store.forget_workers(3600) == ["w-dead"] and list(store.workers()) == ["w-live"]
+    assert [(r["name"], r["live"], r.get("running")) for r in rows] == [
+        ("w-cpu", True, None), ("w-dead", False, None), ("w-live", True, 2)]
+    assert store.forget_workers(3600) == ["w-dead"] and list(store.workers()) == ["w-cpu", "w-live"]
 
 
 def test_a_file_whose_content_fits_the_other_suffix_says_to_rename_it(tmp_path: Path, env) -> None:
