@@ -594,7 +594,9 @@ def _not_an_image(data: bytes) -> str:
 def _too_many_bytes(url: str, limit: int, size: int | None = None) -> ImageTooLarge:
     got = f"{size} bytes" if size is not None else f"over {limit} bytes"
     return ImageTooLarge(
-        f"the image at {_short(url)} is {got}; at most {limit} are accepted (images.max_bytes)",
+        f"the image at {_short(url)} is {got}; at most {limit} are accepted (images.max_bytes): send it"
+        " smaller (the model sees every image at 448x448, so a re-encoded JPEG of about 1000 pixels a side"
+        " loses nothing), or raise images.max_bytes on the workers",
         url=_short(url), max_bytes=limit,
     )
 
