@@ -105,17 +105,19 @@ def test_an_annotated_folder_exports_to_coco_and_label_studio(taught_stack: Stac
     coco_file = tmp_path / "instances.json"
     res = CliRunner().invoke(app, ["export", str(results), "--format", "coco", "--out", str(coco_file)])
     assert res.exit_code == 0, res.output
-    assert "3 images: 1 with boxes (1 boxes), 1 without, 1 failed (image_decode_failed x1)" in res.stderr
+    assert ("3 images: 1 with boxes (1 box), 1 without, 1 failed (image_decode_failed x1);"
+            " 1 failed image left out of the COCO images (no size)") in res.stderr
     assert json.loads(coco_file.read_text(encoding="utf-8")) == {
-        "images": [
-            {"id": 1, "file_name": "broken.png", "width": None, "height": None},
-            {"id": 2, "file_name": "square.png", "width": 640, "height": 480},
-            {"id": 3, "file_name": "sub/blank.png", "width": 320, "height": 240},
+        "info": {"description": "vlq annotate results", "contributor": "vlq"},
+        "licenses": [],
+        "images": [  # not broken.png: the worker could not read it, so it has no size
+            {"id": 1, "file_name": "square.png", "width": 640, "height": 480},
+            {"id": 2, "file_name": "sub/blank.png", "width": 320, "height": 240},
         ],
         # (250,125),(625,750) on the 0..1000 grid of a 640x480 picture
-        "annotations": [{"id": 1, "image_id": 2, "category_id": 1, "bbox": [160, 60, 240, 300], "area": 72000,
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [160, 60, 240, 300], "area": 72000,
                          "iscrowd": 0, "phrase": "the square"}],
-        "categories": [{"id": 1, "name": "the square"}],
+        "categories": [{"id": 1, "name": "the square", "supercategory": "object"}],
     }
 
     res = CliRunner().invoke(app, ["export", str(results), "--format", "labelstudio", "--out", "-",
