@@ -1,11 +1,7 @@
-"""The decoder's RMSNorms inside the decode GEMVs (``kernels.NORM_IN_GEMV``) against their own launches.
+"""The decoder's RMSNorms inside the int8 CUDA GEMVs (``kernels.NORM_IN_GEMV``) against their own launches.
 
     python -m benchmarks.step_bench [--skip checks,model,step] [--positions 300,700] [--rounds 3]
-                                    [--replays 40] [--model-repeats 1] [--dtype int8|bf16] [--json FILE]
-
-``--dtype int8`` (the default) checks and times the int8 CUDA GEMVs' fusions; ``--dtype bf16``
-the Triton GEMV's with bf16 weights (the norm there is not bit for bit the separate launches':
-its x is scaled once at the end, not rounded in between; the residual add is).
+                                    [--replays 40] [--model-repeats 1] [--json FILE]
 
 Three parts, each skippable:
 
@@ -62,12 +58,10 @@ def float64_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = EPS) -> tor
 
 
 def fused(x, q, scale, *, norm=None, residual=None, gated=False) -> torch.Tensor:
-    """:func:`kernels.norm_linear` with the fusion, asserting it ran (not the separate launches):
-    the int8 CUDA GEMV, or (``scale`` None: bf16 weights) the Triton GEMV."""
+    """:func:`kernels.norm_linear` with the fusion, asserting it ran (not the separate launches)."""
     with kernels.norms_in_gemv(True):
-        runs = (kernels.fuses_in_gemv(x, q, scale, norm=norm, residual=residual, gated=gated) if scale is not None
-                else kernels.fuses_in_triton_gemv(x, q, norm=norm, residual=residual))
-        assert runs, "the fused GEMV cannot run these operands here"
+        assert kernels.fuses_in_gemv(x, q, scale, norm=norm, residual=residual, gated=gated), \
+            "the fused GEMV cannot run these operands here"
         y = kernels.norm_linear(x, q, scale, norm=norm, residual=residual, gated=gated)
     assert not cuda_gemv.disabled(), f"the CUDA GEMV was turned off: {cuda_gemv.disabled()}"
     return y
@@ -82,10 +76,9 @@ def differing(a: torch.Tensor, b: torch.Tensor) -> int:
     return int((a != b).sum())
 
 
-def check_shape(name: str, n: int, k: int, rows: int, device: torch.device, dtype: str = "int8") -> dict:
+def check_shape(name: str, n: int, k: int, rows: int, device: torch.device) -> dict:
     gen = torch.Generator(device=device).manual_seed(n + rows)
-    w = torch.randn(n, k, device=device, dtype=torch.bfloat16, generator=gen)
-    q, scale = kernels.quantize_int8(w) if dtype == "int8" else ((w / k**0.5).to(torch.bfloat16), None)
+    q, scale = kernels.quantize_int8(torch.randn(n, k, device=device, dtype=torch.bfloat16, generator=gen))
     x = torch.randn(rows, k, device=device, dtype=torch.bfloat16, generator=gen) * 3
     gated = name == "gate_up"
     row: dict = {"shape": name, "N": n, "K": k, "rows": rows}
@@ -99,9 +92,8 @@ def check_shape(name: str, n: int, k: int, rows: int, device: torch.device, dtyp
     norm = (weight, EPS)
     out = fused(x, q, scale, norm=norm, gated=gated)
     apart = separate(x, q, scale, norm=norm, gated=gated)
-    linear = kernels.int8_linear if scale is not None else lambda x_, w_, s_: kernels.dense_linear(x_, w_)
     exact = kernels.gated_linear(float64_norm(x, weight), q, scale) if gated else \
-        linear(float64_norm(x, weight), q, scale)  # the same GEMV on x normalised in float64
+        kernels.int8_linear(float64_norm(x, weight), q, scale)  # the same GEMV on x normalised in float64
     row["outputs_differing_from_separate"] = differing(out, apart)
     for label, y in (("fused", out), ("separate", apart)):
         row[f"{label}_outputs_differing_from_float64_norm"] = differing(y, exact)
@@ -131,17 +123,15 @@ def check_normalised_x(k: int, rows: int, device: torch.device) -> dict:
     return out
 
 
-def checks(args: QwenVLArgs, device: torch.device, dtype: str = "int8") -> dict:
+def checks(args: QwenVLArgs, device: torch.device) -> dict:
     shapes = llm_shapes(args)
     rows_out, xs = [], []
     for name in ("c_attn", "gate_up", "lm_head", "c_proj", "down"):
         n, k = shapes[name]
         for rows in (1, 2):  # the batch sizes whose GEMVs run on the CUDA GEMV (kernels.INT8_GEMV_BY_SHAPE)
-            row = check_shape(name, n, k, rows, device, dtype)
+            row = check_shape(name, n, k, rows, device)
             rows_out.append(row)
-            print(f"  check {dtype} " + ", ".join(f"{key} {value}" for key, value in row.items()), flush=True)
-    if dtype != "int8":
-        return {"gemvs": rows_out}
+            print("  check " + ", ".join(f"{key} {value}" for key, value in row.items()), flush=True)
     for rows in (1, 2):
         row = check_normalised_x(args.llm.hidden_size, rows, device)
         xs.append(row)
@@ -186,11 +176,11 @@ def model_check(fast_of: dict, model, s: SimpleNamespace, feats: torch.Tensor, r
     return out
 
 
-def step(model, positions: list[int], rounds: int, replays: int, dtype: str = "int8") -> dict:
+def step(model, positions: list[int], rounds: int, replays: int) -> dict:
     settings = {"norms apart": lambda: kernels.norms_in_gemv(False), "in GEMVs": lambda: kernels.norms_in_gemv(True)}
     fast = FastQwenVL(model)
     fast.setup_cache(2, 2048)
-    return step_table(fast, dtype, settings, positions, rounds, replays)
+    return step_table(fast, "int8", settings, positions, rounds, replays)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -200,8 +190,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-repeats", type=int, default=1,
                         help="run the fast path this many times per setting in the model part (every run's logits "
                              "against the first's, bit for bit)")
-    parser.add_argument("--dtype", choices=("int8", "bf16"), default="int8",
-                        help="the LLM's weights: int8 (the CUDA GEMV's fusions) or bf16 (the Triton GEMV's)")
     parser.add_argument("--json", type=Path, default=None)
     a = parser.parse_args(argv)
     device = torch.device("cuda")
@@ -210,11 +198,10 @@ def main(argv: list[str] | None = None) -> int:
     args = QwenVLArgs.from_hf_config(first_existing(DEVICE_DIR / "config.json", SHARED / "qwen-vl" / "config.json"))
     result: dict = {"environment": env}
     if "checks" not in skip:
-        result["checks"] = checks(args, device, a.dtype)
+        result["checks"] = checks(args, device)
     if not {"model", "step"} <= skip:
         model = random_model(args, device, torch.bfloat16)
-        if a.dtype == "int8":
-            quantize_llm(model)
+        quantize_llm(model)
         torch.cuda.empty_cache()
     if "model" not in skip:
         tok = QwenTokenizer.from_file(first_existing(DEVICE_DIR / "qwen.tiktoken", SHARED / "qwen-vl" / "qwen.tiktoken"))
@@ -227,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
                                        "norms apart": lambda: kernels.norms_in_gemv(False)}, model, s, feats,
                                       a.model_repeats)
     if "step" not in skip:
-        result["step"] = step(model, a.positions, a.rounds, a.replays, a.dtype)
+        result["step"] = step(model, a.positions, a.rounds, a.replays)
     result["cuda_gemv_disabled"] = cuda_gemv.disabled()
     if a.json:
         a.json.write_text(json.dumps(result, indent=1))

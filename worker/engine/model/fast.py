@@ -4,9 +4,7 @@
 ``setup_cache``, ``prefill``, ``decode``; docs/architecture.md), so the engine takes either.
 What differs from the eager methods of :mod:`.qwen_vl` and :mod:`.decoder`:
 
-- A decoding layer is five launches (:mod:`.kernels`), each RMSNorm inside the GEMV that reads its
-  output and each residual add inside the GEMV that feeds it (:meth:`FastQwenVL._decode_layers`,
-  :data:`.kernels.NORM_IN_GEMV`); with the norms apart, seven: RMSNorm fused with the residual add,
+- A decoding layer is seven launches (:mod:`.kernels`): RMSNorm fused with the residual add,
   ``c_attn``, one kernel for rotary + logn + the KV-cache write + attention (split over the row,
   combined by the last program of each head), ``c_proj``, RMSNorm + add, the MLP's ``w1`` and
   ``w2`` as one matrix (views of one tensor, made once) with ``w1 * silu(w2)`` in its epilogue,
@@ -14,8 +12,9 @@ What differs from the eager methods of :mod:`.qwen_vl` and :mod:`.decoder`:
   tiles per shape, split-K for the narrow ones, the partial sums added by the last program of
   each tile; int8 at one row: the FMA GEMV, ``kernels.INT8_GEMV_BY_SHAPE``);
   prefill uses cuBLAS and a separate gate kernel (int8: the Triton kernel with matmul tiles).
-  The fused norms run in the int8 CUDA GEMV (1 and 2 rows) and in the Triton GEMV of model-dtype
-  weights (up to ``kernels.FEW_ROWS`` rows).
+  Decoding with int8 weights on the CUDA GEMV (1 and 2 rows) takes five: each RMSNorm runs inside
+  the GEMV that reads its output, each residual add inside the GEMV before it
+  (:meth:`FastQwenVL._decode_layers`, :data:`.kernels.NORM_IN_GEMV`).
 - Decode attention reads the static cache in place, each row up to its own length read from
   device memory: no per-step gather, no host-side length, so one CUDA graph per batch size
   serves every length. Graphs for batch sizes ``1 .. max_batch_size`` are captured by
@@ -288,16 +287,13 @@ class FastQwenVL:
         return linear(hidden, self.model.lm_head).float()  # [B, V]
 
     def _norms_in_gemvs(self, x: torch.Tensor) -> bool:
-        """Whether decoding ``x [B, C]`` takes :meth:`_decode_layers`: :data:`.kernels.NORM_IN_GEMV`
-        and a batch size whose GEMVs take the norms, int8 ones on the CUDA GEMV and model-dtype
-        ones on the Triton GEMV (on a CPU: the same arithmetic, unfused)."""
-        if not (kernels.NORM_IN_GEMV and self._layers):
+        """Whether decoding ``x [B, C]`` takes :meth:`_decode_layers`: :data:`.kernels.NORM_IN_GEMV`,
+        int8 weights and a batch size whose GEMVs run on the CUDA GEMV (on a CPU: the same
+        arithmetic, unfused)."""
+        if not (kernels.NORM_IN_GEMV and self._layers and isinstance(self._layers[0].c_attn, Int8Linear)):
             return False
-        c_attn = self._layers[0].c_attn
-        if isinstance(c_attn, Int8Linear):
-            rows, k = c_attn.qweight.shape
-            return kernels.int8_gemv_variant(rows, k, x.shape[0]) == "cuda"
-        return kernels.fuses_in_triton_gemv(x, _weight(c_attn), norm=(self._layers[0].ln_1, 1e-6))
+        rows, k = self._layers[0].c_attn.qweight.shape
+        return kernels.int8_gemv_variant(rows, k, x.shape[0]) == "cuda"
 
     def _decode_layers(self, x: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
                        kv_len: int | None) -> torch.Tensor:

@@ -321,9 +321,7 @@ def attention_kernel(kind: str, tile: AttentionTile | None = None):
 # Decode of the batch sizes whose int8 GEMVs run on the CUDA GEMV (INT8_GEMV_BY_SHAPE: 1 and 2 rows):
 # the decoder's RMSNorms run inside the GEMVs that read their output (c_attn, [w1 | w2], lm_head;
 # each block normalises x into its shared memory) and the residual adds inside the GEMVs that feed
-# them (both c_proj), so a layer has no RMSNorm launch (docs/benchmarks.md, runs 77-87). Decode
-# with model-dtype weights on the Triton GEMV (up to FEW_ROWS rows) does the same in _matmul_kernel
-# (NORM, RESIDUAL): there each program adds up x's squares while it reads x for its own tile.
+# them (both c_proj), so a layer has no RMSNorm launch (docs/benchmarks.md, runs 77-87).
 NORM_IN_GEMV = True
 
 
@@ -593,8 +591,6 @@ def norm_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | Non
         y = _int8_gemv_cuda(x, weight, scale, bias, _fused_tile(x, weight, norm), gated, norm, residual)
         if y is not None:
             return y
-    if fuses_in_triton_gemv(x, weight, scale, norm=norm, residual=residual):
-        return _matmul(x, weight, scale, bias, None, gated, norm=norm, residual=residual)
     if norm is not None:
         x, _ = rms_norm(x, *norm)
     if gated:
@@ -617,22 +613,6 @@ def fuses_in_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | N
                                      residual))
 
 
-def fuses_in_triton_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None, *,
-                         norm: tuple[torch.Tensor, float] | None = None,
-                         residual: torch.Tensor | None = None) -> bool:
-    """Whether :func:`norm_linear` of model-dtype weights is one Triton GEMV launch
-    (:data:`NORM_IN_GEMV`, few rows on the Triton GEMV): the RMSNorm where the shape's tile keeps
-    K in one split, the residual add where its splits are summed in the kernel."""
-    m, k = x.shape
-    if not (NORM_IN_GEMV and scale is None and triton_ok(x) and m <= FEW_ROWS and FUSED_EPILOGUES
-            and DENSE_GEMV == "triton" and (norm is not None or residual is not None)):
-        return False
-    split = few_rows_tiles(weight.shape[0], k, weight.element_size())[5]
-    if norm is not None and (split > 1 or norm[0].dtype != x.dtype or not norm[0].is_contiguous()):
-        return False
-    return split == 1 or _tickets(x.device, 1) is not None
-
-
 def _fused_tile(x: torch.Tensor, weight: torch.Tensor, norm) -> CudaTile | None:
     return (NORM_TILES if norm is not None else CUDA_TILES).get((weight.shape[0], x.shape[1], x.shape[0]))
 
@@ -651,12 +631,9 @@ DENSE_GEMV = "triton"
 
 
 def _matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None,
-            config: tuple | None, gated: bool = False, *, norm: tuple[torch.Tensor, float] | None = None,
-            residual: torch.Tensor | None = None) -> torch.Tensor:
+            config: tuple | None, gated: bool = False) -> torch.Tensor:
     """``y = x @ weight.T (* scale + bias)``; ``gated``: ``weight`` is ``[w1 | w2]`` and ``y`` the
-    gate ``w1(x) * silu(w2(x))``, half as wide (see :func:`gated_linear`). ``norm`` and
-    ``residual``: :func:`norm_linear`'s fusions in the Triton kernel (callers check
-    :func:`fuses_in_triton_gemv`)."""
+    gate ``w1(x) * silu(w2(x))``, half as wide (see :func:`gated_linear`)."""
     m, k = x.shape
     rows = weight.shape[0]
     n = rows // 2 if gated else rows  # output width
@@ -664,8 +641,7 @@ def _matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, b
         _check_stored(weight)
     if x.stride(1) != 1:
         x = x.contiguous()
-    fused = norm is not None or residual is not None
-    if config is None and weight.dtype == INT8_STORAGE and not fused:
+    if config is None and weight.dtype == INT8_STORAGE:
         variant = int8_gemv_variant(rows, k, m)
         if variant == "mma":
             y = _int8_gemv_mma(x, weight, scale, bias, MMA_TILES.get((rows, k, m)), gated)
@@ -686,24 +662,17 @@ def _matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, b
         bn //= 2  # each program reads bn // 2 rows of each half
     grid = (triton.cdiv(n, bn), triton.cdiv(m, bm), split)
     tickets = _tickets(x.device, grid[0] * grid[1]) if split > 1 and FUSED_EPILOGUES else None
-    if fused and ((norm is not None and split > 1) or (split > 1 and tickets is None)):
-        raise ValueError("the RMSNorm fuses into one split of K only, the residual add into summed splits")
     if gated and split > 1 and tickets is None:
         return silu_mul(_matmul(x, weight, scale, bias, config))
-    if residual is not None and (residual.shape != (m, n) or not residual.is_contiguous()):
-        raise ValueError(f"the residual must be a contiguous [{m}, {n}], not {tuple(residual.shape)}")
     y, partial = _gemv_outputs(x, n, split, gated)
     blocks_per_split = triton.cdiv(triton.cdiv(k, bk), split)
-    norm_weight, eps = norm if norm is not None else (x, 0.0)  # unused placeholders without a norm
     _matmul_kernel[grid](
         x, weight, scale if scale is not None else weight, bias if bias is not None else weight,
         y if tickets is not None else partial, partial, tickets if tickets is not None else partial,
-        norm_weight, residual if residual is not None else x, eps,
         m, n, k, x.stride(0), weight.stride(0), blocks_per_split,
         HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
         SPLIT_K=split, GATED=gated, SUM_HERE=tickets is not None, DOT_FP32=INTERPRET,
-        INT8=weight.dtype == INT8_STORAGE, NORM=norm is not None, RESIDUAL=residual is not None,
-        num_warps=warps, num_stages=stages)
+        INT8=weight.dtype == INT8_STORAGE, num_warps=warps, num_stages=stages)
     if split > 1 and tickets is None:
         _sum_splits(partial, scale, bias, y, split)
     return y
@@ -1078,11 +1047,10 @@ if triton is not None:
         _combine_head(out_ptr, max_ptr, sum_ptr, o_ptr, tl.program_id(0), D, SPLITS)
 
     @triton.jit
-    def _matmul_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, part_ptr, ticket_ptr, nw_ptr, res_ptr, eps, M, N, K,
-                       stride_xm, stride_wn, blocks_per_split, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                       GATED: tl.constexpr, SUM_HERE: tl.constexpr, DOT_FP32: tl.constexpr, INT8: tl.constexpr,
-                       NORM: tl.constexpr, RESIDUAL: tl.constexpr):
+    def _matmul_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, part_ptr, ticket_ptr, M, N, K, stride_xm, stride_wn,
+                       blocks_per_split, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, GATED: tl.constexpr,
+                       SUM_HERE: tl.constexpr, DOT_FP32: tl.constexpr, INT8: tl.constexpr):
         """y [M, N] = x [M, K] @ w[N, K].T (* scale[N] + bias[N]), w int8 (INT8: stored as q + 128
         in uint8) or x's dtype; program (n, m, s) does one [BLOCK_M, BLOCK_N] tile over the s-th
         range of K.
@@ -1091,12 +1059,7 @@ if triton is not None:
         n and N + n. SPLIT_K > 1: float32 partial sums [SPLIT_K, M, N] (a second [SPLIT_K, M, N]
         block for the w2 half) go to part_ptr and, with SUM_HERE, the tile's last program to
         finish adds them in split order and writes y; without, y_ptr is part_ptr and
-        _split_k_sum_kernel does the rest.
-
-        NORM (SPLIT_K 1): x goes through the decoder's RMSNorm with weight nw first, without a
-        pass of its own: the loop feeds the tensor cores x times nw (rounded to x's dtype) and adds
-        up x's squares on the way, and the sums are scaled by the rows' rsqrt(mean(x^2) + eps) at
-        the end. RESIDUAL: y is res [M, N] plus the product, rounded as the eager residual add."""
+        _split_k_sum_kernel does the rest."""
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
         pid_k = tl.program_id(2)
@@ -1112,16 +1075,10 @@ if triton is not None:
         k_last = tl.minimum(K, k_first + blocks_per_split * BLOCK_K)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        squares = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)  # added up across K after the loop
         for k0 in range(k_first, k_last, BLOCK_K):
             k = k0 + rk
             k_mask = k < K
             x = tl.load(x_rows + k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)  # [BM, BK]
-            if NORM:
-                xf = x.to(tl.float32)
-                squares += xf * xf
-                nw = tl.load(nw_ptr + k, mask=k_mask, other=0.0).to(tl.float32)  # [BK]
-                x = (xf * nw[None, :]).to(x.dtype)
             w = tl.load(w_cols + k[:, None], mask=k_mask[:, None] & n_mask[None, :], other=0)  # [BK, BN]
             if INT8:  # the sign bit back: Triton's fast int8 conversion takes signed bytes
                 w = (w ^ 0x80).to(tl.int8, bitcast=True)
@@ -1137,14 +1094,10 @@ if triton is not None:
                     acc_g += tl.dot(x.to(tl.float32), g.to(tl.float32))
                 else:
                     acc_g += tl.dot(x, g.to(x.dtype))
-        if NORM:  # the rows' RMSNorm scale, now that all of x has gone by
-            rstd = tl.math.rsqrt(tl.sum(squares, axis=1) / K + eps)  # [BM]
-            acc = acc * rstd[:, None]
-            acc_g = acc_g * rstd[:, None]
         out_mask = m_mask[:, None] & n_mask[None, :]
         if SPLIT_K == 1:
-            _matmul_epilogue(acc, acc_g, s_ptr, b_ptr, y_ptr, res_ptr, rm, rn, N, n_mask, out_mask, HAS_SCALE,
-                             HAS_BIAS, GATED, RESIDUAL)
+            _matmul_epilogue(acc, acc_g, s_ptr, b_ptr, y_ptr, rm, rn, N, n_mask, out_mask, HAS_SCALE, HAS_BIAS,
+                             GATED)
         elif not SUM_HERE:
             tl.store(y_ptr + (pid_k * M + rm[:, None]) * N + rn[None, :], acc, mask=out_mask)
         else:
@@ -1163,16 +1116,14 @@ if triton is not None:
                         total_g += tl.load(parts + (SPLIT_K + split) * M * N, mask=out_mask, other=0.0,
                                            cache_modifier=".cg")
                 tl.store(ticket_ptr + tile, 0)  # ready for the next launch
-                _matmul_epilogue(total, total_g, s_ptr, b_ptr, y_ptr, res_ptr, rm, rn, N, n_mask, out_mask,
-                                 HAS_SCALE, HAS_BIAS, GATED, RESIDUAL)
+                _matmul_epilogue(total, total_g, s_ptr, b_ptr, y_ptr, rm, rn, N, n_mask, out_mask, HAS_SCALE,
+                                 HAS_BIAS, GATED)
 
     @triton.jit
-    def _matmul_epilogue(acc, acc_g, s_ptr, b_ptr, y_ptr, res_ptr, rm, rn, N, n_mask, out_mask,
-                         HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, GATED: tl.constexpr,
-                         RESIDUAL: tl.constexpr):
+    def _matmul_epilogue(acc, acc_g, s_ptr, b_ptr, y_ptr, rm, rn, N, n_mask, out_mask, HAS_SCALE: tl.constexpr,
+                         HAS_BIAS: tl.constexpr, GATED: tl.constexpr):
         """float32 sums [BM, BN] -> scaled, biased, rounded y (GATED: a = w1 half, g = w2 half, each
-        rounded to y's dtype, y = a * silu(g) with silu and the product rounded, as silu_mul;
-        RESIDUAL: res [M, N] plus the rounded y, rounded again, as the eager residual add)."""
+        rounded to y's dtype, y = a * silu(g) with silu and the product rounded, as silu_mul)."""
         dtype = y_ptr.dtype.element_ty
         y = acc
         if HAS_SCALE:
@@ -1188,9 +1139,6 @@ if triton is not None:
             g = g.to(dtype).to(tl.float32)
             gate = (g / (1.0 + tl.exp(-g))).to(dtype)  # silu, rounded as torch rounds it
             y = y.to(dtype).to(tl.float32) * gate.to(tl.float32)
-        if RESIDUAL:
-            res = tl.load(res_ptr + rm[:, None] * N + rn[None, :], mask=out_mask, other=0.0)
-            y = res.to(tl.float32) + y.to(dtype).to(tl.float32)
         tl.store(y_ptr + rm[:, None] * N + rn[None, :], y.to(dtype), mask=out_mask)
 
     @triton.jit
@@ -1243,11 +1191,11 @@ if triton is not None:
             acc1_g = tl.sum(acc1_g, axis=1)
         out_mask = n_mask[None, :]  # [1, BN]: one row of y at a time
         if SPLIT_K == 1:
-            _matmul_epilogue(acc0[None, :], acc0_g[None, :], s_ptr, b_ptr, y_ptr, y_ptr, tl.full([1], 0, tl.int32),
-                             rn, N, n_mask, out_mask, HAS_SCALE, HAS_BIAS, GATED, False)
+            _matmul_epilogue(acc0[None, :], acc0_g[None, :], s_ptr, b_ptr, y_ptr, tl.full([1], 0, tl.int32), rn, N,
+                             n_mask, out_mask, HAS_SCALE, HAS_BIAS, GATED)
             if ROWS == 2:
-                _matmul_epilogue(acc1[None, :], acc1_g[None, :], s_ptr, b_ptr, y_ptr, y_ptr, tl.full([1], 1, tl.int32),
-                                 rn, N, n_mask, out_mask, HAS_SCALE, HAS_BIAS, GATED, False)
+                _matmul_epilogue(acc1[None, :], acc1_g[None, :], s_ptr, b_ptr, y_ptr, tl.full([1], 1, tl.int32), rn,
+                                 N, n_mask, out_mask, HAS_SCALE, HAS_BIAS, GATED)
         elif not SUM_HERE:
             tl.store(y_ptr + (pid_k * ROWS) * N + rn, acc0, mask=n_mask)
             if ROWS == 2:
@@ -1271,9 +1219,8 @@ if triton is not None:
                         if GATED:
                             total_g += tl.load(part_ptr + ((SPLIT_K + split) * ROWS + row) * N + rn, mask=n_mask,
                                                other=0.0, cache_modifier=".cg")
-                    _matmul_epilogue(total[None, :], total_g[None, :], s_ptr, b_ptr, y_ptr, y_ptr,
-                                     tl.full([1], row, tl.int32), rn, N, n_mask, out_mask, HAS_SCALE, HAS_BIAS, GATED,
-                                     False)
+                    _matmul_epilogue(total[None, :], total_g[None, :], s_ptr, b_ptr, y_ptr,
+                                     tl.full([1], row, tl.int32), rn, N, n_mask, out_mask, HAS_SCALE, HAS_BIAS, GATED)
                 tl.store(ticket_ptr + pid_n, 0)  # ready for the next launch
 
     @triton.jit

@@ -74,41 +74,6 @@ def check_gemv() -> None:
         assert err < 2e-2, f"gate vs float math {err:.3g}"
 
 
-def check_norms_in_the_triton_gemv() -> None:
-    """The RMSNorm and the residual add inside the Triton GEMV of model-dtype weights: the residual
-    add as the separate launches' (same product, same rounding), also summed over splits of K;
-    the norm (its sum of squares taken while the tile reads x, the scale applied at the end) as
-    close to float64 math as the separate launches, plain and gated."""
-    eps = 1e-6
-    for rows, k, config, m in ((96, 64, (16, 32, 32, 4, 1, 1), 1), (96, 70, (16, 32, 32, 4, 1, 1), 3),
-                               (64, 128, (16, 16, 32, 4, 1, 2), 2)):
-        x = (3 * randn(m, k)).to(BF16)
-        w = (randn(rows, k) / k**0.5).to(BF16)
-        bias = (0.1 * randn(rows)).to(BF16)
-        norm_w = (1 + 0.2 * randn(k)).to(BF16)
-        res = randn(m, rows).to(BF16)
-        plain = kernels._matmul(x, w, None, bias, config)
-        added = kernels._matmul(x, w, None, bias, config, residual=res)
-        # The interpreter truncates float32 -> bf16 where the GPU rounds to nearest: within one unit
-        # in the last place here; bit for bit on the GPU (benchmarks.step_bench --dtype bf16).
-        ulps = (added.view(torch.int16).int() - (res.float() + plain.float()).to(BF16).view(torch.int16).int()).abs()
-        assert int(ulps.max()) <= 1, f"residual {rows}x{k} {config}: {int(ulps.max())} ulps"
-        if config[5] > 1:
-            continue  # the norm needs all of K in one program
-        for gated in (False, True):
-            separate = kernels._matmul(kernels.rms_norm(x, norm_w, eps)[0], w, None, bias, config, gated)
-            fused = kernels._matmul(x, w, None, bias, config, gated, norm=(norm_w, eps))
-            xd = x.double()
-            normed = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + eps) * norm_w.double()
-            exact = normed @ w.double().T + bias.double()
-            if gated:
-                exact = exact[:, :rows // 2] * F.silu(exact[:, rows // 2:])
-            fused_err, separate_err = (((got.double() - exact).norm() / exact.norm()).item() for got in (fused, separate))
-            # as close to float64 math as the separate launches (whose normalised x is rounded once more)
-            assert fused_err <= 1.25 * separate_err + 1e-3 and fused_err < 3e-2, (
-                f"norm {rows}x{k} gated={gated}: {fused_err:.3g} from float64, separate {separate_err:.3g}")
-
-
 def check_fma_gemv() -> None:
     """The FMA GEMV (1-2 rows, no tensor cores): each tile kind against float64 math within one
     bf16 unit in the last place, its fused split-K sum and gate against the separate launches,
@@ -197,7 +162,6 @@ def check_token_logprobs() -> None:
 if __name__ == "__main__":
     check_token_logprobs()
     check_gemv()
-    check_norms_in_the_triton_gemv()
     check_fma_gemv()
     check_attention()
     check_rotary_attention()
