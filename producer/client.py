@@ -471,6 +471,8 @@ class Client:
                 left = end - time.monotonic()
                 if left <= 0:
                     state = self.status(job_id).status.value
+                    if state == "running" and not emitted:  # taken by a worker, maybe behind others for a slot
+                        state = "running, no text yet: waiting for an engine slot or still reading its images"
                     what = (f"did not finish within {timeout:g}s" if end is deadline
                             else f"sent nothing new for {idle_timeout:g}s")
                     raise JobNotFinished(f"job {job_id} ({state}) {what}; it goes on: fetch its result later"

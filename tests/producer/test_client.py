@@ -330,6 +330,14 @@ def test_a_stream_that_stays_silent_gives_up_and_says_the_job_goes_on(client: Cl
         list(client.stream(handle.id, timeout=0.2, idle_timeout=10))
 
 
+def test_a_silent_running_job_is_said_to_wait_for_a_slot_or_its_images(client: Client) -> None:
+    handle = client.submit(request())
+    client.store.start(handle.record().job(), token="t", worker="w", lease_timeout_s=30)
+    with pytest.raises(JobNotFinished, match=r"\(running, no text yet: waiting for an engine slot or still"
+                                             r" reading its images\) sent nothing new"):
+        list(client.stream(handle.id, idle_timeout=0.3))
+
+
 def test_streaming_a_failed_job_raises_its_error(settings: Settings, client: Client) -> None:
     with scripted_worker(settings) as w:
         w.images.error = ImageDecodeError("broken")
