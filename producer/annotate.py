@@ -17,7 +17,8 @@
 - Resuming: an image's *fingerprint* is the sha256 of its bytes, the prompt, the model name and
   the sampling options. A later run with the same output file skips every image whose
   fingerprint already has a ``succeeded`` line; failed ones are tried again (their new line is
-  appended; the last line for a path is the current one). A done image found at a new path (a
+  appended; the last line for a path is the current one), unless ``retry_failed`` is off: then
+  an image whose current line failed (a corrupt file, say) is left alone. A done image found at a new path (a
   copy, or a file moved since) is not asked again: its line is copied to the new path, with
   ``copied_from`` naming the old one.
 
@@ -68,6 +69,7 @@ class AnnotateOptions:
     max_in_flight: int = 256
     timeout_s: float | None = None  # for the whole run
     scores: bool = False  # ask for logprobs: each box, and the answer, gets a score
+    retry_failed: bool = True  # False: an image whose current line failed is left alone
 
     def __post_init__(self) -> None:
         if not self.prompt.strip():
@@ -95,6 +97,7 @@ class AnnotateSummary:
     cancelled: int = 0
     redone: int = 0  # done before by a checkpoint the live workers no longer serve
     copied: int = 0  # of the skipped: new paths of images already done (a copy or a move), their lines copied
+    left_failed: int = 0  # failed before and not tried again (retry_failed False)
     batch_id: str | None = None
     out: Path | None = None
     failures: dict[str, int] = field(default_factory=dict)  # error code -> count
@@ -156,22 +159,28 @@ def read_done(out: Path) -> dict[str, dict[str, Any]]:
     return _read_done(out)[0]
 
 
-def _read_done(out: Path) -> tuple[dict[str, dict[str, Any]], set[tuple[str, str]]]:
-    """:func:`read_done`, and the (fingerprint, path) pairs that have a succeeded line."""
+def _read_done(out: Path) -> tuple[dict[str, dict[str, Any]], set[tuple[str, str]], set[tuple[str, str]]]:
+    """:func:`read_done`, the (fingerprint, path) pairs that have a succeeded line, and those whose
+    path's current (last) line failed."""
     done: dict[str, dict[str, Any]] = {}
     paths: set[tuple[str, str]] = set()
+    last: dict[str, tuple[str, str]] = {}  # path -> (fingerprint, status) of its last line
     if not out.is_file():
-        return done, paths
+        return done, paths, set()
     with out.open(encoding="utf-8") as f:
         for line in f:
             try:
                 row = json.loads(line)
             except (ValueError, RecursionError):
                 continue
-            if isinstance(row, dict) and row.get("status") == "succeeded" and row.get("fingerprint"):
+            if not (isinstance(row, dict) and row.get("fingerprint")):
+                continue
+            last[str(row.get("path"))] = (row["fingerprint"], str(row.get("status")))
+            if row.get("status") == "succeeded":
                 done[row["fingerprint"]] = row
                 paths.add((row["fingerprint"], str(row.get("path"))))
-    return done, paths
+    failed = {(fp, path) for path, (fp, status) in last.items() if status != "succeeded"}
+    return done, paths, failed
 
 
 @dataclass(frozen=True)
@@ -233,7 +242,7 @@ class Annotator:
         ready to submit it, so a large folder starts at once; done ones count as skipped. A done
         image found at a new path (a copy, or a file moved since) gets a copy of its line there,
         so that every path of the folder has one."""
-        done, done_paths = _read_done(out)
+        done, done_paths, failed = _read_done(out)
         # The request's model name does not say which weights answer: a line written by a
         # checkpoint that no live worker serves now is done again, not mixed in.
         serving = serving_checkpoints(self.client)
@@ -251,6 +260,10 @@ class Annotator:
                     done_paths.add((fp, rel))
                     summary.copied += 1
                 summary.skipped += 1
+                self.on_progress(summary)
+                continue
+            elif not self.options.retry_failed and (fp, rel) in failed:
+                summary.left_failed += 1
                 self.on_progress(summary)
                 continue
             yield _Item(path, rel, sha, fp)

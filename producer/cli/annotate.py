@@ -37,13 +37,16 @@ def annotate(
         help="give up (and cancel what is left) after N seconds", min=0.0)] = None,
     scores: Annotated[bool, typer.Option(
         "--scores", help="score each box and answer (0..1) from the model's logprobs")] = False,
+    retry_failed: Annotated[bool, typer.Option(
+        "--retry-failed/--no-retry-failed",
+        help="try the images that failed before again (--no-retry-failed: leave them, e.g. corrupt files)")] = True,
 ) -> None:
     """Ask one question about every image in FOLDER; write one JSON line per image to --out.
 
     Images reach the workers as file:// URLs by default (the workers must share the filesystem
     and allow the folder in images.allowed_roots), as data: URIs with --inline, or through S3
     with --upload s3://bucket/prefix. A second run with the same prompt and model skips the
-    images that already succeeded and retries the failed ones.
+    images that already succeeded and retries the failed ones (--no-retry-failed: not those).
     """
     if inline and upload:
         fail(InvalidRequest("--inline and --upload exclude each other: choose one"))
@@ -62,6 +65,7 @@ def annotate(
             max_in_flight=max_in_flight,
             timeout_s=timeout,
             scores=scores,
+            retry_failed=retry_failed,
         )
         if options.transport == "file":
             warn_if_not_readable(folder, client.settings.images.allowed_roots)
@@ -102,6 +106,9 @@ def annotate(
     if summary.copied:
         typer.echo(f"{summary.copied} images already done at another path (copies, or moved files) got a copy"
                    " of their line", err=True)
+    if summary.left_failed:
+        typer.echo(f"{summary.left_failed} images that failed before were left alone (--no-retry-failed); their"
+                   " failed lines stay current", err=True)
     if summary.redone:
         typer.echo(f"{summary.redone} images done before by another checkpoint than the workers serve now"
                    " are done again; their new lines follow the old ones", err=True)

@@ -184,6 +184,20 @@ def test_failed_images_are_retried_on_the_next_run(tmp_path: Path, settings: Set
     assert len(read_done(out)) == 3
 
 
+def test_without_retrying_failed_images_only_new_ones_are_sent(tmp_path: Path, settings: Settings,
+                                                               client: Client) -> None:
+    folder, out = make_folder(tmp_path), tmp_path / "results.jsonl"
+    with scripted_worker(settings) as w:
+        w.images.error = ImageDecodeError("unreadable")
+        annotate(client, folder, out, AnnotateOptions(prompt="p"))
+        w.images.error = None
+        Image.new("RGB", (8, 8), "black").save(folder / "new.png")
+        second = annotate(client, folder, out, AnnotateOptions(prompt="p", retry_failed=False))
+        assert len(w.engine.submitted) == 1  # only new.png reached the engine
+    assert (second.found, second.left_failed, second.submitted, second.succeeded) == (4, 3, 1, 1)
+    assert rows(out)[-1]["path"] == "new.png"
+
+
 def test_a_new_prompt_runs_every_image_again(tmp_path: Path, settings: Settings, client: Client) -> None:
     folder, out = make_folder(tmp_path), tmp_path / "results.jsonl"
     with scripted_worker(settings):
