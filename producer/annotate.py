@@ -11,16 +11,17 @@
   ``{"path", "job_id", "status", "answer", "boxes", "image_size", "error", "fingerprint", "prompt",
   "model", "checkpoint"}`` (a succeeded one also ``finish_reason``, ``"length"`` when the answer
   was cut off at ``max_tokens``, and ``usage``); ``image_size`` is ``[width, height]`` as the
-  worker decoded the image (None for a failed job). ``vlq export`` turns the file into COCO or Label Studio input (producer.export).
+  worker decoded the image (None for a failed job). ``vlq export`` turns the file into COCO or
+  Label Studio input (producer.export).
 - With ``scores`` the jobs ask for logprobs: each box carries a ``score`` (how sure the model was
   of the tokens that wrote it, in (0, 1]) and each line an answer ``score`` likewise.
 - Resuming: an image's *fingerprint* is the sha256 of its bytes, the prompt, the model name and
   the sampling options. A later run with the same output file skips every image whose
   fingerprint already has a ``succeeded`` line; failed ones are tried again (their new line is
   appended; the last line for a path is the current one), unless ``retry_failed`` is off: then
-  an image whose current line failed (a corrupt file, say) is left alone. A done image found at a new path (a
-  copy, or a file moved since) is not asked again: its line is copied to the new path, with
-  ``copied_from`` naming the old one.
+  an image whose current line failed (a corrupt file, say) is left alone. A done image found at
+  a new path (a copy, or a file moved since) is not asked again: its line is copied to the new
+  path, with ``copied_from`` naming the old one.
 
 How images reach the worker (``transport``):
 

@@ -108,9 +108,10 @@ class ExportSummary:
         if self.images_without_size:
             text += f"; {_n(self.images_without_size, 'failed image')} left out of the COCO images (no size)"
         if self.unreadable_lines:
-            shown = ", ".join(map(str, self.unreadable_lines[:5])) + (", ..." if len(self.unreadable_lines) > 5 else "")
-            text += (f"; {_n(len(self.unreadable_lines), 'line')} that {'is' if len(self.unreadable_lines) == 1 else 'are'}"
-                     f" not JSON skipped (line {shown}: a run cut off?)")
+            bad = self.unreadable_lines
+            shown = ", ".join(map(str, bad[:5])) + (", ..." if len(bad) > 5 else "")
+            text += (f"; {_n(len(bad), 'line')} that {'is' if len(bad) == 1 else 'are'} not JSON skipped"
+                     f" (line {shown}: a run cut off?)")
         return text
 
 

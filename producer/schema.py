@@ -211,7 +211,8 @@ class ChatRequest(BaseModel):
         if self.n != 1:
             _refuse("n", "n must be 1: vlq returns one choice per request")
         if self.tools or self.functions:
-            _refuse("tools" if self.tools else "functions", "tools (function calling) are not supported by Qwen-VL-Chat")
+            _refuse("tools" if self.tools else "functions",
+                    "tools (function calling) are not supported by Qwen-VL-Chat")
         for name in ("tool_choice", "function_call"):
             if getattr(self, name) not in (None, "none"):
                 _refuse(name, f"{name} needs tools, which Qwen-VL-Chat does not support: leave it out")

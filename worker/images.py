@@ -21,8 +21,9 @@ stored pixel grid, so vlq does too). Images above ``max_pixels`` are refused fro
 before any pixel is decoded.
 
 Errors (all coded, from :mod:`producer.errors`): a 4xx answer, a missing file/object or a host
-name that DNS says does not exist is :class:`ImageFetchError`; timeouts and stalls :class:`ImageFetchTimeout`; 5xx, 429, refused or
-cut-off connections :class:`ImageFetchUnavailable` (both transient: the job is retried);
+name that DNS says does not exist is :class:`ImageFetchError`; timeouts and stalls
+:class:`ImageFetchTimeout`; 5xx, 429, refused or cut-off connections (and a DNS server that could
+not answer) :class:`ImageFetchUnavailable` (both transient: the job is retried);
 :class:`ImageTooLarge` for bytes or pixels; :class:`ImageDecodeError` for anything PIL cannot
 read; :class:`ImageURLForbidden` for a scheme, path or host that is not allowed. This module
 imports no torch.

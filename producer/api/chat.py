@@ -7,11 +7,12 @@ the ``x-vlq-job-id`` header. A client that disconnects while waiting cancels its
 
 With ``"stream": true`` the answer arrives as server-sent ``chat.completion.chunk`` events while
 the worker produces tokens (relayed through the job's Redis stream), each naming the answering
-engine's ``system_fingerprint``: a first chunk with the assistant role, content chunks, a last chunk with ``finish_reason`` (and ``boxes``; with
-``logprobs`` asked, every answer token's entry) that also carries ``usage``, then ``data:
-[DONE]``. With ``stream_options.include_usage`` the usage comes instead in one more chunk with
-empty ``choices``, as OpenAI sends it. A job that fails before its first token answers with a
-plain HTTP error; one that fails later sends an ``error`` event.
+engine's ``system_fingerprint``: a first chunk with the assistant role, content chunks, a last
+chunk with ``finish_reason`` (and ``boxes``; with ``logprobs`` asked, every answer token's entry)
+that also carries ``usage``, then ``data: [DONE]``. With ``stream_options.include_usage`` the
+usage comes instead in one more chunk with empty ``choices``, as OpenAI sends it. A job that
+fails before its first token answers with a plain HTTP error; one that fails later sends an
+``error`` event.
 """
 
 from __future__ import annotations

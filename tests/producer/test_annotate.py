@@ -159,7 +159,8 @@ def test_a_results_file_cut_off_mid_line_gets_its_next_lines_whole(
         summary = annotate(client, folder, out, AnnotateOptions(prompt="p"))
     assert summary.succeeded == 3
     torn, *whole = out.read_text().splitlines()
-    assert torn == '{"path": "old.jpg", "status": "succ' and [json.loads(x)["status"] for x in whole] == ["succeeded"] * 3
+    assert torn == '{"path": "old.jpg", "status": "succ'
+    assert [json.loads(x)["status"] for x in whole] == ["succeeded"] * 3
 
 
 def test_a_folder_as_out_or_no_room_in_flight_is_refused_before_any_job(tmp_path: Path, client: Client) -> None:

@@ -169,7 +169,8 @@ def test_lines_cut_off_mid_write_are_skipped_and_counted(tmp_path: Path) -> None
 
 
 @pytest.mark.parametrize("prefix, path, url", [
-    ("/data/local-files/?d=photos/", "a#b & c+d 100%.png", "/data/local-files/?d=photos/a%23b%20%26%20c%2Bd%20100%25.png"),
+    ("/data/local-files/?d=photos/", "a#b & c+d 100%.png",
+     "/data/local-files/?d=photos/a%23b%20%26%20c%2Bd%20100%25.png"),
     ("https://archive.example.com/photos/", "sub/café.jpg", "https://archive.example.com/photos/sub/caf%C3%A9.jpg"),
     ("s3://bucket/photos/", "a#b.png", "s3://bucket/photos/a#b.png"),
     ("", "sub/a b.png", "sub/a b.png"),

@@ -219,7 +219,8 @@ def test_workers_lists_the_live_ones_and_exits_1_when_none_serves_the_queue(sett
     res = vlq("workers")
     assert res.exit_code == 0, res.output
     assert "w-live" in res.stdout and "qwen@abc" in res.stdout and "w-dead" not in res.stdout
-    assert [line.split()[2] for line in res.stdout.splitlines() if line.strip().startswith("w-cpu")] == ["cpu"], res.stdout
+    [cpu_row] = [line.split() for line in res.stdout.splitlines() if line.strip().startswith("w-cpu")]
+    assert cpu_row[2] == "cpu", res.stdout
     rows = [json.loads(line) for line in vlq("workers", "--all", "--json").stdout.splitlines()]
     assert [(r["name"], r["live"], r.get("running")) for r in rows] == [
         ("w-cpu", True, None), ("w-dead", False, None), ("w-live", True, 2)]
