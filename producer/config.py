@@ -142,6 +142,9 @@ class WorkerSettings(_Section):
     max_reclaims: int = Field(default=3, ge=0)
     retry_backoff_s: float = Field(default=2.0, ge=0)
     retry_backoff_max_s: float = Field(default=120.0, ge=0)
+    # A worker whose broker consumer has sent Redis no BRPOP for this long, while Redis answered
+    # and a thread was free, stops (exit 1) for its supervisor to restart it; 0: never.
+    consumer_stall_s: float = Field(default=120.0, ge=0)
 
 
 class ApiSettings(_Section):

@@ -47,10 +47,33 @@ def check_timeouts(settings: Settings) -> None:
         )
 
 
+class Pulse:
+    """When the broker consumer of this process last asked Redis for a job (its BRPOP), for
+    :class:`worker.consumer_watch.ConsumerWatch`."""
+
+    def __init__(self) -> None:
+        self.at = time.monotonic()
+
+    def touch(self) -> None:
+        self.at = time.monotonic()
+
+    def age(self) -> float:
+        """Seconds since the last BRPOP was sent."""
+        return time.monotonic() - self.at
+
+
+CONSUMER_PULSE = Pulse()
+
+
 class GuardedChannel(kombu_redis.Channel):
     """kombu's Redis channel, except that an entry on the queue list that is not a message
     (bytes pushed by hand, a foreign producer) is moved to vlq's dead letters instead of raising
-    out of the consumer loop, which would stop the worker ("Unrecoverable error")."""
+    out of the consumer loop, which would stop the worker ("Unrecoverable error"). Every BRPOP it
+    sends touches :data:`CONSUMER_PULSE`."""
+
+    def _brpop_start(self, timeout=None):
+        CONSUMER_PULSE.touch()
+        return super()._brpop_start(timeout)
 
     def _brpop_read(self, **options):
         popped: dict[str, object] = {}

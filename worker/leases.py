@@ -26,6 +26,7 @@ from typing import Any
 from producer.errors import VlqError, WorkerLost
 from producer.schema import Job
 from producer.state import Heartbeat, JobStore
+from worker.consumer_watch import ConsumerWatch
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,7 @@ class LeaseKeeper:
         requeue: Callable[[Job, str], None],
         info: dict[str, Any] | None = None,
         max_reclaims: int = 3,
+        watch: ConsumerWatch | None = None,
     ) -> None:
         self.store = store
         self.worker_name = worker_name
@@ -87,6 +89,8 @@ class LeaseKeeper:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._forgot_at = float("-inf")
+        self.watch = watch  # told after each heartbeat whether Redis answered (ConsumerWatch)
+        self._retired = False
 
     # -- runs register here ----------------------------------------------------------------------
 
@@ -120,7 +124,17 @@ class LeaseKeeper:
                 log.warning("job %s: lease lost (finished or taken over elsewhere), aborting", lease.job_id)
                 lease.lost.set()
                 lease.abort()
-        self.store.register_worker(self.worker_name, {**self.info, "running": len(leases)})
+        if not self._retired:
+            self.store.register_worker(self.worker_name, {**self.info, "running": len(leases)})
+
+    def retire(self) -> None:
+        """Leave the worker registry now (the worker is stopping), while the running jobs'
+        leases are still renewed until they finish."""
+        self._retired = True
+        try:
+            self.store.unregister_worker(self.worker_name)
+        except VlqError:
+            pass
 
     def reclaim(self) -> list[str]:
         """Re-enqueue jobs whose lease is stale (and forget workers silent for a day). Returns
@@ -179,7 +193,12 @@ class LeaseKeeper:
                     step()
                 except VlqError as e:  # Redis away: keep trying, the leases will tell
                     log.warning("lease keeper: %s", e)
+                    if self.watch is not None:
+                        self.watch.redis_down()
                     break  # the next step would only hit the same wall and say so again
                 except Exception:
                     log.exception("lease keeper step failed")
+                else:
+                    if step == self.beat and self.watch is not None:
+                        self.watch.check(len(self.running()))
             self._stop.wait(max(0.0, self.heartbeat_s - (time.monotonic() - started)))

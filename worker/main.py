@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import sys
 import uuid
@@ -105,7 +106,7 @@ def run_worker(
     pin_gpu(gpu)  # before anything below imports torch
     settings = worker_settings(settings, model_dir, queue, concurrency, gpu)
     configure_logging(loglevel)
-    from worker.celery_app import check_timeouts, make_celery_app, wait_for_broker
+    from worker.celery_app import CONSUMER_PULSE, check_timeouts, make_celery_app, wait_for_broker
 
     check_timeouts(settings)
     wait_for_broker(settings)
@@ -118,6 +119,7 @@ def run_worker(
 
     from celery.signals import worker_shutting_down
 
+    from worker.consumer_watch import ConsumerWatch
     from worker.engine.chat import ChatEngine  # imports torch: after the GPU is pinned
     from worker.images import ImageLoader
     from worker.leases import LeaseKeeper
@@ -138,6 +140,17 @@ def run_worker(
     def requeue(job: Job, job_queue: str) -> None:
         send_job(app, job, job_queue or queue_name, ahead=True)  # its users have waited their turn already
 
+    stalled: list[str] = []
+
+    def stop_stalled(reason: str) -> None:  # in the lease keeper's thread
+        stalled.append(reason)
+        log.critical("worker %s: %s; stopping so that its supervisor starts a fresh one (exit 1); its running"
+                     " jobs finish first", name, reason)
+        leases.retire()
+        os.kill(os.getpid(), signal.SIGTERM)  # Celery's warm shutdown
+
+    watch = ConsumerWatch(CONSUMER_PULSE.age, threads=threads, stall_s=settings.worker.consumer_stall_s,
+                          on_stall=stop_stalled)
     leases = LeaseKeeper(
         store,
         worker_name=name,
@@ -147,6 +160,7 @@ def run_worker(
         requeue=requeue,
         info={"gpu": gpu, "queue": queue_name, "model": str(settings.engine.model_dir),
               "checkpoint": engine.checkpoint, "backend": settings.engine.backend, "concurrency": threads},
+        watch=watch,
     )
     events = EventWriter(store)
     runner = JobRunner(
@@ -161,6 +175,7 @@ def run_worker(
         events=events,
     )
     register(app, runner)
+    CONSUMER_PULSE.touch()  # loading the model took a while; the consumer starts now
     leases.start()
 
     def say_what_is_left(**_: Any) -> None:  # SIGTERM / Ctrl-C: Celery finishes the running jobs first
@@ -187,7 +202,7 @@ def run_worker(
             quiet=True,
         )
         celery_worker.start()
-        return int(celery_worker.exitcode or 0)
+        return 1 if stalled else int(celery_worker.exitcode or 0)
     finally:
         log.info("worker %s: shutting down", name)
         leases.stop()

@@ -1,14 +1,19 @@
 """kill -9 of a worker mid-job: a new worker reclaims the job through its stale lease (seconds,
-not the broker's visibility timeout), runs it, and exactly one result exists."""
+not the broker's visibility timeout), runs it, and exactly one result exists. A worker whose
+broker consumer stops asking for jobs stops itself, for its supervisor to restart."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from producer.schema import JobStatus
+from tests.conftest import REPO
 from tests.integration.conftest import BUCKET, Stack, image_file, make_stack
 
 pytestmark = pytest.mark.integration
@@ -56,3 +61,30 @@ def test_a_job_whose_worker_is_killed_completes_once_on_a_new_worker(bare_stack:
     assert stack.store.redis.zscore(stack.client.keys.leases, handle.id) is None
     log = second.log_path.read_text()  # type: ignore[attr-defined]
     assert f"job {handle.id}: lease went stale, re-enqueued" in log
+
+
+# `vlq worker` with a broker consumer that never sends BRPOP: the state a Celery reconnect that
+# never resumed leaves a worker in (heartbeats go on, no job is ever taken).
+STALLED_WORKER = """
+import worker.celery_app
+worker.celery_app.GuardedChannel._brpop_start = lambda self, timeout=None: None
+from producer.cli import main
+main()
+"""
+
+
+def test_a_worker_whose_consumer_stops_asking_for_jobs_stops_itself_for_its_supervisor(bare_stack: Stack) -> None:
+    stack = bare_stack
+    log = stack.logs / "stalled-worker.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", STALLED_WORKER, "worker", "--model", str(stack.model_dir), "--log-level", "INFO"],
+        cwd=REPO, env={**os.environ, **stack.env, "VLQ_WORKER_CONSUMER_STALL_S": "3"},
+        stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        assert proc.wait(timeout=120) == 1, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = log.read_text()
+    assert "the broker consumer has asked Redis for no job in" in text and "stopping so that its supervisor" in text
+    assert all(info.get("pid") != proc.pid for info in stack.store.workers(max_age_s=60).values())

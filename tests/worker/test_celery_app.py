@@ -70,3 +70,13 @@ def test_waiting_for_an_absent_broker_gives_up_after_its_bound() -> None:
     with pytest.raises(BrokerUnavailable, match="did not answer within 1s"):
         wait_for_broker(s, timeout_s=1)
     assert time.monotonic() - t0 < 5
+
+
+def test_a_polling_consumer_keeps_its_pulse_fresh(redis_server: str, key_prefix: str) -> None:
+    from tests.worker.scripted_worker import scripted_worker
+    from worker.celery_app import CONSUMER_PULSE
+
+    s = settings(key_prefix=key_prefix, broker={"url": redis_server, "queue": key_prefix})
+    with scripted_worker(s):
+        time.sleep(2.5)  # idle: the consumer asks Redis again every second (BRPOP's timeout)
+        assert CONSUMER_PULSE.age() < 2.0

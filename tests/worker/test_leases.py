@@ -117,3 +117,25 @@ def test_the_keeper_thread_keeps_a_long_job_alive_and_recovers_a_dead_one(store:
         k.stop()
     assert [j for j, _ in requeued] == [dead.id]
     assert "w-test" not in store.workers()  # unregistered on stop
+
+
+def test_the_keeper_asks_its_watch_after_each_heartbeat_and_a_retired_worker_leaves_the_registry(
+    store: JobStore
+) -> None:
+    from worker.consumer_watch import ConsumerWatch
+
+    stalls: list[str] = []
+    k = keeper(store)
+    k.watch = ConsumerWatch(lambda: 1e9, threads=2, stall_s=0.2, on_stall=stalls.append)
+    k.start()
+    try:
+        deadline = time.monotonic() + 5
+        while not stalls and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert stalls and "2 of 2 threads are free" in stalls[0]
+        assert "w-test" in store.workers()
+        k.retire()  # what the worker does on a stall: leave the registry, keep renewing leases
+        time.sleep(0.3)
+        assert "w-test" not in store.workers()
+    finally:
+        k.stop()
