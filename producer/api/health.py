@@ -1,9 +1,10 @@
-"""``GET /healthz``: is the broker reachable, and which workers have been seen lately.
+"""``GET /healthz``: is the broker reachable, and which workers serve this API's queue.
 
-200 with ``status: ok`` when Redis answers and at least one worker heartbeat is fresher than
-``worker.lease_timeout_s``; 200 with ``status: no_workers`` when Redis answers but no worker is
-live (the API can take jobs; they wait in the queue); 503 ``broker_unavailable`` when Redis does
-not answer. Open without a token, for load balancers and compose healthchecks.
+200 with ``status: ok`` when Redis answers and at least one worker serving ``broker.queue`` has a
+heartbeat fresher than ``worker.lease_timeout_s``; 200 with ``status: no_workers`` when Redis
+answers but no live worker serves the queue (the API can take jobs; they wait in the queue;
+``workers.other_queues`` counts live workers of other queues); 503 ``broker_unavailable`` when
+Redis does not answer. Open without a token, for load balancers and compose healthchecks.
 """
 
 from __future__ import annotations
@@ -22,19 +23,20 @@ router = APIRouter(tags=["health"])
 @router.get("/healthz", summary="Broker reachable, workers seen")
 async def healthz(request: Request) -> JSONResponse:
     ctx = get_ctx(request)
-    store = ctx.client.store
+    queue = ctx.settings.broker.queue
     try:
-        await ctx.run(store.ping)
-        workers = await ctx.run(store.workers, ctx.settings.worker.lease_timeout_s)
+        await ctx.run(ctx.client.store.ping)
+        live = await ctx.run(ctx.client.workers)
     except VlqError as e:
         body: dict[str, Any] = {"status": "broker_unavailable", "broker": {"ok": False, "error": e.message},
-                                "workers": {"live": 0, "names": []}}
+                                "workers": {"live": 0, "names": [], "other_queues": 0}}
         return JSONResponse(body, status_code=503)
+    serving = sorted(w["name"] for w in live if w.get("queue") == queue)
     body = {
-        "status": "ok" if workers else "no_workers",
+        "status": "ok" if serving else "no_workers",
         "broker": {"ok": True},
-        "workers": {"live": len(workers), "names": sorted(workers)},
-        "queue": ctx.settings.broker.queue,
+        "workers": {"live": len(serving), "names": serving, "other_queues": len(live) - len(serving)},
+        "queue": queue,
         "model": ctx.settings.api.served_model,
     }
     return JSONResponse(body)

@@ -6,8 +6,11 @@ Read from Redis at each scrape (the whole deployment, whichever process submitte
 - ``vlq_jobs_finished_total{status}``: jobs that ended succeeded, failed or cancelled (counters,
   kept in Redis, so they survive API restarts);
 - ``vlq_queue_depth{queue}``: messages waiting in the broker's queue;
-- ``vlq_workers_live``: workers whose heartbeat is fresher than ``worker.lease_timeout_s``;
+- ``vlq_workers_live{queue}``: workers whose heartbeat is fresher than ``worker.lease_timeout_s``,
+  by the queue they serve (this API's queue always listed, 0 when none serves it);
 - ``vlq_openai_batches_active``: OpenAI batches not yet final;
+- ``vlq_dead_letters``: queue entries that were not jobs, kept in ``<prefix>:dead`` (newest
+  10,000) for an operator to read (``redis-cli LRANGE <prefix>:dead 0 9``);
 - ``vlq_broker_up``: 1 when Redis answered the scrape.
 
 Observed by this API process, for the jobs it answers (chat completions, finalized OpenAI
@@ -57,8 +60,9 @@ class _RedisCollector(Collector):
                 for key in store.keys.queue_lists(ctx.settings.broker.queue):
                     pipe.llen(key)
                 depth = sum(pipe.execute())
-            workers = store.workers(ctx.settings.worker.lease_timeout_s)
+            workers = ctx.client.workers()
             active = len(ctx.batches.active_ids())
+            dead = store.redis.llen(store.keys.dead_letters)
         except (VlqError, OSError) as e:
             log.warning("metrics: Redis unavailable: %s", e)
             up.add_metric([], 0)
@@ -83,12 +87,19 @@ class _RedisCollector(Collector):
         queue = GaugeMetricFamily("vlq_queue_depth", "messages waiting in the broker queue", labels=["queue"])
         queue.add_metric([ctx.settings.broker.queue], depth)
         yield queue
-        live = GaugeMetricFamily("vlq_workers_live", "workers with a fresh heartbeat")
-        live.add_metric([], len(workers))
+        by_queue = {ctx.settings.broker.queue: 0}
+        for worker in workers:
+            by_queue[str(worker.get("queue"))] = by_queue.get(str(worker.get("queue")), 0) + 1
+        live = GaugeMetricFamily("vlq_workers_live", "workers with a fresh heartbeat, by queue", labels=["queue"])
+        for name, count in sorted(by_queue.items()):
+            live.add_metric([name], count)
         yield live
         batches = GaugeMetricFamily("vlq_openai_batches_active", "OpenAI batches not yet final")
         batches.add_metric([], active)
         yield batches
+        letters = GaugeMetricFamily("vlq_dead_letters", "queue entries that were not jobs, kept for reading")
+        letters.add_metric([], dead)
+        yield letters
 
 
 class ApiMetrics:

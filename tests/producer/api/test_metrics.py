@@ -37,7 +37,28 @@ def test_jobs_by_status_and_queue_depth_come_from_redis(redis_server: str, key_p
     assert m[("vlq_jobs", (("status", "running"),))] == 0
     assert m[("vlq_jobs_finished_total", (("status", "cancelled"),))] == 1
     assert m[("vlq_queue_depth", (("queue", key_prefix),))] == 3  # the cancelled one's message waits too
-    assert m[("vlq_workers_live", ())] == 0
+    assert m[("vlq_workers_live", (("queue", key_prefix),))] == 0  # listed even when none serves it
+
+
+def test_live_workers_count_by_queue_and_dead_letters_show(redis_server: str, key_prefix: str) -> None:
+    settings = Settings.load(REPO / "conf", key_prefix=key_prefix, broker={"url": redis_server, "queue": key_prefix})
+    with Client(settings) as client:
+        store = client.store
+        store.register_worker("w-ours", {"queue": key_prefix})
+        store.register_worker("w-other-1", {"queue": "elsewhere"})
+        store.register_worker("w-other-2", {"queue": "elsewhere"})
+        store.redis.lpush(store.keys.dead_letters, '{"raw": "junk"}', '{"raw": "more junk"}')
+        with serve(create_app(settings, client)) as url, httpx.Client(base_url=url) as http:
+            m = scrape(http)
+            health = http.get("/healthz").json()
+            store.unregister_worker("w-ours")
+            alone = http.get("/healthz").json()
+    assert m[("vlq_workers_live", (("queue", key_prefix),))] == 1
+    assert m[("vlq_workers_live", (("queue", "elsewhere"),))] == 2
+    assert m[("vlq_dead_letters", ())] == 2
+    assert health["status"] == "ok" and health["workers"] == {"live": 1, "names": ["w-ours"], "other_queues": 2}
+    # workers of other queues do not make this API's queue served
+    assert alone["status"] == "no_workers" and alone["workers"]["other_queues"] == 2
 
 
 @pytest.mark.integration
@@ -58,4 +79,4 @@ def test_answered_jobs_show_in_latency_and_token_counters(api: Api) -> None:
     assert grew("vlq_decode_tokens_per_second_count") == 1
     assert grew("vlq_api_jobs_submitted_total", (("endpoint", "chat.completions"),)) == 1
     assert grew("vlq_jobs_finished_total", (("status", "succeeded"),)) >= 1
-    assert after[("vlq_workers_live", ())] == 1
+    assert after[("vlq_workers_live", (("queue", api.stack.settings.broker.queue),))] == 1
