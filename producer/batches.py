@@ -254,6 +254,8 @@ class Batches:
         with redis_errors(self.url):
             pipe = self.redis.pipeline(transaction=True)
             pipe.hset(self.keys.openai_batch(batch_id), mapping=fields)
+            # kept as long as its jobs can be: the window, then store.ttl_s (reset when it ends)
+            pipe.expire(self.keys.openai_batch(batch_id), COMPLETION_WINDOWS[completion_window] + self.files.ttl_s)
             pipe.zadd(self.keys.openai_batches, {batch_id: time.time()})
             pipe.sadd(self.keys.openai_batches_active, batch_id)
             pipe.execute()
@@ -335,7 +337,8 @@ class Batches:
             raise JobNotFound(f"no batch {batch_id!r} (never created, or it expired)", param="batch_id")
         status = h["status"]
         if status in FINAL_STATUSES:
-            self._deactivate(batch_id)
+            with redis_errors(self.url):  # left in the active set by a process that stopped at the wrong moment
+                self.redis.srem(self.keys.openai_batches_active, batch_id)
             return self._object(h)
         if status == "validating" or (status == "cancelling" and not h.get("jobs")):
             self._with_lock(batch_id, self._validate_and_submit)
@@ -604,8 +607,13 @@ class Batches:
         return bool(moved), old
 
     def _deactivate(self, batch_id: str) -> None:
+        """The batch just ended: off the active set, and its record kept ``store.ttl_s`` more, as
+        long as its output and error files (list() drops the ids whose record is gone)."""
         with redis_errors(self.url):
-            self.redis.srem(self.keys.openai_batches_active, batch_id)
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.srem(self.keys.openai_batches_active, batch_id)
+            pipe.expire(self.keys.openai_batch(batch_id), self.files.ttl_s)
+            pipe.execute()
 
     def _object(self, h: dict[str, str]) -> BatchObject:
         data: dict[str, Any] = {k: h.get(k) or None for k in (

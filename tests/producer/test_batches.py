@@ -65,6 +65,8 @@ def test_a_batch_runs_every_line_as_a_job_and_writes_both_files(env) -> None:
     batch = batches.create(upload(files, [line("a"), line("b"), line("c")]), "/v1/chat/completions")
     assert batch.status == "validating" and batch.request_counts.total == 0
     assert batch.model is None  # not read yet: it comes from the requests
+    key, ttl = client.keys.openai_batch(batch.id), client.settings.store.ttl_s
+    assert 24 * 3600 + ttl - 5 <= client.store.redis.ttl(key) <= 24 * 3600 + ttl  # its window, then as its jobs
     batch = batches.refresh(batch.id)
     assert batch.status == "in_progress" and batch.request_counts.total == 3 and batch.model == "m"
     ids = client.batch_jobs(batch.id)
@@ -85,6 +87,7 @@ def test_a_batch_runs_every_line_as_a_job_and_writes_both_files(env) -> None:
     assert err[0]["response"]["status_code"] == 400
     assert err[0]["response"]["body"]["error"]["code"] == "image_fetch_failed"
     assert batch.id not in batches.active_ids()
+    assert ttl - 5 <= client.store.redis.ttl(key) <= ttl  # ended: kept as long as its output files
     assert batches.refresh(batch.id) == batch  # final: nothing moves any more
     with pytest.raises(InvalidRequest, match="completed and cannot be cancelled"):
         batches.cancel(batch.id)
