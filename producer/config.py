@@ -12,11 +12,13 @@ defaults below apply. Settings are validated once at start-up and passed down ex
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 from pathlib import Path
 from typing import Any, Literal
 
+import redis.connection
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
@@ -45,6 +47,10 @@ class BrokerSettings(_Section):
     def _redis_url(cls, v: str) -> str:
         if v.split("://", 1)[0] not in ("redis", "rediss", "unix"):
             raise ValueError(f"{v!r} is not a Redis URL: write redis://host:6379/0 (rediss:// for TLS)")
+        try:
+            redis.connection.parse_url(v)  # what redis-py will make of it: port, db, options
+        except ValueError as e:
+            raise ValueError(f"{v!r} is not a usable Redis URL ({e}): write redis://host:6379/0") from None
         return v
     # Redis redelivers an unacknowledged message after this many seconds; it must exceed the
     # longest job plus its queue wait. Crashed workers are recovered sooner by leases.
@@ -197,6 +203,7 @@ class Settings(BaseSettings):
         Raises :class:`producer.errors.ConfigError` naming the bad setting.
         """
         folder = _resolve_conf_dir(conf_dir)
+        _check_variables()
         _CONF_DIR_FOR_LOAD["dir"] = folder
         try:
             settings = cls(**overrides)
@@ -216,6 +223,39 @@ class Settings(BaseSettings):
             _CONF_DIR_FOR_LOAD.pop("dir", None)
         settings._conf_dir = folder
         return settings
+
+
+# VLQ_* variables that are not settings: read by the CLI, the test suite and the demo script.
+NOT_SETTINGS = frozenset({"VLQ_CONF_DIR", "VLQ_DEBUG", "VLQ_REQUIRE_SHARED", "VLQ_SHARED_DIR", "VLQ_TOKENIZER"})
+
+
+def setting_variables() -> list[str]:
+    """Every VLQ_* variable that sets something: each top-level field, each section as JSON, and
+    each field of a section."""
+    names = []
+    for name, field in Settings.model_fields.items():
+        names.append(f"VLQ_{name.upper()}")
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            names += [f"VLQ_{name.upper()}_{sub.upper()}" for sub in field.annotation.model_fields]
+    return names
+
+
+def _check_variables() -> None:
+    """Refuse a VLQ_* variable that names no section or top-level setting (a typo such as
+    VLQ_WORKR_CONCURRENCY would otherwise be ignored without a word), naming the closest real
+    one. An unknown setting of a known section is left to the section's own check, which lists
+    what the section holds."""
+    known = set(setting_variables())
+    sections = tuple(f"VLQ_{name.upper()}_" for name, field in Settings.model_fields.items()
+                     if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel))
+    for name in sorted(os.environ):
+        upper = name.upper()
+        if not upper.startswith("VLQ_") or upper in known or upper in NOT_SETTINGS or upper.startswith(sections):
+            continue
+        close = difflib.get_close_matches(upper, sorted(known), n=1, cutoff=0.75)
+        hint = f"did you mean {close[0]}?" if close else "see conf/*.yaml for the settings there are"
+        raise ConfigError(f"{name} sets nothing: {hint} (variables are VLQ_<SECTION>_<SETTING>, e.g."
+                          " VLQ_WORKER_CONCURRENCY)")
 
 
 def _unreadable_variable(e: SettingsError) -> str:
@@ -269,6 +309,8 @@ def _read_conf_dir(folder: Path | None) -> dict[str, Any]:
         return {}
     sections = set(Settings.model_fields)
     values: dict[str, Any] = {}
+    for path in sorted(folder.glob("*.yml")):
+        raise ConfigError(f"{path}: vlq reads conf/*.yaml only; rename it to {path.with_suffix('.yaml').name}")
     for path in sorted(folder.glob("*.yaml")):
         name = path.stem
         try:

@@ -8,6 +8,7 @@ import pytest
 
 from producer.config import Settings
 from producer.errors import ConfigError
+from tests.conftest import REPO
 
 
 @pytest.fixture(autouse=True)
@@ -71,4 +72,32 @@ def test_a_variable_that_should_be_json_is_named_with_how_to_write_it(monkeypatc
 def test_a_broker_url_that_is_not_redis_is_refused_at_load(monkeypatch: pytest.MonkeyPatch, url: str) -> None:
     monkeypatch.setenv("VLQ_BROKER_URL", url)
     with pytest.raises(ConfigError, match="bad setting broker.url: .* is not a Redis URL: write redis://"):
+        Settings.load()
+
+
+@pytest.mark.parametrize("name, meant", [("VLQ_WORKR_CONCURRENCY", "VLQ_WORKER_CONCURRENCY"),
+                                         ("VLQ_IMAGE_ALLOWED_ROOTS", "VLQ_IMAGES_ALLOWED_ROOTS"),
+                                         ("VLQ_KEYPREFIX", "VLQ_KEY_PREFIX")])
+def test_a_variable_that_sets_nothing_is_refused_naming_the_one_meant(monkeypatch: pytest.MonkeyPatch, name: str,
+                                                                      meant: str) -> None:
+    monkeypatch.setenv(name, "3")
+    with pytest.raises(ConfigError, match=f"{name} sets nothing: did you mean {meant}"):
+        Settings.load()
+
+
+def test_the_variables_of_the_cli_tests_and_demo_are_not_taken_for_typos(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("VLQ_DEBUG", "VLQ_CONF_DIR", "VLQ_REQUIRE_SHARED", "VLQ_SHARED_DIR", "VLQ_TOKENIZER"):
+        monkeypatch.setenv(name, str(REPO / "conf") if name == "VLQ_CONF_DIR" else "1")
+    Settings.load()
+
+
+def test_a_yml_file_in_the_conf_folder_is_not_silently_skipped(tmp_path: Path) -> None:
+    (tmp_path / "broker.yml").write_text("url: redis://elsewhere:6379/0\n")
+    with pytest.raises(ConfigError, match="broker.yml: vlq reads conf/\\*.yaml only; rename it to broker.yaml"):
+        Settings.load(tmp_path)
+
+
+def test_a_broker_url_redis_cannot_use_is_refused_at_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VLQ_BROKER_URL", "redis://127.0.0.1:notaport/0")
+    with pytest.raises(ConfigError, match="not a usable Redis URL .*Port could not be cast"):
         Settings.load()
