@@ -224,6 +224,13 @@ class Settings(BaseSettings):
         settings._conf_dir = folder
         return settings
 
+    def source(self) -> str:
+        """Where these settings came from, for start-up logs: the YAML folder and the VLQ_*
+        variables set."""
+        names = sorted(k for k in os.environ if k.upper().startswith("VLQ_") and k.upper() not in NOT_SETTINGS)
+        folder = str(self._conf_dir.resolve()) if self._conf_dir is not None else "no conf folder (defaults)"
+        return folder + (f" + {', '.join(names)}" if names else "")
+
 
 # VLQ_* variables that are not settings: read by the CLI, the test suite and the demo script.
 NOT_SETTINGS = frozenset({"VLQ_CONF_DIR", "VLQ_DEBUG", "VLQ_REQUIRE_SHARED", "VLQ_SHARED_DIR", "VLQ_TOKENIZER"})

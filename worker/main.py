@@ -28,7 +28,7 @@ from producer.config import Settings
 from producer.errors import ConfigError, StoreUnavailable
 from producer.keys import Keys
 from producer.schema import Job
-from producer.state import JobStore
+from producer.state import JobStore, safe_url
 
 log = logging.getLogger("vlq.worker")
 
@@ -184,8 +184,9 @@ def run_worker(
                  f": {', '.join(running)}" if running else "")
 
     worker_shutting_down.connect(say_what_is_left, weak=False)
-    log.info("worker %s: serving queue %r with %d threads (engine batch %d), keys %s:*",
-             name, queue_name, threads, settings.engine.max_batch_size, Keys(settings.key_prefix).prefix)
+    log.info("worker %s: serving queue %r of %s with %d threads (engine batch %d), keys %s:*, settings from %s",
+             name, queue_name, safe_url(settings.broker.url), threads, settings.engine.max_batch_size,
+             Keys(settings.key_prefix).prefix, settings.source())
     try:
         celery_worker = app.Worker(
             hostname=name,

@@ -29,6 +29,7 @@ from producer.client import Client
 from producer.config import Settings
 from producer.files import FileStore
 from producer.preflight import Preflight
+from producer.state import safe_url
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +46,8 @@ def create_app(settings: Settings, client: Client | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         ctx: ApiContext = app.state.vlq
         loop_task = asyncio.get_running_loop().create_task(ctx.refresher.run())
-        log.info("vlq api: queue %r, keys %s:*, auth %s, prompt-length pre-flight %s",
-                 settings.broker.queue, settings.key_prefix,
+        log.info("vlq api: queue %r of %s, keys %s:*, settings from %s, auth %s, prompt-length pre-flight %s",
+                 settings.broker.queue, safe_url(settings.broker.url), settings.key_prefix, settings.source(),
                  "on" if settings.api.auth_tokens else "off",
                  "on" if preflight.checks_prompt_length
                  else "off (workers check prompt lengths; set engine.model_dir to refuse long prompts here)")

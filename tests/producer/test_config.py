@@ -101,3 +101,13 @@ def test_a_broker_url_redis_cannot_use_is_refused_at_load(monkeypatch: pytest.Mo
     monkeypatch.setenv("VLQ_BROKER_URL", "redis://127.0.0.1:notaport/0")
     with pytest.raises(ConfigError, match="not a usable Redis URL .*Port could not be cast"):
         Settings.load()
+
+
+def test_the_settings_say_where_they_came_from_for_the_start_up_logs(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    for name in [k for k in os.environ if k.startswith("VLQ_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("VLQ_WORKER_CONCURRENCY", "3")
+    monkeypatch.setenv("VLQ_DEBUG", "1")  # not a setting: not listed
+    assert Settings.load(REPO / "conf").source() == f"{(REPO / 'conf').resolve()} + VLQ_WORKER_CONCURRENCY"
