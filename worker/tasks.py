@@ -11,10 +11,12 @@ The task is thin; :class:`JobRunner` does the work and never lets bad input esca
 4. write the result (key = job id: a second delivery rewrites the same key) and mark the job
    ``succeeded``; or mark it ``failed`` with the error's code and message, or ``cancelled``.
 
-Transient errors (an image server that timed out, S3 5xx, Redis away) are retried with
-exponential backoff, at most ``worker.max_retries`` times, with delays kept below the broker's
-visibility timeout (the job's ``last_error`` says which retry comes when); then the job fails
-with the error's own code and a message that says how many attempts were made and what to check.
+Transient errors (an image server that timed out, Redis away) are retried with exponential
+backoff, at most ``worker.max_retries`` times, with delays kept below the broker's visibility
+timeout (the job's ``last_error`` says which retry comes when); then the job fails with the
+error's own code and a message that says how many attempts were made and what to check. A result
+store that is unavailable (S3 5xx) is tried again in place, as often, with the answer kept: the
+engine's work is not done again.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from producer.errors import (
     EngineError,
     JobCancelled,
     MalformedJob,
+    StoreUnavailable,
     TransientError,
     VlqError,
 )
@@ -130,6 +133,15 @@ class Outcome:
     retry_in: float | None = None
 
 
+class _ResultNotWritten(Exception):
+    """The result store stayed unavailable through every in-place try: fail the job, do not
+    compute the answer again."""
+
+    def __init__(self, error: VlqError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
 class JobRunner:
     """Runs jobs for one worker process: shared by all of Celery's threads."""
 
@@ -202,7 +214,9 @@ class JobRunner:
         started = time.time()
         try:
             document = self._execute(job, lease, attempt, received)
-            location = self.results.for_destination(job.destination).put(job.id, document)
+            location = self._put_result(job, lease, document)
+        except _ResultNotWritten as e:
+            return self._fail(job, e.error)
         except JobCancelled as e:
             if lease.lost.is_set() and not lease.cancelled.is_set():
                 log.info("job %s: stopped, another run holds it", job.id)
@@ -231,6 +245,27 @@ class JobRunner:
                  (time.time() - started) * 1000, attempt, _breakdown(document),
                  "" if changed else " (already finished)")
         return Outcome(status.value)
+
+    def _put_result(self, job: Job, lease: Lease, document: dict[str, Any]) -> str:
+        """Write the answer to the job's result store, trying again in place (the lease renewed
+        meanwhile) while the store is unavailable: a store that blinks costs a wait, not the
+        answer's whole computation again. After ``worker.max_retries`` more tries the job fails
+        with the store's error."""
+        store = self.results.for_destination(job.destination)
+        most = self.settings.worker.max_retries
+        for tries in range(most + 1):
+            try:
+                return store.put(job.id, document)
+            except StoreUnavailable as e:
+                if tries == most:  # the answer was computed once; computing it again would not help
+                    raise _ResultNotWritten(e.with_note(
+                        f"gave up after {most + 1} attempts to write the result: {e.remedy}")) from None
+                delay = self._backoff(tries)
+                log.warning("job %s: could not write its result (%s); trying again in %.1fs, the answer kept",
+                            job.id, e.message, delay)
+                if lease.cancelled.wait(delay) or lease.lost.is_set():
+                    self._check_stopped(job, lease)
+        raise AssertionError("unreachable")
 
     def _execute(self, job: Job, lease: Lease, attempt: int, received: float) -> dict[str, Any]:
         request = job.chat_request()

@@ -134,6 +134,41 @@ def test_a_transient_error_is_retried_with_backoff_then_fails_with_its_code(env)
                                 " workers can reach the URL, or send the image inline as a data: URL")
 
 
+class FlakyStore:
+    """A result store that is unavailable for its first ``failures`` writes."""
+
+    def __init__(self, real, failures: int) -> None:
+        self.real, self.failures, self.calls = real, failures, 0
+
+    def put(self, job_id: str, document: dict) -> str:
+        from producer.errors import StoreUnavailable
+
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise StoreUnavailable("S3 answered 503 SlowDown")
+        return self.real.put(job_id, document)
+
+
+@pytest.mark.parametrize("failures, status", [(2, "succeeded"), (5, "failed")])
+def test_a_result_store_that_blinks_is_tried_again_in_place_without_computing_the_answer_again(
+    env, monkeypatch: pytest.MonkeyPatch, failures: int, status: str
+) -> None:
+    runner, store, engine, _ = env
+    flaky = FlakyStore(runner.results.for_destination(Job(request=request()).destination), failures)
+    monkeypatch.setattr(runner.results, "for_destination", lambda destination: flaky)
+    monkeypatch.setattr(runner, "_backoff", lambda retries: 0.05)
+    job = queued(store)
+    outcome = runner.run(job.to_json(), retries=0)
+    assert outcome.status == status and outcome.retry_in is None
+    assert len(engine.submitted) == 1  # the answer was computed once
+    assert flaky.calls == min(failures + 1, 3)  # max_retries 2: three writes at most
+    record = store.get(job.id)
+    assert record.status.value == status and record.attempts == 1
+    if status == "failed":
+        assert record.error["code"] == "store_unavailable"
+        assert "gave up after 3 attempts to write the result" in record.error["message"]
+
+
 def test_a_malformed_message_is_dead_lettered_and_failed_when_its_id_reads(env) -> None:
     runner, store, _, _ = env
     raw = json.dumps({"id": "job-broken", "request": "not an object"})
