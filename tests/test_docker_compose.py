@@ -42,7 +42,12 @@ def test_the_api_serves_vlq_api_once_redis_is_healthy(compose: dict) -> None:
     api = compose["services"]["api"]
     assert api["command"][:2] == ["vlq", "api"]
     assert api["depends_on"]["redis"]["condition"] == "service_healthy"
-    assert "8000:8000" in api["ports"]
+    assert "127.0.0.1:8000:8000" in api["ports"]  # no tokens are set: this host only
+
+
+def test_workers_do_not_fetch_images_from_the_compose_network(compose: dict) -> None:
+    for name, worker in workers(compose).items():
+        assert worker["environment"]["VLQ_IMAGES_BLOCK_PRIVATE_NETWORKS"] == "true", name
 
 
 def test_there_is_one_worker_per_gpu_each_with_its_own_card(compose: dict) -> None:
