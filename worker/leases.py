@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from producer.errors import VlqError, WorkerLost
+from producer.outage import Outage
 from producer.schema import Job
 from producer.state import Heartbeat, JobStore
 from worker.consumer_watch import ConsumerWatch
@@ -91,6 +92,7 @@ class LeaseKeeper:
         self._forgot_at = float("-inf")
         self.watch = watch  # told after each heartbeat whether Redis answered (ConsumerWatch)
         self._retired = False
+        self._outage = Outage(log, "lease keeper")  # Redis away: one warning, not one every heartbeat
 
     # -- runs register here ----------------------------------------------------------------------
 
@@ -192,13 +194,15 @@ class LeaseKeeper:
                 try:
                     step()
                 except VlqError as e:  # Redis away: keep trying, the leases will tell
-                    log.warning("lease keeper: %s", e)
+                    self._outage.failed(str(e))
                     if self.watch is not None:
                         self.watch.redis_down()
                     break  # the next step would only hit the same wall and say so again
                 except Exception:
                     log.exception("lease keeper step failed")
                 else:
-                    if step == self.beat and self.watch is not None:
-                        self.watch.check(len(self.running()))
+                    if step == self.beat:
+                        self._outage.ok()
+                        if self.watch is not None:
+                            self.watch.check(len(self.running()))
             self._stop.wait(max(0.0, self.heartbeat_s - (time.monotonic() - started)))

@@ -19,6 +19,7 @@ from fastapi import APIRouter, Query, Request
 from producer.api.context import ApiContext, get_ctx, list_page, read_json_object
 from producer.batches import Batches, BatchObject
 from producer.errors import InvalidRequest, VlqError
+from producer.outage import Outage
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["batches"])
@@ -59,12 +60,15 @@ class BatchRefresher:
 
     async def run(self) -> None:
         """Refresh every unfinished batch, forever (cancel the task to stop)."""
+        outage = Outage(log, "batch refresher")  # Redis away: one warning, not one a second
         while True:
             try:
                 for batch_id in await anyio.to_thread.run_sync(self.batches.active_ids):
                     self.kick(batch_id)
             except VlqError as e:
-                log.warning("batch refresher: %s", e.message)
+                outage.failed(e.message)
+            else:
+                outage.ok()
             await asyncio.sleep(self.interval_s)
 
     async def fresh(self, batch_id: str) -> BatchObject:
