@@ -63,7 +63,10 @@ def workers(
             gpu = "cpu" if row.get("gpu") is None else str(row["gpu"])
             table.add_row(row["name"], str(row.get("queue")), gpu, str(row.get("checkpoint")),
                           str(row.get("running", 0)), beat)
-        Console().print(table)
+        console = Console()
+        if not console.is_terminal:  # a pipe or a log: whole names, not a table cut at 80 columns
+            console = Console(width=500)
+        console.print(table)
     queue = client.settings.broker.queue
     if not any(row["live"] and row.get("queue") == queue for row in rows):
         typer.echo(f"no live worker serves queue {queue!r}: start one (vlq worker --model DIR)", err=True)

@@ -214,17 +214,21 @@ def test_workers_lists_the_live_ones_and_exits_1_when_none_serves_the_queue(sett
     assert none.stdout == ""  # no empty table
     store.register_worker("w-live", {"queue": settings.broker.queue, "gpu": 0, "checkpoint": "qwen@abc", "running": 2})
     store.register_worker("w-cpu", {"queue": settings.broker.queue, "gpu": None})
+    long_name = "vlq-gpu0-" + "a" * 60 + "@a-host-with-a-long-name.example.internal"
+    store.register_worker(long_name, {"queue": settings.broker.queue, "gpu": 0})
     store.register_worker("w-dead", {"queue": settings.broker.queue, "gpu": 1})
     store.redis.hset(store.keys.workers, "w-dead", json.dumps({"queue": settings.broker.queue, "gpu": 1, "at": 0}))
     res = vlq("workers")
     assert res.exit_code == 0, res.output
     assert "w-live" in res.stdout and "qwen@abc" in res.stdout and "w-dead" not in res.stdout
+    assert long_name in res.stdout  # not cut to a terminal's width in a pipe
     [cpu_row] = [line.split() for line in res.stdout.splitlines() if line.strip().startswith("w-cpu")]
     assert cpu_row[2] == "cpu", res.stdout
     rows = [json.loads(line) for line in vlq("workers", "--all", "--json").stdout.splitlines()]
-    assert [(r["name"], r["live"], r.get("running")) for r in rows] == [
+    assert [(r["name"], r["live"], r.get("running")) for r in rows if r["name"] != long_name] == [
         ("w-cpu", True, None), ("w-dead", False, None), ("w-live", True, 2)]
-    assert store.forget_workers(3600) == ["w-dead"] and sorted(store.workers()) == ["w-cpu", "w-live"]
+    assert store.forget_workers(3600) == ["w-dead"]
+    assert sorted(store.workers()) == sorted(["w-cpu", "w-live", long_name])
 
 
 def test_a_file_whose_content_fits_the_other_suffix_says_to_rename_it(tmp_path: Path, env) -> None:
