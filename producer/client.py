@@ -27,6 +27,7 @@ from pydantic import ValidationError
 from producer.broker import producer_app, send_job
 from producer.config import Settings
 from producer.errors import (
+    BadInput,
     BrokerUnavailable,
     ConfigError,
     DuplicateJob,
@@ -98,6 +99,8 @@ class Client:
         return cls(Settings.load(conf_dir, **overrides))
 
     def close(self) -> None:
+        """Close the Redis connections (and the Celery producer, if one was made); the client is
+        also a context manager that does this on exit."""
         self.store.close()
         if self._celery is not None:
             self._celery.close()
@@ -128,6 +131,18 @@ class Client:
     ) -> Job:
         """Build (and by default validate) the job :meth:`submit` would send; a bad id, batch id,
         destination or metadata raises :class:`InvalidRequest` naming the field."""
+        if isinstance(destination, dict):
+            try:
+                destination = Destination.model_validate(destination)
+            except ValidationError as e:
+                first = e.errors(include_url=False)[0]
+                field = ".".join(["destination", *(str(part) for part in first["loc"])])
+                raise InvalidRequest(f"invalid job: {field}: {first['msg'].removeprefix('Value error, ')}",
+                                     param=field) from None
+        try:
+            json.dumps(metadata or {})
+        except (TypeError, ValueError) as e:
+            raise InvalidRequest(f"invalid job: metadata must hold JSON values only ({e})", param="metadata") from None
         try:
             job = self._job(request_or_job, destination, batch_id, metadata, job_id)
         except ValidationError as e:
@@ -202,8 +217,10 @@ class Client:
         Without ``destination`` the result goes where ``store.kind`` says. ``validate=False``
         skips the producer-side checks (the worker checks everything again).
 
-        Raises the coded :class:`BadInput` for an invalid request, :class:`DuplicateJob` for an
-        id in use, :class:`BrokerUnavailable` when Redis cannot be reached.
+        Raises a :class:`BadInput` for an invalid request (:class:`InvalidRequest` naming the field
+        in ``context["param"]``, :class:`UnsupportedContent`, :class:`TooManyImages`),
+        :class:`DuplicateJob` for an id in use, :class:`BrokerUnavailable` when Redis cannot be
+        reached.
         """
         job = self.make_job(
             request_or_job,
@@ -231,15 +248,18 @@ class Client:
         validate: bool = True,
     ) -> list[JobHandle]:
         """Submit many jobs as one batch (a fresh batch id unless given): all are validated
-        first, so one bad item submits nothing; then recorded and sent in few round trips.
-        Follow progress with :meth:`batch`."""
+        first, so one bad item submits nothing (its error names it, ``items[i]``); then recorded
+        and sent in few round trips. Follow progress with :meth:`batch`."""
         batch_id = batch_id or new_batch_id()
-        jobs = [
-            self.make_job(
-                item, destination=destination, batch_id=batch_id, metadata=metadata, validate=validate
-            )
-            for item in items
-        ]
+        jobs = []
+        for i, item in enumerate(items):
+            try:
+                jobs.append(self.make_job(item, destination=destination, batch_id=batch_id, metadata=metadata,
+                                          validate=validate))
+            except BadInput as e:  # which item: items[i], as the CLI names lines and the API requests[i]
+                param = e.context.get("param")
+                raise type(e)(f"items[{i}]: {e.message}", code=e.code, **{
+                    **e.context, "param": f"items[{i}]" + (f".{param}" if param else "")}) from None
         self.submit_jobs(jobs)
         return [JobHandle(self, job.id, job.batch_id) for job in jobs]
 
@@ -355,7 +375,7 @@ class Client:
             if done:
                 for record, job_id in zip(self.store.get_many(done), done):
                     if record is None:
-                        raise JobNotFound(f"no job {job_id!r} (its record expired)")
+                        raise JobNotFound(self._not_found(f"job {job_id!r}"))
                     yield record
                 finished = set(done)
                 pending = [j for j in pending if j not in finished]
@@ -371,9 +391,11 @@ class Client:
     def result(self, job_id: str, timeout: float | None = 0) -> dict[str, Any]:
         """The job's result document (OpenAI ``chat.completion`` + ``boxes`` + ``vlq``).
 
-        Waits up to ``timeout`` seconds (0: do not wait; None: no limit). A failed job raises its
-        own coded error, a cancelled one :class:`JobCancelled`, an unfinished one
-        :class:`JobNotFinished`.
+        Waits up to ``timeout`` seconds (0, the default here: do not wait; None: no limit;
+        :meth:`JobHandle.result` waits without limit by default). A failed job raises its own
+        coded error, a cancelled one :class:`JobCancelled`, an unfinished one
+        :class:`JobNotFinished` (the job goes on; cancel it with :meth:`cancel` if it is no
+        longer wanted).
         """
         record = self.status(job_id) if timeout == 0 else self.wait(job_id, timeout)
         return self.result_of(record)
@@ -475,7 +497,8 @@ class Client:
                         state = "running, no text yet: waiting for an engine slot or still reading its images"
                     what = (f"did not finish within {timeout:g}s" if end is deadline
                             else f"sent nothing new for {idle_timeout:g}s")
-                    raise JobNotFinished(f"job {job_id} ({state}) {what}; it goes on: fetch its result later"
+                    hint = self.unserved_hint() if state == "queued" else ""
+                    raise JobNotFinished(f"job {job_id} ({state}) {what}{hint}; it goes on: fetch its result later"
                                          f" (vlq result {job_id} --wait, or GET /v1/jobs/{job_id})", job_id=job_id)
                 block = max(1, min(block, int(left * 1000)))
             events = self.store.read_events(job_id, last, block_ms=block)
@@ -529,7 +552,9 @@ def _unseen(items: Any, offset: int, seen: int) -> Any:
 
 
 class JobHandle:
-    """A submitted job: ``status()``, ``wait()``, ``result(timeout)``, ``cancel()``, ``stream()``."""
+    """A submitted job (``id``, ``batch_id``): ``status()``, ``record()``, ``wait()``,
+    ``result(timeout)``, ``cancel()``, ``stream()``; each calls the :class:`Client` method of
+    the same name with this job's id."""
 
     def __init__(self, client: Client, job_id: str, batch_id: str | None = None) -> None:
         self.client = client
@@ -540,20 +565,28 @@ class JobHandle:
         return f"JobHandle({self.id!r})"
 
     def status(self) -> JobStatus:
+        """The job's status now (queued, running, succeeded, failed, cancelled)."""
         return self.client.status(self.id).status
 
     def record(self) -> JobRecord:
+        """The job's whole record: status, times, attempts, worker, error (:meth:`Client.status`)."""
         return self.client.status(self.id)
 
     def wait(self, timeout: float | None = None) -> JobRecord:
+        """Poll until the job ends (None: no limit) and return its record; :class:`JobNotFinished`
+        after ``timeout`` seconds, the job going on."""
         return self.client.wait(self.id, timeout)
 
     def result(self, timeout: float | None = None) -> dict[str, Any]:
-        """Wait up to ``timeout`` seconds (None: no limit) and return the result document."""
+        """Wait up to ``timeout`` seconds (None, the default here: no limit; 0: do not wait) and
+        return the result document; errors as :meth:`Client.result`."""
         return self.client.result(self.id, timeout)
 
     def cancel(self) -> str:
+        """Cancel the job: ``cancelled`` (it never runs), ``cancelling`` (its worker aborts it) or
+        the status it had already ended with (:meth:`Client.cancel`)."""
         return self.client.cancel(self.id)
 
-    def stream(self, timeout: float | None = None) -> Iterator[StreamEvent]:
-        return self.client.stream(self.id, timeout)
+    def stream(self, timeout: float | None = None, *, idle_timeout: float | None = None) -> Iterator[StreamEvent]:
+        """The answer's text as it is written, then a ``done`` event (:meth:`Client.stream`)."""
+        return self.client.stream(self.id, timeout, idle_timeout=idle_timeout)

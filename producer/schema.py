@@ -117,6 +117,9 @@ class Message(BaseModel):
     @classmethod
     def _developer_is_system(cls, v: Any) -> Any:
         # Newer OpenAI clients send the system prompt as role "developer" (as vLLM, read it as "system").
+        if isinstance(v, str) and v not in ("system", "user", "assistant", "developer"):
+            raise PydanticCustomError("role", "Input should be 'user', 'assistant', 'system' or 'developer', not"
+                                      " '{role}' (tool messages are not supported)", {"role": v})
         return "system" if v == "developer" else v
 
     @field_validator("content", mode="before")

@@ -114,7 +114,7 @@ class S3ResultStore:
         self._call("reach", "", lambda: self.s3.head_bucket(Bucket=self.bucket))
 
     def _call(self, what: str, key: str, fn: Any) -> Any:
-        from botocore.exceptions import BotoCoreError, ClientError
+        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
         where = f"s3://{self.bucket}/{key}"
         try:
@@ -131,6 +131,10 @@ class S3ResultStore:
                 " the endpoint (store.s3.endpoint_url) and the credentials",
                 s3_code=code,
             ) from e
+        except NoCredentialsError as e:  # the same on every try: not a store that is away
+            raise StoreRejected(
+                f"S3 could not {what} {where}: {e}; give the workers AWS credentials (AWS_ACCESS_KEY_ID and"
+                " AWS_SECRET_ACCESS_KEY, or ~/.aws/credentials)") from e
         except BotoCoreError as e:
             raise StoreUnavailable(f"S3 could not {what} {where}: {e}") from e
 

@@ -34,6 +34,7 @@ NEXT_STEP: dict[str, str] = {
                           " conf/store.yaml, or VLQ_STORE_S3='{\"endpoint_url\": \"http://host:port\"}')"),
     "store_rejected": "check that the S3 bucket exists and the credentials may write to it",
     "duplicate_job": "leave the id out to get a fresh one, or follow the existing job (vlq status ID)",
+    "not_finished": "the job goes on: read it later (vlq result ID --wait), or drop it (vlq cancel ID)",
 }
 
 

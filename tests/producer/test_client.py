@@ -323,10 +323,11 @@ def test_a_stream_idle_timeout_counts_from_the_last_event_not_from_the_start(cli
 def test_a_stream_that_stays_silent_gives_up_and_says_the_job_goes_on(client: Client) -> None:
     handle = client.submit(request())
     t0 = time.monotonic()
-    with pytest.raises(JobNotFinished, match=r"\(queued\) sent nothing new for 0.3s; it goes on") as err:
+    with pytest.raises(JobNotFinished, match=r"\(queued\) sent nothing new for 0.3s; no worker is serving queue"
+                                             r" .*; it goes on") as err:
         list(client.stream(handle.id, idle_timeout=0.3))
     assert time.monotonic() - t0 < 1.5 and f"vlq result {handle.id} --wait" in err.value.message
-    with pytest.raises(JobNotFinished, match=r"did not finish within 0.2s; it goes on"):
+    with pytest.raises(JobNotFinished, match=r"did not finish within 0.2s; no worker is serving .*; it goes on"):
         list(client.stream(handle.id, timeout=0.2, idle_timeout=10))
 
 
@@ -353,3 +354,17 @@ def test_an_unreachable_broker_raises_broker_unavailable(settings: Settings) -> 
         update={"url": f"redis://127.0.0.1:{free_port()}/0", "connect_timeout_s": 0.3})})
     with Client(s) as c, pytest.raises(BrokerUnavailable, match="cannot reach Redis"):
         c.submit(request())
+
+
+def test_bad_job_options_and_a_bad_item_of_many_are_named(client: Client) -> None:
+    ok = request()
+    with pytest.raises(InvalidRequest, match="metadata must hold JSON values only") as err:
+        client.submit(ok, metadata={"when": object()})
+    assert err.value.context["param"] == "metadata"
+    with pytest.raises(InvalidRequest, match="destination.kind: Input should be 'redis' or 's3'") as err:
+        client.submit(ok, destination={"kind": "ftp"})
+    assert err.value.context["param"] == "destination.kind"
+    bad = {"messages": [{"role": "wizard", "content": "hi"}]}
+    with pytest.raises(InvalidRequest, match=r"^items\[2\]: .*'developer', not 'wizard'") as err:
+        client.submit_many([ok, ok, bad, ok])
+    assert err.value.context["param"] == "items[2].messages[0].role"

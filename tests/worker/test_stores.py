@@ -51,6 +51,20 @@ def test_a_missing_bucket_is_a_permanent_store_rejected(s3) -> None:
     assert "NoSuchBucket" in e.value.message
 
 
+def test_missing_credentials_are_a_permanent_store_rejected_saying_to_give_some(
+    s3_server: str, tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))  # a host with no credentials
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    client = boto3.session.Session(region_name="us-east-1").client("s3", endpoint_url=s3_server)
+    with pytest.raises(StoreRejected) as e:
+        S3ResultStore(client, "results").put("job-1", DOC)
+    assert "Unable to locate credentials" in e.value.message and "AWS_ACCESS_KEY_ID" in e.value.message
+
+
 @pytest.mark.parametrize("code,status", [("SlowDown", 503), ("InternalError", 500)])
 def test_s3_server_errors_are_transient(code: str, status: int) -> None:
     client = boto3.client("s3", region_name="us-east-1")

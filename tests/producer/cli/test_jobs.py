@@ -180,6 +180,7 @@ def test_result_of_an_unfinished_job_says_how_to_wait(tmp_path: Path, env) -> No
     job_id = vlq("submit", str(path)).stdout.strip()
     res = vlq("result", job_id)
     assert res.exit_code == 1 and "error [not_finished]" in res.stderr and "--wait" in res.stderr
+    assert "or drop it (vlq cancel ID)" in res.stderr
     assert vlq("cancel", job_id).stdout.strip() == f"{job_id}: cancelled"
     res = vlq("result", job_id)
     assert res.exit_code == 1 and "error [cancelled]" in res.stderr
