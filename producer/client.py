@@ -43,6 +43,7 @@ from producer.errors import (
 from producer.keys import Keys
 from producer.schema import ChatRequest, Destination, Job, JobStatus, parse_chat_request
 from producer.state import BatchCounts, JobRecord, JobStore, redis_errors, safe_url
+from producer.text import counted
 
 _POLL_MIN_S = 0.01
 _POLL_MAX_S = 0.25
@@ -382,8 +383,7 @@ class Client:
                 delay = _POLL_MIN_S
                 continue
             if deadline is not None and time.monotonic() >= deadline:
-                jobs = f"{len(pending)} job" + ("" if len(pending) == 1 else "s")
-                raise JobNotFinished(f"{jobs} still unfinished after {timeout:g}s"
+                raise JobNotFinished(f"{counted(len(pending), 'job')} still unfinished after {timeout:g}s"
                                      + (self.unserved_hint() if JobStatus.QUEUED in statuses else ""))
             time.sleep(delay)
             delay = min(delay * 1.5, _POLL_MAX_S)

@@ -47,6 +47,7 @@ from typing import Any, Literal
 from urllib.parse import quote
 
 from producer.errors import InvalidRequest
+from producer.text import counted
 from worker.engine.grounding import (
     DEFAULT_LABEL,
     GroundingBox,
@@ -96,29 +97,23 @@ class ExportSummary:
 
     def line(self) -> str:
         """One human line, e.g. ``3 images: 1 with boxes (2 boxes), 1 without, 1 failed (image_decode_failed x1)``."""
-        text = (f"{_n(self.images, 'image')}: {self.with_boxes} with boxes ({_n(self.boxes, 'box')}),"
+        text = (f"{counted(self.images, 'image')}: {self.with_boxes} with boxes ({counted(self.boxes, 'box')}),"
                 f" {self.without_boxes} without, {self.failed} failed")
         if self.failures:
             text += " (" + ", ".join(f"{code} x{n}" for code, n in sorted(self.failures.items())) + ")"
         if self.boxes_below_min_score:
-            text += f"; {_n(self.boxes_below_min_score, 'box')} scored under {self.min_score} left out"
+            text += f"; {counted(self.boxes_below_min_score, 'box')} scored under {self.min_score} left out"
         if self.boxes_without_size:
-            text += (f"; {_n(self.boxes_without_size, 'box')} left out: the image size is unknown"
+            text += (f"; {counted(self.boxes_without_size, 'box')} left out: the image size is unknown"
                      " (annotate again to record it)")
         if self.images_without_size:
-            text += f"; {_n(self.images_without_size, 'failed image')} left out of the COCO images (no size)"
+            text += f"; {counted(self.images_without_size, 'failed image')} left out of the COCO images (no size)"
         if self.unreadable_lines:
             bad = self.unreadable_lines
             shown = ", ".join(map(str, bad[:5])) + (", ..." if len(bad) > 5 else "")
-            text += (f"; {_n(len(bad), 'line')} that {'is' if len(bad) == 1 else 'are'} not JSON skipped"
+            text += (f"; {counted(len(bad), 'line')} that {'is' if len(bad) == 1 else 'are'} not JSON skipped"
                      f" (line {shown}: a run cut off?)")
         return text
-
-
-def _n(count: int, noun: str) -> str:
-    """``1 box``, ``2 boxes``, ``0 images``."""
-    plural = noun + ("es" if noun.endswith(("x", "s")) else "s")
-    return f"{count} {noun if count == 1 else plural}"
 
 
 # -- reading -------------------------------------------------------------------------------------

@@ -253,7 +253,8 @@ class JobRunner:
         with the store's error."""
         store = self.results.for_destination(job.destination)
         most = self.settings.worker.max_retries
-        for tries in range(most + 1):
+        tries = 0
+        while True:
             try:
                 return store.put(job.id, document)
             except StoreUnavailable as e:
@@ -261,11 +262,11 @@ class JobRunner:
                     raise _ResultNotWritten(e.with_note(
                         f"gave up after {most + 1} attempts to write the result: {e.remedy}")) from None
                 delay = self._backoff(tries)
+                tries += 1
                 log.warning("job %s: could not write its result (%s); trying again in %.1fs, the answer kept",
                             job.id, e.message, delay)
                 if lease.cancelled.wait(delay) or lease.lost.is_set():
                     self._check_stopped(job, lease)
-        raise AssertionError("unreachable")
 
     def _execute(self, job: Job, lease: Lease, attempt: int, received: float) -> dict[str, Any]:
         request = job.chat_request()

@@ -16,6 +16,7 @@ from producer.client import Client, new_batch_id
 from producer.errors import InvalidRequest, JobNotFinished, VlqError
 from producer.schema import Job
 from producer.state import JobRecord
+from producer.text import counted
 
 
 def client() -> Client:
@@ -148,7 +149,7 @@ def submit(
             found.check(file)
             c.submit_jobs(jobs)
             ids = [job.id for job in jobs]
-            typer.echo(f"batch {batch_id}: {show.counted(len(jobs), 'job')} (counts: vlq status {batch_id} --batch; "
+            typer.echo(f"batch {batch_id}: {counted(len(jobs), 'job')} (counts: vlq status {batch_id} --batch; "
                        f"results: vlq result {batch_id} --batch --wait)", err=True)
         for job_id in ids:
             typer.echo(job_id)
@@ -257,7 +258,7 @@ def result(
                 failed += _print_outcome(c, record)
         except JobNotFinished:
             left = len(ids) - printed
-            typer.echo(f"{left} of {show.counted(len(ids), 'job')} {'is' if left == 1 else 'are'} not finished yet:"
+            typer.echo(f"{left} of {counted(len(ids), 'job')} {'is' if left == 1 else 'are'} not finished yet:"
                        f" vlq result {job_id} --batch --wait",
                        err=True)
             raise typer.Exit(1) from None

@@ -10,11 +10,6 @@ from datetime import datetime
 from producer.state import BatchCounts, JobRecord
 
 
-def counted(n: int, noun: str) -> str:
-    """``1 job``, ``2 jobs``, ``1 image``."""
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
-
-
 def span(seconds: float) -> str:
     """``0.42s``, ``12.3s``, ``3m 05s``, ``2h 10m``, ``3d 4h``."""
     seconds = max(0.0, seconds)
